@@ -1,0 +1,142 @@
+"""Cross-entropy and token log-probs straight from hidden states, never holding [B, T, V].
+
+Only positions the mask includes are projected to the vocabulary, ``chunk_size`` rows at a
+time; the backward recomputes each chunk's logits instead of keeping them (the
+"chunked / fused linear cross-entropy" trick of Liger-Kernel and Apple's Cut
+Cross-Entropy, Wijmans et al. 2024). Shapes: B batch, T sequence, H hidden, V vocabulary,
+N selected tokens.
+"""
+
+import torch
+
+_DEFAULT_CHUNK_SIZE = 1024
+
+
+def _resolve_compute_dtype(hidden: torch.Tensor, weight: torch.Tensor, compute_dtype: torch.dtype | None):
+    """Explicit dtype wins; inside autocast use its dtype (what nn.Linear would do); else promote."""
+    if compute_dtype is not None:
+        return compute_dtype
+    device_type = hidden.device.type
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return torch.promote_types(hidden.dtype, weight.dtype)
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """CE(h·Wᵀ, y) per row for hidden [N, H], weight [V, H], labels [N]; optional entropy.
+
+    Matmuls run in ``compute_dtype``; log-sum-exp, the softmax and gradient accumulation in
+    at least float32. Gradients come back in each input's own dtype. The entropy output is
+    a detached statistic.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, chunk_size, compute_dtype, with_entropy):
+        acc_dtype = torch.promote_types(compute_dtype, torch.float32)
+        with torch.autocast(hidden.device.type, enabled=False):
+            w = weight.to(compute_dtype)
+            losses, entropies = [], []
+            for h, y in zip(hidden.split(chunk_size), labels.split(chunk_size)):
+                logits = (h.to(compute_dtype) @ w.T).to(acc_dtype)
+                lse = torch.logsumexp(logits, dim=-1)
+                losses.append(lse - logits.gather(-1, y[:, None]).squeeze(-1))
+                if with_entropy:
+                    entropies.append(lse - (torch.softmax(logits, dim=-1) * logits).sum(-1))
+        loss = torch.cat(losses) if losses else hidden.new_zeros(0, dtype=acc_dtype)
+        entropy = torch.cat(entropies) if entropies else torch.zeros_like(loss)
+        ctx.save_for_backward(hidden, weight, labels, loss)
+        ctx.chunk_size, ctx.compute_dtype = chunk_size, compute_dtype
+        ctx.mark_non_differentiable(entropy)
+        return loss, entropy
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_loss, _grad_entropy):
+        hidden, weight, labels, loss = ctx.saved_tensors
+        cdt, size = ctx.compute_dtype, ctx.chunk_size
+        acc_dtype = loss.dtype
+        grad_hidden = torch.empty_like(hidden)
+        grad_weight = torch.zeros(weight.shape, dtype=acc_dtype, device=weight.device)
+        with torch.autocast(hidden.device.type, enabled=False):
+            w = weight.to(cdt)
+            for start in range(0, hidden.shape[0], size):
+                h, y = hidden[start : start + size].to(cdt), labels[start : start + size]
+                logits = (h @ w.T).to(acc_dtype)
+                # softmax = exp(logits − lse), and lse = loss + target logit; dCE/dlogits = p − onehot.
+                lse = loss[start : start + size] + logits.gather(-1, y[:, None]).squeeze(-1)
+                d_logits = torch.exp(logits.sub_(lse[:, None]))
+                d_logits.scatter_add_(-1, y[:, None], torch.full_like(lse[:, None], -1.0))
+                d_logits = d_logits.mul_(grad_loss[start : start + size, None]).to(cdt)
+                grad_hidden[start : start + size] = d_logits @ w
+                grad_weight += d_logits.T @ h
+        return grad_hidden, grad_weight.to(weight.dtype), None, None, None, None
+
+
+def _select_and_project(hidden, lm_head_weight, labels, mask, chunk_size, compute_dtype, with_entropy):
+    if hidden.shape[:-1] != labels.shape or labels.shape != mask.shape:
+        raise ValueError(
+            f"chunked cross-entropy: hidden {tuple(hidden.shape)} needs leading shape equal to "
+            f"labels {tuple(labels.shape)} and mask {tuple(mask.shape)}"
+        )
+    dtype = _resolve_compute_dtype(hidden, lm_head_weight, compute_dtype)
+    loss, entropy = _LinearCrossEntropy.apply(
+        hidden[mask], lm_head_weight, labels[mask], chunk_size, dtype, with_entropy
+    )
+    full_loss = loss.new_zeros(mask.shape).masked_scatter(mask, loss)
+    full_entropy = entropy.new_zeros(mask.shape).masked_scatter(mask, entropy)
+    return full_loss, full_entropy
+
+
+def chunked_cross_entropy(
+    hidden: torch.Tensor,
+    lm_head_weight: torch.Tensor,
+    labels: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    chunk_size: int = _DEFAULT_CHUNK_SIZE,
+    compute_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """Per-token cross-entropy −log softmax(hidden·Wᵀ)[label], zero where mask is False.
+
+    hidden: [B, T, H] or [N, H], already aligned so position t predicts labels[t].
+    lm_head_weight: [V, H]. labels: long, hidden's leading shape (ids at excluded positions
+    are never read). mask: bool, same shape, True = a loss token.
+    compute_dtype: dtype of the matmuls (e.g. torch.bfloat16 with an fp32 weight); default
+    is the autocast dtype when autocast is on, else the promoted input dtype.
+    Returns float32 (at least) of labels' shape. Reduce with ``posttrain.ops.aggregate``.
+    """
+    loss, _ = _select_and_project(hidden, lm_head_weight, labels, mask, chunk_size, compute_dtype, False)
+    return loss
+
+
+def chunked_logprobs(
+    hidden: torch.Tensor,
+    lm_head_weight: torch.Tensor,
+    labels: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    chunk_size: int = _DEFAULT_CHUNK_SIZE,
+    compute_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """Per-token log π(label) = −cross-entropy; zero where mask is False. Shapes as
+    ``chunked_cross_entropy``."""
+    loss, _ = _select_and_project(hidden, lm_head_weight, labels, mask, chunk_size, compute_dtype, False)
+    return -loss
+
+
+def chunked_logprobs_and_entropy(
+    hidden: torch.Tensor,
+    lm_head_weight: torch.Tensor,
+    labels: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    chunk_size: int = _DEFAULT_CHUNK_SIZE,
+    compute_dtype: torch.dtype | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log π(label), entropy of π) per token from one pass over the vocabulary.
+
+    Both have labels' shape and are zero where mask is False; the entropy is detached (a
+    statistic for PPO logs, not a differentiable bonus).
+    """
+    loss, entropy = _select_and_project(hidden, lm_head_weight, labels, mask, chunk_size, compute_dtype, True)
+    return -loss, entropy
