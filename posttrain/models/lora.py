@@ -1,0 +1,87 @@
+"""LoRA adapters (via peft), the base model as a free reference, and saving for reload."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import os
+from pathlib import Path
+from typing import Iterator
+
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+
+def parse_target_modules(target_modules: str) -> str | list[str]:
+    """"all-linear" as is, else a comma list "q_proj,v_proj" -> ["q_proj", "v_proj"]."""
+    if target_modules == "all-linear":
+        return target_modules
+    names = [name.strip() for name in target_modules.split(",") if name.strip()]
+    if not names:
+        raise ValueError(
+            f"target_modules must be 'all-linear' or a comma list of module names, got {target_modules!r}"
+        )
+    return names
+
+
+def apply_lora(
+    model: PreTrainedModel, *, r: int, alpha: float, dropout: float, target_modules: str
+) -> PeftModel:
+    """Wrap `model` with LoRA adapters (Hu et al. 2021); only adapter weights stay trainable.
+
+    The adapter update is (alpha / r) * B @ A with B initialised to zero, so the wrapped model
+    starts out computing exactly what the base did. "all-linear" (peft) covers every linear
+    layer except the output head, which stays tied to the embeddings.
+    """
+    if r <= 0:
+        raise ValueError(f"LoRA rank r must be positive, got {r}")
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"LoRA dropout must be in [0, 1), got {dropout}")
+    config = LoraConfig(
+        r=r,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        target_modules=parse_target_modules(target_modules),
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, config)
+
+
+@contextlib.contextmanager
+def disabled_adapters(model: PeftModel) -> Iterator[PeftModel]:
+    """Within the block `model` computes its base model's outputs: a reference model for free."""
+    if not isinstance(model, PeftModel):
+        raise ValueError(f"disabled_adapters needs a peft model, got {type(model).__name__}")
+    with model.disable_adapter():
+        yield model
+
+
+def save_model(
+    model: PreTrainedModel | PeftModel,
+    tokenizer: PreTrainedTokenizerBase,
+    out_dir: str | os.PathLike,
+    *,
+    merge_lora: bool = True,
+) -> Path:
+    """Save model and tokenizer to `out_dir` as safetensors; returns the folder.
+
+    A LoRA model is, by default, merged into its base (on a copy, so `model` keeps training),
+    giving a plain folder that AutoModelForCausalLM loads as is. With merge_lora=False only the
+    adapter is written; its adapter_config.json names the base folder or hub id to load under it.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if isinstance(model, PeftModel) and merge_lora:
+        merged = copy.deepcopy(model).merge_and_unload()
+        merged.save_pretrained(out, safe_serialization=True)
+    elif isinstance(model, PeftModel):
+        base = model.peft_config[model.active_adapter].base_model_name_or_path
+        if not base:
+            raise ValueError(
+                "unmerged LoRA save needs a base model loaded from a folder or hub id; this one was built in memory"
+            )
+        model.save_pretrained(out, safe_serialization=True)
+    else:
+        model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    return out
