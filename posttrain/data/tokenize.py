@@ -1,0 +1,172 @@
+"""Turn conversations into token ids and a loss mask with the tokenizer's own chat template.
+
+How the loss is located without `{% generation %}` markers (SmolLM2's template has none):
+for every assistant turn i the conversation is rendered twice, `messages[:i]` with the
+generation prompt and `messages[:i+1]` without, and the first must be a text prefix of the
+second (and of every later rendering). The text between the two is what the model writes
+in turn i: its reply, its end-of-turn token and whatever glue follows.
+
+Token ids are the concatenation of the pieces between consecutive renderings, each encoded
+on its own. That is what the model sees when it generates: the prompt encoded up to the
+generation prompt, then the reply tokens one by one. Encoding the whole text at once can
+split differently across a boundary (SmolLM2's byte-level BPE encodes the header's "\\n"
+followed by a reply starting "\\n\\n" or "  " into other tokens than the prompt and the reply
+encoded apart), giving ids that generation never produces.
+
+The loss covers each reply up to and including the tokenizer's EOS token (ChatML's
+`<|im_end|>`), so the model learns to stop. The "\\n" the template writes after `<|im_end|>`
+is left out: generation ends at EOS, so the model is never asked to predict it; it is glue
+before the next turn's header, like the header `<|im_start|>assistant\\n` itself.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from transformers import PreTrainedTokenizerBase
+
+from posttrain.data.formats import PreferencePair
+
+
+@dataclass
+class TokenizedExample:
+    """One training sequence. input_ids: [T]. loss_mask: [T], True ⇔ input_ids[t] is a
+    prediction target (predicted from position t-1); loss_mask[0] is always False."""
+
+    input_ids: list[int]
+    loss_mask: list[bool]
+
+    def __post_init__(self) -> None:
+        if len(self.input_ids) != len(self.loss_mask):
+            raise ValueError(f"input_ids has {len(self.input_ids)} tokens but loss_mask {len(self.loss_mask)}")
+        if self.loss_mask and self.loss_mask[0]:
+            raise ValueError("loss_mask[0] is True, but the first token has no position to be predicted from")
+
+
+@dataclass
+class TokenizedPair:
+    """A tokenized PreferencePair. prompt_ids: [P], ending with the generation prompt.
+    chosen_ids: [C] and rejected_ids: [R], the reply tokens after it, each ending with EOS
+    unless truncated. margin and source_index as in PreferencePair."""
+
+    prompt_ids: list[int]
+    chosen_ids: list[int]
+    rejected_ids: list[int]
+    margin: float | None
+    source_index: int
+
+    @property
+    def length(self) -> int:
+        """Tokens in the longer of the two sequences prompt+chosen and prompt+rejected."""
+        return len(self.prompt_ids) + max(len(self.chosen_ids), len(self.rejected_ids))
+
+
+def _render(tokenizer: PreTrainedTokenizerBase, messages: list[dict], generation_prompt: bool) -> str:
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+
+
+def _encode(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
+    # The template writes every special token itself (SmolLM2's <|im_start|>, or a BOS in
+    # other templates); the tokenizer must not add its own on top.
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def _eos_id(tokenizer: PreTrainedTokenizerBase) -> int:
+    if tokenizer.eos_token_id is None:
+        raise ValueError(f"tokenizer {tokenizer.name_or_path!r} has no EOS token to end assistant turns with")
+    return tokenizer.eos_token_id
+
+
+def _extend(rendered: str, longer: str, what: str) -> str:
+    """The text `longer` adds after `rendered` (the rendering of `what`); ValueError naming
+    the template problem if `longer` does not start with it."""
+    if longer.startswith(rendered):
+        return longer[len(rendered):]
+    at = next((i for i, (a, b) in enumerate(zip(rendered, longer)) if a != b), min(len(rendered), len(longer)))
+    raise ValueError(
+        f"chat template renders {what} differently once later messages follow (first difference at "
+        f"character {at}: {rendered[at:at + 30]!r} vs {longer[at:at + 30]!r}); loss masking needs a template "
+        "that renders each turn the same whatever comes after it"
+    )
+
+
+def _reply_span(tokenizer: PreTrainedTokenizerBase, reply: list[int], reply_text: str) -> int:
+    """Number of reply tokens up to and including the last EOS."""
+    eos = _eos_id(tokenizer)
+    if eos not in reply:
+        raise ValueError(
+            f"chat template does not end the assistant turn with the EOS token {tokenizer.eos_token!r}: "
+            f"the reply renders as {reply_text[-60:]!r}"
+        )
+    return len(reply) - reply[::-1].index(eos)
+
+
+def tokenize_conversation(
+    messages: list[dict[str, str]], tokenizer: PreTrainedTokenizerBase, *, train_on_prompt: bool = False
+) -> TokenizedExample:
+    """Token ids of the templated conversation and its loss mask.
+
+    Default: the mask covers every assistant reply through its EOS token (not the role
+    header, not the "\\n" after EOS). train_on_prompt=True: every token but the first.
+    """
+    ids: list[int] = []
+    mask: list[bool] = []
+    rendered, n_rendered = "", 0  # text of messages[:n_rendered], already in ids
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        prompt_piece = _extend(rendered, _render(tokenizer, messages[:i], True), f"the first {n_rendered} messages")
+        rendered += prompt_piece
+        reply_piece = _extend(rendered, _render(tokenizer, messages[: i + 1], False),
+                              f"the first {i} messages and the generation prompt")
+        rendered, n_rendered = rendered + reply_piece, i + 1
+        prompt_ids, reply_ids = _encode(tokenizer, prompt_piece), _encode(tokenizer, reply_piece)
+        n_loss = _reply_span(tokenizer, reply_ids, reply_piece)
+        ids += prompt_ids + reply_ids
+        mask += [False] * len(prompt_ids) + [True] * n_loss + [False] * (len(reply_ids) - n_loss)
+    tail_ids = _encode(tokenizer, _extend(rendered, _render(tokenizer, messages, False),
+                                          f"the first {n_rendered} messages"))
+    ids += tail_ids
+    mask += [False] * len(tail_ids)
+    if train_on_prompt:
+        mask = [True] * len(ids)
+    if mask:
+        mask[0] = False
+    return TokenizedExample(ids, mask)
+
+
+def tokenize_prompt(messages: list[dict[str, str]], tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """Token ids [P] of the templated prompt with the generation prompt appended."""
+    return _encode(tokenizer, _render(tokenizer, messages, True))
+
+
+def _reply_ids(tokenizer: PreTrainedTokenizerBase, prompt: list[dict], prompt_text: str, reply: list[dict]) -> list[int]:
+    piece = _extend(prompt_text, _render(tokenizer, prompt + reply, False), "the prompt and the generation prompt")
+    ids = _encode(tokenizer, piece)
+    return ids[: _reply_span(tokenizer, ids, piece)]
+
+
+def tokenize_pair(
+    pair: PreferencePair, tokenizer: PreTrainedTokenizerBase, *, max_length: int | None = None
+) -> TokenizedPair:
+    """Prompt ids with generation prompt, and chosen / rejected reply ids through their EOS.
+
+    With max_length, an overlong pair (prompt + longer reply > max_length) is truncated:
+    first the prompt from the left, but to no fewer than min(prompt length, max_length // 2)
+    tokens, so a long reply cannot squeeze out the whole question; then both replies from
+    the right to fit what is left. Truncated replies lose their EOS.
+    """
+    prompt_text = _render(tokenizer, pair.prompt, True)
+    prompt_ids = _encode(tokenizer, prompt_text)
+    chosen_ids = _reply_ids(tokenizer, pair.prompt, prompt_text, pair.chosen)
+    rejected_ids = _reply_ids(tokenizer, pair.prompt, prompt_text, pair.rejected)
+    tokenized = TokenizedPair(prompt_ids, chosen_ids, rejected_ids, pair.margin, pair.source_index)
+    if max_length is None or tokenized.length <= max_length:
+        return tokenized
+    if max_length < 2:
+        raise ValueError(f"max_length: expected at least 2 tokens for a prompt and a reply, got {max_length}")
+    longest = max(len(chosen_ids), len(rejected_ids))
+    keep_prompt = max(max_length - longest, min(len(prompt_ids), max_length // 2))
+    prompt_ids = prompt_ids[len(prompt_ids) - keep_prompt:]
+    room = max_length - len(prompt_ids)
+    return TokenizedPair(prompt_ids, chosen_ids[:room], rejected_ids[:room], pair.margin, pair.source_index)
