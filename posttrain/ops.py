@@ -62,17 +62,22 @@ def token_logprobs(
 
 
 def entropy_from_logits(logits: torch.Tensor, *, chunk_rows: int = _DEFAULT_CHUNK_ROWS) -> torch.Tensor:
-    """Entropy of softmax(logits) per position, H = logsumexp(x) − Σ softmax(x)·x.
+    """Entropy of softmax(logits) per position, H = logsumexp(x) − Σ softmax(x)·x (nats).
 
     logits: [..., V]. Returns [...] in at least float32, computed over row chunks.
     """
     rows = logits.reshape(-1, logits.shape[-1])
     dtype = _float_dtype(logits.dtype)
-    parts = []
-    for chunk in rows.split(chunk_rows):
-        chunk = chunk.to(dtype)
-        parts.append(torch.logsumexp(chunk, dim=-1) - (torch.softmax(chunk, dim=-1) * chunk).sum(-1))
+    parts = [_entropy_of_rows(chunk.to(dtype)) for chunk in rows.split(chunk_rows)]
     return torch.cat(parts).view(logits.shape[:-1])
+
+
+def _entropy_of_rows(logits: torch.Tensor) -> torch.Tensor:
+    """[N, V] -> [N]. Zero-probability entries (−inf logits, e.g. a masked vocabulary) add 0,
+    not 0·(−inf) = NaN."""
+    probs = torch.softmax(logits, dim=-1)
+    weighted = torch.where(probs > 0, probs * logits, torch.zeros((), dtype=logits.dtype, device=logits.device))
+    return torch.logsumexp(logits, dim=-1) - weighted.sum(-1)
 
 
 def masked_sum(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:

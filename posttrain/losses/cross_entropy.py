@@ -9,7 +9,9 @@ N selected tokens.
 
 import torch
 
-_DEFAULT_CHUNK_SIZE = 1024
+from posttrain.ops import entropy_from_logits
+
+_DEFAULT_CHUNK_SIZE = 256
 
 
 def _resolve_compute_dtype(hidden: torch.Tensor, weight: torch.Tensor, compute_dtype: torch.dtype | None):
@@ -20,6 +22,14 @@ def _resolve_compute_dtype(hidden: torch.Tensor, weight: torch.Tensor, compute_d
     if torch.is_autocast_enabled(device_type):
         return torch.get_autocast_dtype(device_type)
     return torch.promote_types(hidden.dtype, weight.dtype)
+
+
+def _accumulate_matmul(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """out += a @ b, in place (no [V, H] temporary) when the dtypes allow it."""
+    if a.dtype == out.dtype:
+        out.addmm_(a, b)
+    else:
+        out += a @ b
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -41,7 +51,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 lse = torch.logsumexp(logits, dim=-1)
                 losses.append(lse - logits.gather(-1, y[:, None]).squeeze(-1))
                 if with_entropy:
-                    entropies.append(lse - (torch.softmax(logits, dim=-1) * logits).sum(-1))
+                    entropies.append(entropy_from_logits(logits, chunk_rows=logits.shape[0]))
         loss = torch.cat(losses) if losses else hidden.new_zeros(0, dtype=acc_dtype)
         entropy = torch.cat(entropies) if entropies else torch.zeros_like(loss)
         ctx.save_for_backward(hidden, weight, labels, loss)
@@ -68,7 +78,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 d_logits.scatter_add_(-1, y[:, None], torch.full_like(lse[:, None], -1.0))
                 d_logits = d_logits.mul_(grad_loss[start : start + size, None]).to(cdt)
                 grad_hidden[start : start + size] = d_logits @ w
-                grad_weight += d_logits.T @ h
+                _accumulate_matmul(grad_weight, d_logits.T, h)
         return grad_hidden, grad_weight.to(weight.dtype), None, None, None, None
 
 
