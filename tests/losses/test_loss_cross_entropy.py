@@ -1,0 +1,105 @@
+"""chunked_cross_entropy / chunked_logprobs: hand numbers, F.cross_entropy, gradcheck, bf16."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from posttrain import ops
+from posttrain.losses import chunked_cross_entropy, chunked_logprobs, chunked_logprobs_and_entropy
+
+
+def _random_problem(dtype=torch.float32, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(3, 5, 4, generator=generator, dtype=dtype).requires_grad_()
+    weight = torch.randn(11, 4, generator=generator, dtype=dtype).requires_grad_()
+    labels = torch.randint(0, 11, (3, 5), generator=generator)
+    mask = torch.rand(3, 5, generator=generator) > 0.3
+    mask[1] = False  # an all-masked row
+    return hidden, weight, labels, mask
+
+
+def test_hand_numbers():
+    # h = [1, 0], W rows [0, 0] and [ln 3, 0] -> logits [0, ln 3] -> softmax [1/4, 3/4].
+    # label 1: CE = -ln(3/4) = 0.2876821; label 0: CE = ln 4 = 1.3862944; masked position: 0.
+    hidden = torch.tensor([[1.0, 0.0], [1.0, 0.0], [1.0, 0.0]])
+    weight = torch.tensor([[0.0, 0.0], [math.log(3.0), 0.0]])
+    labels = torch.tensor([1, 0, 1])
+    mask = torch.tensor([True, True, False])
+    loss = chunked_cross_entropy(hidden, weight, labels, mask)
+    torch.testing.assert_close(loss, torch.tensor([0.2876821, 1.3862944, 0.0]))
+    torch.testing.assert_close(chunked_logprobs(hidden, weight, labels, mask), -loss)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 4, 1000])
+def test_matches_f_cross_entropy_values_and_grads(chunk_size):
+    hidden, weight, labels, mask = _random_problem()
+    ours = chunked_cross_entropy(hidden, weight, labels, mask, chunk_size=chunk_size)
+    naive = F.cross_entropy((hidden @ weight.T).flatten(0, 1), labels.flatten(), reduction="none")
+    naive = naive.view(3, 5) * mask
+    torch.testing.assert_close(ours, naive)
+    upstream = torch.randn(3, 5)
+    grads_ours = torch.autograd.grad(ours, (hidden, weight), upstream)
+    grads_naive = torch.autograd.grad(naive, (hidden, weight), upstream)
+    for got, expected in zip(grads_ours, grads_naive):
+        torch.testing.assert_close(got, expected)
+
+
+def test_flat_hidden_and_logprobs_match_token_logprobs():
+    hidden, weight, labels, mask = _random_problem()
+    flat = chunked_logprobs(hidden.flatten(0, 1), weight, labels.flatten(), mask.flatten(), chunk_size=3)
+    expected = ops.token_logprobs(hidden @ weight.T, labels) * mask
+    torch.testing.assert_close(flat.view(3, 5), expected)
+
+
+def test_gradcheck_float64_custom_backward():
+    hidden, weight, labels, mask = _random_problem(dtype=torch.float64)
+    assert torch.autograd.gradcheck(
+        lambda h, w: chunked_cross_entropy(h, w, labels, mask, chunk_size=2), (hidden, weight)
+    )
+
+
+def test_all_masked_gives_zeros_and_zero_grads():
+    hidden, weight, labels, _ = _random_problem()
+    mask = torch.zeros(3, 5, dtype=torch.bool)
+    loss = chunked_cross_entropy(hidden, weight, labels, mask)
+    ops.aggregate(loss, mask).backward()
+    assert (loss == 0).all()
+    assert (hidden.grad == 0).all() and (weight.grad == 0).all()
+
+
+def test_entropy_output_is_detached_and_matches_logits():
+    hidden, weight, labels, mask = _random_problem()
+    logprobs, entropy = chunked_logprobs_and_entropy(hidden, weight, labels, mask, chunk_size=2)
+    assert not entropy.requires_grad
+    expected = ops.entropy_from_logits(hidden @ weight.T) * mask
+    torch.testing.assert_close(entropy, expected.detach())
+    torch.testing.assert_close(logprobs, chunked_logprobs(hidden, weight, labels, mask))
+
+
+def test_bf16_hidden_with_fp32_weight_and_autocast():
+    hidden, weight, labels, mask = _random_problem()
+    reference = chunked_cross_entropy(hidden, weight, labels, mask).detach()
+    hidden_bf16 = hidden.detach().bfloat16().requires_grad_()
+    loss = chunked_cross_entropy(hidden_bf16, weight, labels, mask, compute_dtype=torch.bfloat16)
+    assert loss.dtype == torch.float32
+    # bf16 keeps 8 mantissa bits: logits of size ~3 carry errors of ~1e-2.
+    torch.testing.assert_close(loss.detach(), reference, atol=5e-2, rtol=2e-2)
+    loss.sum().backward()
+    assert hidden_bf16.grad.dtype == torch.bfloat16 and weight.grad.dtype == torch.float32
+    assert torch.isfinite(weight.grad).all()
+
+    hidden_fp32 = hidden.detach().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        autocast_loss = chunked_cross_entropy(hidden_fp32, weight, labels, mask)
+    explicit = chunked_cross_entropy(hidden.detach(), weight.detach(), labels, mask, compute_dtype=torch.bfloat16)
+    torch.testing.assert_close(autocast_loss.detach(), explicit)
+    autocast_loss.sum().backward()
+    assert hidden_fp32.grad.dtype == torch.float32
+
+
+def test_shape_mismatch_is_reported():
+    hidden, weight, labels, mask = _random_problem()
+    with pytest.raises(ValueError, match="leading shape"):
+        chunked_cross_entropy(hidden, weight, labels[:, :4], mask)
