@@ -160,8 +160,15 @@ def _check_opening(rec: _Record, messages: list[dict[str, str]], field: str) -> 
                        f"{short_repr(messages[start]['role'])}", reason="conversation does not start with user")
 
 
+def _check_text_or_list(rec: _Record, value: Any, field: str) -> None:
+    if not isinstance(value, (str, list)):
+        raise rec.fail(field, f"expected a string or a list of messages, got {type_name(value)} {short_repr(value)}",
+                       reason=f"non-string {field.split('[')[0]}")
+
+
 def _prompt(rec: _Record, value: Any, field: str) -> list[dict[str, str]]:
     """A prompt string or conversation → messages ending in a user turn."""
+    _check_text_or_list(rec, value, field)
     if isinstance(value, str):
         return [{"role": "user", "content": _text(rec, value, field)}]
     messages = _conversation(rec, value, field)
@@ -175,6 +182,7 @@ def _prompt(rec: _Record, value: Any, field: str) -> list[dict[str, str]]:
 
 def _reply(rec: _Record, value: Any, field: str) -> list[dict[str, str]]:
     """A reply string or list of assistant messages → assistant messages."""
+    _check_text_or_list(rec, value, field)
     if isinstance(value, str):
         return [{"role": "assistant", "content": _text(rec, value, field)}]
     messages = _conversation(rec, value, field)
@@ -257,6 +265,10 @@ def _is_full_conversation(value: Any) -> bool:
 
 def _split_conversations(rec: _Record, chosen_value: Any, rejected_value: Any):
     """Full chosen/rejected conversations → (shared prompt, chosen tail, rejected tail)."""
+    for field, value, other in (("chosen", chosen_value, "rejected"), ("rejected", rejected_value, "chosen")):
+        if not isinstance(value, list):
+            raise rec.fail(field, f"expected a full conversation, as '{other}' is one, got {type_name(value)} "
+                           f"{short_repr(value)}", reason="chosen and rejected of different shapes")
     chosen_all = _conversation(rec, chosen_value, "chosen")
     rejected_all = _conversation(rec, rejected_value, "rejected")
     if chosen_all == rejected_all:

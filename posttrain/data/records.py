@@ -67,7 +67,9 @@ def _read_jsonl(path: Path, name: str) -> list[dict[str, Any]]:
             try:
                 value = json.loads(line)
             except json.JSONDecodeError as e:
-                raise DataError(f"{name}: not valid JSON lines (line {line_number}: {e.msg} at column {e.colno})") from e
+                raise DataError(
+                    f"{name}: not valid JSON lines (line {line_number}: {e.msg} at column {e.colno})"
+                ) from e
             if not isinstance(value, dict):
                 raise DataError(
                     f"{name}: not valid JSON lines (line {line_number}: expected a JSON object, "
@@ -116,7 +118,9 @@ def _csv_cell(column: str, value: str | None, name: str, record: int) -> Any:
     try:
         number = float(value)
     except ValueError:
-        raise DataError(f"{name}: record {record}: field '{column}': expected a number, got {short_repr(value)}") from None
+        raise DataError(
+            f"{name}: record {record}: field '{column}': expected a number, got {short_repr(value)}"
+        ) from None
     if not math.isfinite(number):
         raise DataError(f"{name}: record {record}: field '{column}': expected a finite number, got {short_repr(value)}")
     return number

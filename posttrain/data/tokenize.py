@@ -140,7 +140,9 @@ def tokenize_prompt(messages: list[dict[str, str]], tokenizer: PreTrainedTokeniz
     return _encode(tokenizer, _render(tokenizer, messages, True))
 
 
-def _reply_ids(tokenizer: PreTrainedTokenizerBase, prompt: list[dict], prompt_text: str, reply: list[dict]) -> list[int]:
+def _reply_ids(
+    tokenizer: PreTrainedTokenizerBase, prompt: list[dict], prompt_text: str, reply: list[dict]
+) -> list[int]:
     piece = _extend(prompt_text, _render(tokenizer, prompt + reply, False), "the prompt and the generation prompt")
     ids = _encode(tokenizer, piece)
     return ids[: _reply_span(tokenizer, ids, piece)]
