@@ -1,6 +1,6 @@
 """Batch tokenized examples: right-padded rows, or several examples packed per row.
 
-Packed rows rely on transformers' own packed-sequence support (masking_utils in 5.x): when
+Packed rows rely on transformers' own packed-sequence support (masking_utils, checked in 5.24): when
 a model is called with attention_mask=None, position_ids and no cache, it splits each row
 into sequences wherever position_ids does not grow by exactly 1 and makes attention causal
 within each sequence only (block-diagonal). So packed batches restart position_ids at 0 for
@@ -33,7 +33,7 @@ class Batch:
         token belongs to, -1 on padding; for per-example reductions over packed rows.
 
     Call the model as `model(**batch.model_inputs())`. For packed batches this matters:
-    transformers 5.x derives the block-diagonal mask from position_ids only when
+    transformers (5.24, masking_utils._preprocess_mask_arguments) derives the block-diagonal mask from position_ids only when
     attention_mask is None *and* no cache is passed, but LlamaModel.forward creates a
     DynamicCache whenever use_cache is true, and config.use_cache (true by default) fills
     it in. A plain `model(input_ids, position_ids=...)` then attends across packed

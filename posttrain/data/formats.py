@@ -120,11 +120,12 @@ def _text(rec: _Record, value: Any, field: str) -> str:
 
 def _conversation(rec: _Record, value: Any, field: str) -> list[dict[str, str]]:
     """Validate a message list; returns fresh {"role", "content"} dicts."""
+    name = field.split("[")[0]
     if not isinstance(value, list):
         raise rec.fail(field, f"expected a list of messages, got {type_name(value)} {short_repr(value)}",
-                       reason=f"non-list {field}")
+                       reason=f"non-list {name}")
     if not value:
-        raise rec.fail(field, "expected at least one message, got []", reason=f"empty {field}")
+        raise rec.fail(field, "expected at least one message, got []", reason=f"empty {name}")
     messages = []
     for i, message in enumerate(value):
         where = f"{field}[{i}]"

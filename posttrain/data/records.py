@@ -2,6 +2,8 @@
 
 Sources, picked by what `source` is:
 
+Text files are read as UTF-8; a leading byte-order mark (as Excel writes) is ignored.
+
 * `*.jsonl` — one JSON object per line; blank lines are skipped (record numbers count records,
   so they equal line numbers only in a file without blank lines).
 * `*.json` — a list of objects, or an object with exactly one field, whose value is that list
@@ -60,7 +62,7 @@ def read_records(source: str | os.PathLike) -> list[dict[str, Any]]:
 
 def _read_jsonl(path: Path, name: str) -> list[dict[str, Any]]:
     records = []
-    with path.open(encoding="utf-8") as f:
+    with path.open(encoding="utf-8-sig") as f:
         for line_number, line in enumerate(f, start=1):
             if not line.strip():
                 continue
@@ -80,7 +82,7 @@ def _read_jsonl(path: Path, name: str) -> list[dict[str, Any]]:
 
 
 def _read_json(path: Path, name: str) -> list[dict[str, Any]]:
-    with path.open(encoding="utf-8") as f:
+    with path.open(encoding="utf-8-sig") as f:
         try:
             value = json.load(f)
         except json.JSONDecodeError as e:
@@ -99,7 +101,7 @@ def _read_json(path: Path, name: str) -> list[dict[str, Any]]:
 def _read_csv(path: Path, name: str) -> list[dict[str, Any]]:
     records = []
     try:
-        with path.open(encoding="utf-8", newline="") as f:
+        with path.open(encoding="utf-8-sig", newline="") as f:
             reader = csv.DictReader(f, strict=True)
             for i, row in enumerate(reader, start=1):
                 if None in row:  # DictReader files surplus cells under the key None

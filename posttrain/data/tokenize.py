@@ -60,6 +60,13 @@ class TokenizedPair:
         """Tokens in the longer of the two sequences prompt+chosen and prompt+rejected."""
         return len(self.prompt_ids) + max(len(self.chosen_ids), len(self.rejected_ids))
 
+    def examples(self) -> tuple[TokenizedExample, TokenizedExample]:
+        """prompt+chosen and prompt+rejected as sequences whose loss mask covers the reply."""
+        return tuple(  # type: ignore[return-value]
+            TokenizedExample(self.prompt_ids + reply, [False] * len(self.prompt_ids) + [True] * len(reply))
+            for reply in (self.chosen_ids, self.rejected_ids)
+        )
+
 
 def _render(tokenizer: PreTrainedTokenizerBase, messages: list[dict], generation_prompt: bool) -> str:
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)

@@ -31,7 +31,7 @@ def test_json_list_or_object_with_one_list_field(tmp_path, content):
 
 def test_csv_cells_are_text_except_margin(tmp_path):
     path = tmp_path / "d.csv"
-    path.write_text("prompt,chosen,rejected,margin\nQ?,42,41,1.5\nQ2?,yes,no,\n")
+    path.write_text("\ufeffprompt,chosen,rejected,margin\nQ?,42,41,1.5\nQ2?,yes,no,\n")  # Excel's BOM
     assert read_records(path) == [
         {"prompt": "Q?", "chosen": "42", "rejected": "41", "margin": 1.5},  # "42" stays a string
         {"prompt": "Q2?", "chosen": "yes", "rejected": "no", "margin": None},

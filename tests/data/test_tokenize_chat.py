@@ -104,6 +104,9 @@ def test_pair_ids(tiny_tokenizer):
     assert decode(tokenized.prompt_ids) == "<|im_start|>user\nQ?<|im_end|>\n<|im_start|>assistant\n"
     assert (decode(tokenized.chosen_ids), decode(tokenized.rejected_ids)) == ("Yes.<|im_end|>", "No!!<|im_end|>")
     assert (tokenized.margin, tokenized.source_index) == (1.0, 3)
+    chosen, rejected = tokenized.examples()
+    assert chosen.input_ids == tokenized.prompt_ids + tokenized.chosen_ids
+    assert decode([t for t, m in zip(rejected.input_ids, rejected.loss_mask) if m]) == "No!!<|im_end|>"
 
 
 def test_pair_truncation_policy(tiny_tokenizer):
