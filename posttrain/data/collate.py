@@ -33,11 +33,12 @@ class Batch:
         token belongs to, -1 on padding; for per-example reductions over packed rows.
 
     Call the model as `model(**batch.model_inputs())`. For packed batches this matters:
-    transformers (5.24, masking_utils._preprocess_mask_arguments) derives the block-diagonal mask from position_ids only when
-    attention_mask is None *and* no cache is passed, but LlamaModel.forward creates a
-    DynamicCache whenever use_cache is true, and config.use_cache (true by default) fills
-    it in. A plain `model(input_ids, position_ids=...)` then attends across packed
-    examples without any warning; use_cache=False prevents that.
+    transformers 5.24 (masking_utils._preprocess_mask_arguments) derives the block-diagonal
+    mask from position_ids only when attention_mask is None *and* no cache is passed, but
+    LlamaModel.forward creates a DynamicCache whenever use_cache is true, and
+    config.use_cache (true by default) fills it in. A plain `model(input_ids,
+    position_ids=...)` then attends across packed examples without any warning;
+    use_cache=False prevents that.
     """
 
     input_ids: torch.Tensor

@@ -51,6 +51,10 @@ PREFERENCE_SHAPES = {
     "scored": ("responses", "scores"),
 }
 PROMPT_SHAPES = {"prompt": ("prompt",), "chat": ("messages",)}
+SFT_HELP = "{prompt, completion} | {instruction, input?, output} | {messages}"
+PREFERENCE_HELP = ("{prompt, chosen, rejected, margin?} | {chosen, rejected} as conversations"
+                   " | {prompt, responses, scores}")
+PROMPT_HELP = "{prompt} | {messages}"
 
 
 @dataclass(frozen=True)
@@ -91,13 +95,12 @@ class _Record:
             raise self.fail(field, f"missing (record has fields {present})", reason=f"missing field '{field}'")
         return self.data[field]
 
-    def shape(self, shapes: dict[str, tuple[str, ...]]) -> str:
-        """The one shape whose fields the record uses; error if none or several."""
+    def shape(self, shapes: dict[str, tuple[str, ...]], expected: str) -> str:
+        """The one shape whose fields the record uses; error (listing `expected`) if none or several."""
         used = {name: [f for f in fields if self.has(f)] for name, fields in shapes.items()}
         used = {name: fields for name, fields in used.items() if fields}
         if len(used) == 1:
             return next(iter(used))
-        expected = " | ".join("{" + ", ".join(fields) + "}" for fields in shapes.values())
         if not used:
             present = sorted(k for k in self.data if self.data[k] is not None)
             raise self.fail(shapes[next(iter(shapes))][0], f"expected the fields of one record shape ({expected}), "
@@ -197,7 +200,7 @@ def _reply(rec: _Record, value: Any, field: str) -> list[dict[str, str]]:
 def sft_messages(record: Any, *, source: str, index: int) -> list[dict[str, str]]:
     """The conversation an SFT record describes, ending in an assistant turn; RecordError if invalid."""
     rec = _Record(record, source, index)
-    shape = rec.shape(SFT_SHAPES)
+    shape = rec.shape(SFT_SHAPES, SFT_HELP)
     if shape == "prompt/completion":
         return _prompt(rec, rec.get("prompt"), "prompt") + _reply(rec, rec.get("completion"), "completion")
     if shape == "alpaca":
@@ -225,7 +228,7 @@ def sft_messages(record: Any, *, source: str, index: int) -> list[dict[str, str]
 def prompt_messages(record: Any, *, source: str, index: int) -> list[dict[str, str]]:
     """The prompt conversation of a prompt record (for generation), ending in a user turn."""
     rec = _Record(record, source, index)
-    field = "prompt" if rec.shape(PROMPT_SHAPES) == "prompt" else "messages"
+    field = "prompt" if rec.shape(PROMPT_SHAPES, PROMPT_HELP) == "prompt" else "messages"
     return _prompt(rec, rec.get(field), field)
 
 
@@ -244,7 +247,7 @@ def preference_pairs(
     if min_score_gap < 0:
         raise ValueError(f"min_score_gap: expected >= 0, got {min_score_gap!r}")
     rec = _Record(record, source, index)
-    if rec.shape(PREFERENCE_SHAPES) == "scored":
+    if rec.shape(PREFERENCE_SHAPES, PREFERENCE_HELP) == "scored":
         return _scored_pairs(rec, index, pairing, min_score_gap)
     chosen_value, rejected_value = rec.get("chosen"), rec.get("rejected")
     if _is_full_conversation(chosen_value) or _is_full_conversation(rejected_value):
