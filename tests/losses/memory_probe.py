@@ -4,6 +4,7 @@ Prints the peak resident-set growth (MB) of one operation above the memory its i
 Inputs are created with in-place fills so creating them leaves no transient peak behind.
 """
 
+import os
 import resource
 import sys
 
@@ -69,6 +70,6 @@ CASES = {
 }
 
 if __name__ == "__main__":
-    torch.set_num_threads(2)
+    torch.set_num_threads(int(os.environ.get("PROBE_THREADS", "2")))
     runner, fn = CASES[sys.argv[1]]
     print(f"{runner(fn):.1f}")
