@@ -25,10 +25,11 @@ def test_kl_shaped_rewards_empty_row_and_estimator_choice():
     rewards, kl = kl_shaped_rewards(torch.tensor([5.0]), torch.ones(1, 2), torch.zeros(1, 2), mask, kl_coef=0.1)
     assert (rewards == 0).all() and (kl == 0).all()
     # k2 of a log-ratio 1 is ½.
-    _, kl = kl_shaped_rewards(torch.tensor([0.0]), torch.ones(1, 1), torch.zeros(1, 1), torch.ones(1, 1, dtype=torch.bool), kl_coef=0.1, estimator="k2")
+    one_token = (torch.tensor([0.0]), torch.ones(1, 1), torch.zeros(1, 1), torch.ones(1, 1, dtype=torch.bool))
+    _, kl = kl_shaped_rewards(*one_token, kl_coef=0.1, estimator="k2")
     torch.testing.assert_close(kl, torch.tensor([[0.5]]))
     with pytest.raises(ValueError, match="estimator='k4'"):
-        kl_shaped_rewards(torch.tensor([0.0]), torch.ones(1, 1), torch.zeros(1, 1), torch.ones(1, 1, dtype=torch.bool), kl_coef=0.1, estimator="k4")
+        kl_shaped_rewards(*one_token, kl_coef=0.1, estimator="k4")
 
 
 def test_gae_hand_numbers():

@@ -34,7 +34,8 @@ def test_policy_loss_hand_numbers():
 def test_ratio_is_clipped_on_the_side_the_advantage_points_to(ratio, advantage, clipped):
     # Clipped means no gradient: A > 0 stops above 1 + ε, A < 0 stops below 1 - ε.
     logprobs = torch.tensor([[math.log(ratio)]], requires_grad=True)
-    loss, _ = ppo_policy_loss(logprobs, torch.zeros(1, 1), torch.tensor([[advantage]]), torch.ones(1, 1, dtype=torch.bool), clip_eps=0.2)
+    mask = torch.ones(1, 1, dtype=torch.bool)
+    loss, _ = ppo_policy_loss(logprobs, torch.zeros(1, 1), torch.tensor([[advantage]]), mask, clip_eps=0.2)
     (grad,) = torch.autograd.grad(loss.sum(), logprobs)
     assert (grad.abs().item() == 0.0) == clipped
 
@@ -55,8 +56,9 @@ def test_masked_garbage_and_empty_rows_give_no_nan():
     loss.sum().backward()
     assert torch.isfinite(loss).all() and torch.isfinite(logprobs.grad).all()
     assert all(torch.isfinite(value) for value in stats.values())
+    empty = torch.zeros(1, 2, dtype=torch.bool)
     values_loss, value_stats = value_loss(
-        torch.tensor([[1.0, math.nan]]), torch.zeros(1, 2), torch.zeros(1, 2), torch.zeros(1, 2, dtype=torch.bool), clip_eps=0.2
+        torch.tensor([[1.0, math.nan]]), torch.zeros(1, 2), torch.zeros(1, 2), empty, clip_eps=0.2
     )
     assert (values_loss == 0).all() and torch.isfinite(value_stats["value/clipfrac"])
 
@@ -66,8 +68,9 @@ def test_value_loss_hand_numbers():
     #   R = 0: (2 - 0)² = 4 vs (1.5 - 0)² = 2.25 -> ½·4 = 2, unclipped wins.
     #   R = 3: (2 - 3)² = 1 vs (1.5 - 3)² = 2.25 -> ½·2.25 = 1.125, clipped wins.
     # clipfrac = 1/2.
+    mask = torch.ones(1, 2, dtype=torch.bool)
     loss, stats = value_loss(
-        torch.tensor([[2.0, 2.0]]), torch.ones(1, 2), torch.tensor([[0.0, 3.0]]), torch.ones(1, 2, dtype=torch.bool), clip_eps=0.5
+        torch.tensor([[2.0, 2.0]]), torch.ones(1, 2), torch.tensor([[0.0, 3.0]]), mask, clip_eps=0.5
     )
     torch.testing.assert_close(loss, torch.tensor([[2.0, 1.125]]))
     torch.testing.assert_close(stats["value/clipfrac"], torch.tensor(0.5))

@@ -84,7 +84,9 @@ def test_reference_losses_match_trl_dpo_trainer(name, label_smoothing):
     ours, chosen_rewards, _ = spec.fn(policy[:B], policy[B:], reference[:B], reference[B:], beta=beta, **kwargs)
     for i in range(B):
         rows = [i, B + i]
-        trl = _trl_dpo_loss(name, beta, label_smoothing, token_logps[rows], mask[rows], ref_sums[i : i + 1], ref_sums[B + i : B + i + 1])
+        trl = _trl_dpo_loss(
+            name, beta, label_smoothing, token_logps[rows], mask[rows], ref_sums[[i]], ref_sums[[B + i]]
+        )
         torch.testing.assert_close(ours[i], trl, atol=1e-6, rtol=0)
     if not spec.length_normalized:
         torch.testing.assert_close(chosen_rewards, beta * (policy[:B] - reference[:B]))
