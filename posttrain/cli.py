@@ -1,0 +1,120 @@
+"""The `posttrain` command: parse flags, build a config, call a trainer. Nothing more.
+
+Every trainer command's flags are generated from its config dataclass (name, type, default
+and the docstring under the field), so --help and the YAML keys can never drift apart.
+Trainer modules are imported only when their command runs, which keeps --help instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+from importlib import import_module
+
+from posttrain.config import CONFIGS, build_config, field_docs, field_types
+
+TRAINERS = {"sft": "posttrain.trainers.sft"}
+"""Command → module whose `train(cfg)` runs it."""
+
+DEMO_PROMPT = "Explain the moon landing to a 6 year old in a few sentences."
+
+
+def _typed(kind: type, name: str):
+    def parse(text: str):
+        try:
+            return kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name}={text!r} is not a valid {kind.__name__}") from None
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def add_config_flags(parser: argparse.ArgumentParser, cls: type) -> None:
+    """One flag per config field; unset flags stay absent so YAML values are not overridden."""
+    docs, kinds = field_docs(cls), field_types(cls)
+    parser.add_argument("--config", metavar="YAML", default=None,
+                        help="YAML file of config values; flags given here override it")
+    for f in dataclasses.fields(cls):
+        flag = "--" + f.name.replace("_", "-")
+        help_text = f"{docs.get(f.name, '')} (default: {f.default!r})"
+        if kinds[f.name] is bool:
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
+                                default=argparse.SUPPRESS, help=help_text)
+        else:
+            parser.add_argument(flag, dest=f.name, type=_typed(kinds[f.name], f.name),
+                                default=argparse.SUPPRESS, metavar=kinds[f.name].__name__.upper(),
+                                help=help_text)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="posttrain", description="Post-training for language models.",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, cls in CONFIGS.items():
+        p = sub.add_parser(name, help=(cls.__doc__ or "").strip().splitlines()[0])
+        add_config_flags(p, cls)
+
+    gen = sub.add_parser("generate", help="Chat-formatted replies from any model or output folder.",
+                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    gen.add_argument("--model", default="smollm2-135m-instruct", help="built-in name, HF id or folder")
+    gen.add_argument("--prompt", action="append", required=True, help="user message (repeat for a batch)")
+    gen.add_argument("--system", default=None, help="optional system message")
+    gen.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate at most")
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 means greedy")
+    gen.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass")
+    gen.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"), help="compute precision")
+    gen.add_argument("--seed", type=int, default=0, help="sampling seed")
+
+    demo = sub.add_parser("demo", help="The main job on the embedded model: answer, instruction-tune, answer again.",
+                          formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    demo.add_argument("--model", default="smollm2-135m-instruct", help="built-in name, HF id or folder")
+    demo.add_argument("--output-dir", default="outputs/demo", help="where the tuned model goes")
+    demo.add_argument("--max-steps", type=int, default=40, help="SFT optimizer steps")
+    demo.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"), help="compute precision")
+    return parser
+
+
+def run_generate(args) -> None:
+    import torch
+
+    from posttrain.models import load_causal_lm, load_tokenizer
+    from posttrain.models.generate import chat_generate
+    from posttrain.models.precision import resolve_precision
+
+    if args.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens={args.max_new_tokens} must be ≥ 1")
+    if args.temperature < 0 or not 0 < args.top_p <= 1:
+        raise ValueError(f"--temperature={args.temperature} must be ≥ 0 and --top-p={args.top_p} in (0, 1]")
+    torch.manual_seed(args.seed)
+    tokenizer = load_tokenizer(args.model)
+    model = load_causal_lm(args.model)
+    replies = chat_generate(model, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens,
+                            temperature=args.temperature, top_p=args.top_p, system=args.system,
+                            precision=resolve_precision(args.precision))
+    for prompt, reply in zip(args.prompt, replies):
+        print(f"### {prompt}\n{reply}\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "generate":
+            run_generate(args)
+        elif args.command == "demo":
+            import_module("posttrain.demo").run(args)
+        else:
+            given = {k: v for k, v in vars(args).items() if k not in ("command", "config")}
+            cfg = build_config(CONFIGS[args.command], args.config, given)
+            import_module(TRAINERS[args.command]).train(cfg)
+    except (ValueError, FileNotFoundError) as err:
+        if os.environ.get("POSTTRAIN_DEBUG"):
+            raise
+        print(f"posttrain {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
