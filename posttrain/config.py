@@ -134,6 +134,61 @@ class SFTConfig(TrainConfig):
     """Pack several records per row (positions restart, attention stays inside each record)."""
 
 
+PAIRINGS = ("all", "best_vs_rest")
+
+
+@dataclass
+class RMConfig(TrainConfig):
+    """Reward model: a scalar head on the LM, trained with the Bradley–Terry loss."""
+
+    lr: float = 1e-5
+    """Peak learning rate of AdamW."""
+    pairing: str = "all"
+    """How scored lists become pairs: all (every better/worse pair) or best_vs_rest."""
+    min_score_gap: float = 0.0
+    """Scored lists form a pair only when the score gap exceeds this."""
+    use_margin: bool = True
+    """Subtract a record's "margin" inside the Bradley–Terry sigmoid when it has one."""
+    center_coef: float = 0.0
+    """Reward-centring coefficient: adds center_coef·(r_w + r_l)² to keep scores near 0."""
+
+    def validate(self) -> None:
+        super().validate()
+        _check_choice(self, "pairing", PAIRINGS)
+        _check(self, "min_score_gap", self.min_score_gap >= 0, "must be ≥ 0")
+        _check(self, "center_coef", self.center_coef >= 0, "must be ≥ 0")
+
+
+@dataclass
+class DPOConfig(TrainConfig):
+    """Direct preference optimisation and its variants, from preference pairs."""
+
+    lr: float = 1e-6
+    """Peak learning rate of AdamW."""
+    loss: str = "sigmoid"
+    """Preference loss: sigmoid (DPO), robust, ipo, hinge, simpo or orpo."""
+    beta: float = 0.1
+    """β: inverse temperature of the implicit reward β·log(π/π_ref)."""
+    label_smoothing: float = 0.0
+    """Assumed label-noise rate for sigmoid (conservative DPO) and robust losses."""
+    gamma: float = 0.5
+    """SimPO's target reward margin γ."""
+    precompute_ref: bool = False
+    """Compute reference log-probs once before training (cached on disk) and hold one model."""
+    pairing: str = "all"
+    """How scored lists become pairs: all (every better/worse pair) or best_vs_rest."""
+    min_score_gap: float = 0.0
+    """Scored lists form a pair only when the score gap exceeds this."""
+
+    def validate(self) -> None:
+        super().validate()
+        _check_choice(self, "loss", ("sigmoid", "robust", "ipo", "hinge", "simpo", "orpo"))
+        _check_choice(self, "pairing", PAIRINGS)
+        _check(self, "beta", self.beta > 0, "must be > 0")
+        _check(self, "label_smoothing", 0 <= self.label_smoothing < 0.5, "must be in [0, 0.5)")
+        _check(self, "min_score_gap", self.min_score_gap >= 0, "must be ≥ 0")
+
+
 def _check(cfg, name: str, ok: bool, why: str) -> None:
     if not ok:
         raise ConfigError(f"config: {name}={getattr(cfg, name)!r} {why}")
@@ -215,8 +270,8 @@ def to_yaml(cfg) -> str:
     return yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False)
 
 
-CONFIGS = {"sft": SFTConfig}
+CONFIGS = {"sft": SFTConfig, "rm": RMConfig, "dpo": DPOConfig}
 """Command name → its config class; trainers add themselves here."""
 
-__all__ = ["ConfigError", "TrainConfig", "SFTConfig", "CONFIGS", "build_config", "field_docs",
+__all__ = ["ConfigError", "TrainConfig", "SFTConfig", "RMConfig", "DPOConfig", "CONFIGS", "build_config", "field_docs",
            "field_types", "load_yaml", "to_yaml"]
