@@ -175,6 +175,8 @@ class DPOConfig(TrainConfig):
     """SimPO's target reward margin γ."""
     precompute_ref: bool = False
     """Compute reference log-probs once before training (cached on disk) and hold one model."""
+    prefix_sharing: bool = True
+    """One row per pair (prompt, chosen, rejected) so the prompt is computed once; False: two rows."""
     pairing: str = "all"
     """How scored lists become pairs: all (every better/worse pair) or best_vs_rest."""
     min_score_gap: float = 0.0
