@@ -25,13 +25,15 @@ def parse_target_modules(target_modules: str) -> str | list[str]:
 
 
 def apply_lora(
-    model: PreTrainedModel, *, r: int, alpha: float, dropout: float, target_modules: str
+    model: PreTrainedModel, *, r: int, alpha: float, dropout: float, target_modules: str,
+    task_type: str = "CAUSAL_LM",
 ) -> PeftModel:
     """Wrap `model` with LoRA adapters (Hu et al. 2021); only adapter weights stay trainable.
 
     The adapter update is (alpha / r) * B @ A with B initialised to zero, so the wrapped model
     starts out computing exactly what the base did. "all-linear" (peft) covers every linear
-    layer except the output head, which stays tied to the embeddings.
+    layer except the output head, which stays tied to the embeddings. task_type="SEQ_CLS"
+    (a reward or value model) keeps its `score` head fully trainable (peft modules_to_save).
     """
     if r <= 0:
         raise ValueError(f"LoRA rank r must be positive, got {r}")
@@ -42,7 +44,7 @@ def apply_lora(
         lora_alpha=alpha,
         lora_dropout=dropout,
         target_modules=parse_target_modules(target_modules),
-        task_type="CAUSAL_LM",
+        task_type=task_type,
     )
     return get_peft_model(model, config)
 
