@@ -191,6 +191,124 @@ class DPOConfig(TrainConfig):
         _check(self, "min_score_gap", self.min_score_gap >= 0, "must be ≥ 0")
 
 
+KL_ESTIMATOR_NAMES = ("k1", "k3")
+
+
+@dataclass
+class PPOConfig(TrainConfig):
+    """RLHF with PPO: sample responses, score them, and take clipped policy-gradient steps."""
+
+    lr: float = 3e-6
+    """Peak learning rate of AdamW (policy and critic share one optimizer)."""
+    max_length: int = 256
+    """Longest prompt in tokens; longer prompts are left out and counted (never cut)."""
+    overlong: str = "drop"
+    """Prompts longer than max_length are dropped (the only choice for prompts)."""
+    max_steps: int = 0
+    """PPO iterations (rollout batch → updates) to run; 0 means derive from epochs."""
+    grad_accum: int = 1
+    """Must stay 1: PPO derives accumulation as rollout_batch_size / num_minibatches / processes / batch_size."""
+    reward_model: str = ""
+    """Reward model folder (posttrain rm output); exactly one of reward_model and reward_fn."""
+    reward_fn: str = ""
+    """Programmatic reward `module:function`, called f(prompts, responses) -> list of floats."""
+    value_model: str = ""
+    """Critic's starting weights; empty: the reward model, or the policy model with reward_fn."""
+    value_head: bool = False
+    """Put the value head on the policy network instead of a separate critic."""
+    critic_lora_r: int = 0
+    """LoRA rank of the separate critic (0 trains all its weights); alpha, dropout, targets as the policy's."""
+    max_new_tokens: int = 64
+    """Response tokens to sample at most."""
+    temperature: float = 1.0
+    """Sampling temperature; log-probs are computed from logits / temperature to match."""
+    top_p: float = 1.0
+    """Nucleus sampling mass (1 samples from the full distribution)."""
+    stop_strings: str = ""
+    """Also stop a response at any of these strings, separated by '|' (EOS always stops)."""
+    rollout_batch_size: int = 16
+    """Prompts sampled per PPO iteration across all processes (one response each)."""
+    num_minibatches: int = 1
+    """Minibatches (optimizer steps) per PPO epoch over the rollout batch."""
+    ppo_epochs: int = 4
+    """Passes over each rollout batch."""
+    clip_eps: float = 0.2
+    """ε of the clipped surrogate: ratios outside [1 − ε, 1 + ε] get no gradient."""
+    value_clip_eps: float = 0.2
+    """Values may move at most this far from their rollout-time values before the loss is clipped."""
+    vf_coef: float = 0.1
+    """Weight of the value loss in the joint loss."""
+    gamma: float = 1.0
+    """Discount of GAE."""
+    lam: float = 0.95
+    """λ of GAE."""
+    whiten_advantages: bool = True
+    """Whiten advantages over the rollout batch (mean 0, variance 1)."""
+    kl_coef: float = 0.05
+    """β of the per-token KL penalty (its start value when adaptive_kl_target > 0)."""
+    kl_estimator: str = "k1"
+    """Per-token KL estimator in the reward: k1 (log π/π_ref) or k3."""
+    adaptive_kl_target: float = 0.0
+    """Adapt β towards this KL per response (Ziegler et al. 2019); 0 keeps β fixed."""
+    adaptive_kl_horizon: float = 10000.0
+    """Horizon of the adaptive controller, in responses."""
+    early_stop_kl: float = 0.0
+    """Stop an iteration's PPO epochs when a minibatch's approximate KL to the rollout policy passes this (0: never)."""
+    missing_eos_penalty: float = 0.0
+    """Subtracted from the score of a response that hit max_new_tokens without EOS or a stop string."""
+    score_clip: float = 0.0
+    """Clip scores to [−score_clip, score_clip] after normalisation (0: no clipping)."""
+    normalize_scores: bool = False
+    """Normalise scores by running mean and standard deviation over all rollouts so far."""
+    samples_steps: int = 10
+    """Append some prompts, responses and scores to samples.jsonl every this many iterations (0: never)."""
+
+    def validate(self) -> None:
+        super().validate()
+        _check(self, "overlong", self.overlong == "drop", "must be drop: prompts are never truncated")
+        _check(self, "grad_accum", self.grad_accum == 1,
+               "must be 1: PPO derives it from rollout_batch_size / num_minibatches / processes / batch_size")
+        _check(self, "reward_model", bool(self.reward_model) != bool(self.reward_fn),
+               "and reward_fn: give exactly one (--reward-model or --reward-fn)")
+        _check(self, "reward_fn", not self.reward_fn or ":" in self.reward_fn, "must be module:function")
+        _check(self, "value_model", not (self.value_head and self.value_model),
+               "cannot be given with value_head (the head sits on the policy)")
+        _check_choice(self, "kl_estimator", KL_ESTIMATOR_NAMES)
+        for name in ("max_new_tokens", "rollout_batch_size", "num_minibatches", "ppo_epochs"):
+            _check(self, name, getattr(self, name) >= 1, "must be ≥ 1")
+        for name in ("critic_lora_r", "samples_steps"):
+            _check(self, name, getattr(self, name) >= 0, "must be ≥ 0")
+        _check(self, "temperature", self.temperature > 0, "must be > 0")
+        _check(self, "top_p", 0 < self.top_p <= 1, "must be in (0, 1]")
+        for name in ("clip_eps", "value_clip_eps", "adaptive_kl_horizon"):
+            _check(self, name, getattr(self, name) > 0, "must be > 0")
+        for name in ("vf_coef", "kl_coef", "adaptive_kl_target", "early_stop_kl", "missing_eos_penalty",
+                     "score_clip"):
+            _check(self, name, getattr(self, name) >= 0, "must be ≥ 0")
+        _check(self, "gamma", 0 <= self.gamma <= 1, "must be in [0, 1]")
+        _check(self, "lam", 0 <= self.lam <= 1, "must be in [0, 1]")
+        self.sizes(1)
+
+    def sizes(self, world_size: int) -> tuple[int, int, int]:
+        """(rollouts per process, rollouts per process per minibatch, micro-batches per minibatch)."""
+        if self.rollout_batch_size % self.num_minibatches:
+            raise ConfigError(f"config: rollout_batch_size={self.rollout_batch_size} does not divide into "
+                              f"num_minibatches={self.num_minibatches}")
+        minibatch = self.rollout_batch_size // self.num_minibatches
+        if minibatch % world_size:
+            raise ConfigError(f"config: a minibatch of {minibatch} rollouts (rollout_batch_size / "
+                              f"num_minibatches) does not divide over {world_size} processes")
+        local = minibatch // world_size
+        if local % self.batch_size:
+            raise ConfigError(f"config: a per-process minibatch of {local} rollouts does not divide into "
+                              f"micro-batches of batch_size={self.batch_size}")
+        return self.rollout_batch_size // world_size, local, local // self.batch_size
+
+    def global_batch(self, world_size: int) -> int:
+        """Rollouts per optimizer step across all processes (one minibatch)."""
+        return self.rollout_batch_size // self.num_minibatches
+
+
 def _check(cfg, name: str, ok: bool, why: str) -> None:
     if not ok:
         raise ConfigError(f"config: {name}={getattr(cfg, name)!r} {why}")
@@ -272,8 +390,8 @@ def to_yaml(cfg) -> str:
     return yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False)
 
 
-CONFIGS = {"sft": SFTConfig, "rm": RMConfig, "dpo": DPOConfig}
+CONFIGS = {"sft": SFTConfig, "rm": RMConfig, "dpo": DPOConfig, "ppo": PPOConfig}
 """Command name → its config class; trainers add themselves here."""
 
-__all__ = ["ConfigError", "TrainConfig", "SFTConfig", "RMConfig", "DPOConfig", "CONFIGS", "build_config", "field_docs",
+__all__ = ["ConfigError", "TrainConfig", "SFTConfig", "RMConfig", "DPOConfig", "PPOConfig", "CONFIGS", "build_config", "field_docs",
            "field_types", "load_yaml", "to_yaml"]
