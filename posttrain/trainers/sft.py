@@ -71,11 +71,12 @@ def evaluate(policy, units, cfg: SFTConfig, accelerator, pad_id: int) -> dict[st
 def train(cfg: SFTConfig) -> Path:
     """Run SFT as configured; returns the folder holding the final model."""
     accelerator = make_accelerator(cfg)
-    prepare_output_dir(accelerator, cfg)
     seed_everything(cfg.seed)
     tokenizer = load_tokenizer(cfg.model)
+    # Data is validated before the output folder is touched: a bad record leaves nothing behind.
     units = load_units(cfg, cfg.data, tokenizer, accelerator.print)
     eval_units = load_units(cfg, cfg.eval_data, tokenizer, accelerator.print) if cfg.eval_data else []
+    prepare_output_dir(accelerator, cfg)
 
     model = load_causal_lm(cfg.model)
     if cfg.gradient_checkpointing:

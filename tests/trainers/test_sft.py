@@ -133,3 +133,82 @@ def test_two_processes_match_one_process(tmp_path):
     a, b = weights(one), weights(out)
     for key in a:
         torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=1e-4)
+
+
+def reverse_records(n: int, rng) -> list[dict]:
+    out = []
+    for _ in range(n):
+        word = "".join(rng.choice("abcdefgh") for _ in range(rng.randint(3, 6)))
+        out.append({"prompt": word, "completion": word[::-1]})
+    return out
+
+
+def test_learning_reverses_held_out_strings(tmp_path):
+    # Proof that the loop trains: the random tiny model cannot reverse a string; 300 steps of
+    # SFT on 3,000 examples (≈4 s here) must take it to ≥ 90 % exact answers on 100 strings it
+    # never saw (it reached 100 % when this test was written).
+    import random
+
+    from posttrain.models import load_causal_lm, load_tokenizer
+    from posttrain.models.generate import chat_generate
+
+    rng = random.Random(0)
+    train = reverse_records(3000, rng)
+    seen = {r["prompt"] for r in train}
+    held = [r for r in reverse_records(400, rng) if r["prompt"] not in seen][:100]
+    data = write_jsonl(tmp_path / "train.jsonl", train)
+
+    def accuracy(model_path) -> float:
+        model, tok = load_causal_lm(str(model_path)), load_tokenizer(str(model_path))
+        answers = chat_generate(model, tok, [r["prompt"] for r in held], max_new_tokens=10)
+        return sum(a == r["completion"] for a, r in zip(answers, held)) / len(held)
+
+    out = sft.train(config(tmp_path, "run", data, max_steps=300, batch_size=32, lr=3e-3, warmup_ratio=0.05,
+                           lr_scheduler="cosine", logging_steps=50))
+    assert len(held) == 100
+    assert accuracy("tiny-random") == 0.0
+    assert accuracy(out) >= 0.9
+
+
+def test_packed_rows_give_the_same_loss_as_unpacked(tmp_path, tiny_tokenizer):
+    # One step over all 32 records, padded one per row vs packed several per row: the same
+    # loss tokens, and (block-diagonal attention, restarted positions) the same loss.
+    from posttrain.data import load_sft_examples, pack_examples
+
+    data = write_jsonl(tmp_path / "d.jsonl", toy_records(32))
+    examples, _ = load_sft_examples(str(data), tiny_tokenizer, max_length=256)
+    rows = len(pack_examples(examples, 256))
+    assert rows < 32
+    plain = metrics(sft.train(config(tmp_path, "plain", data, max_steps=1, batch_size=32, max_length=256)))[0]
+    packed = metrics(sft.train(config(tmp_path, "packed", data, max_steps=1, batch_size=rows, packing=True,
+                                      max_length=256)))[0]
+    assert packed["train/loss_tokens"] == plain["train/loss_tokens"]
+    assert packed["loss/train"] == pytest.approx(plain["loss/train"], abs=1e-5)
+
+
+def test_lora_trains_adapters_and_saves_merged_or_separate(tmp_path, tiny_path):
+    data = write_jsonl(tmp_path / "d.jsonl", toy_records(8))
+    merged = sft.train(config(tmp_path, "merged", data, max_steps=2, batch_size=4, lora_r=4, lr=1e-2))
+    start = load_file(str(tiny_path / "model.safetensors"))
+    after = weights(merged)
+    changed = [k for k in start if not torch.equal(start[k], after[k])]
+    assert changed and all("proj" in k for k in changed)  # only adapted linears move
+    adapter = sft.train(config(tmp_path, "adapter", data, max_steps=2, batch_size=4, lora_r=4, lr=1e-2,
+                               merge_lora=False))
+    assert (adapter / "adapter_config.json").is_file() and not (adapter / "model.safetensors").exists()
+
+
+def test_eval_data_is_scored_at_the_end(tmp_path):
+    data = write_jsonl(tmp_path / "d.jsonl", toy_records(8))
+    held = write_jsonl(tmp_path / "e.jsonl", toy_records(4, seed=1))
+    out = sft.train(config(tmp_path, "run", data, eval_data=str(held), max_steps=2, batch_size=4, eval_steps=1))
+    evals = [r for r in metrics(out) if "eval/loss" in r]
+    assert [r["step"] for r in evals] == [1, 2] and all(r["eval/loss"] > 0 for r in evals)
+
+
+def test_bad_record_stops_before_training_and_writes_nothing(tmp_path):
+    data = tmp_path / "bad.jsonl"
+    data.write_text('{"prompt": "a", "completion": "b"}\n{"prompt": "a", "completion": ""}\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl: record 2: field 'completion'"):
+        sft.train(config(tmp_path, "run", data, max_steps=1))
+    assert not (tmp_path / "run").exists()
