@@ -68,6 +68,15 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"), help="compute precision")
     gen.add_argument("--seed", type=int, default=0, help="sampling seed")
 
+    score = sub.add_parser("score", help="One reward per (prompt, response) record, from a reward model.",
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    score.add_argument("--model", required=True, help="reward model folder (the output of `posttrain rm`)")
+    score.add_argument("--data", required=True,
+                       help="records {prompt, response} or {messages} ending in an assistant turn")
+    score.add_argument("--output", default=None, help="JSONL file for the records with a 'score' (default: stdout)")
+    score.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass")
+    score.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"), help="compute precision")
+
     demo = sub.add_parser("demo", help="The main job on the embedded model: answer, instruction-tune, answer again.",
                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     demo.add_argument("--model", default="smollm2-135m-instruct", help="built-in name, HF id or folder")
@@ -103,6 +112,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "generate":
             run_generate(args)
+        elif args.command == "score":
+            import_module("posttrain.trainers.reward").score_file(args.model, args.data, args.output,
+                                                                  batch_size=args.batch_size, precision=args.precision)
         elif args.command == "demo":
             import_module("posttrain.demo").run(args)
         else:

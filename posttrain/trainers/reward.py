@@ -1,0 +1,250 @@
+"""Reward model (RM): a scalar head on the pretrained LM, trained with the Bradley–Terry loss.
+
+L = −E log σ(r(x, o_w) − r(x, o_l) − m)  (Ouyang et al. 2022, Eq. 1; margin m: Touvron et
+al. 2023, Eq. 2), plus the optional reward-centring term of `bradley_terry_loss`.
+
+Stages of one optimizer step:
+  1. take this step's global batch of pairs (a function of step and seed only);
+  2. count the pairs of the whole global batch, across micro-batches and processes;
+  3. per micro-batch: chosen and rejected rows in one padded batch and one forward pass,
+     rewards split into halves, loss = Σ per-pair Bradley–Terry loss / that count;
+  4. clip, step AdamW and the schedule; log, evaluate and checkpoint on their cadences.
+
+Also here: `score_file`, the `posttrain score` command (one reward per record of a file).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from posttrain.config import RMConfig
+from posttrain.data import (RecordError, TokenizedPair, load_preference_pairs, pad_batch, prompt_messages,
+                            read_records, sft_messages)
+from posttrain.data.errors import short_repr, type_name
+from posttrain.losses import bradley_terry_loss
+from posttrain.models import load_tokenizer
+from posttrain.models.lora import apply_lora
+from posttrain.models.precision import autocast, resolve_precision
+from posttrain.models.reward import RewardModel
+from posttrain.ops import aggregate
+from posttrain.trainers.common import (RunLog, StopRequest, Throughput, build_optimizer, build_scheduler,
+                                       global_sum, make_accelerator, micro_batches, prepare_output_dir,
+                                       resume_from_checkpoint, save_checkpoint, seed_everything, step_items,
+                                       stop_message, total_steps)
+
+STATS = ("rewards/accuracy", "rewards/margin", "rewards/chosen", "rewards/rejected")
+
+
+def load_pairs(cfg: RMConfig, source: str, tokenizer, print_fn) -> list[TokenizedPair]:
+    pairs, report = load_preference_pairs(source, tokenizer, max_length=cfg.max_length, pairing=cfg.pairing,
+                                          min_score_gap=cfg.min_score_gap, overlong=cfg.overlong,
+                                          skip_invalid=cfg.skip_invalid)
+    print_fn(report.summary())
+    return pairs
+
+
+def pair_rewards(model, pairs: list[TokenizedPair], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rewards of chosen [B] and rejected [B]: all 2B sequences in one padded forward pass."""
+    examples = [pair.examples()[0] for pair in pairs] + [pair.examples()[1] for pair in pairs]
+    batch = pad_batch(examples, pad_id)
+    rewards = model(batch.input_ids.to(device), batch.attention_mask.to(device))
+    return rewards[:len(pairs)], rewards[len(pairs):]
+
+
+def margins(cfg: RMConfig, pairs: list[TokenizedPair], device) -> torch.Tensor | None:
+    """Per-pair margins [B] (0 for pairs without one), or None when unused or absent."""
+    if not cfg.use_margin or all(pair.margin is None for pair in pairs):
+        return None
+    return torch.tensor([pair.margin or 0.0 for pair in pairs], device=device)
+
+
+def global_sums(accelerator, values: list[float]) -> list[float]:
+    """Sum several numbers over all processes in one all-reduce."""
+    t = torch.tensor(values, dtype=torch.float64, device=accelerator.device)
+    return accelerator.reduce(t, reduction="sum").tolist()
+
+
+@torch.no_grad()
+def evaluate(model, pairs: list[TokenizedPair], cfg: RMConfig, accelerator, pad_id: int) -> dict[str, float]:
+    """Pairwise accuracy, mean margin, Bradley–Terry loss and reward mean/std on held-out pairs."""
+    model.eval()
+    chosen, rejected, losses = [], [], []
+    mine = pairs[accelerator.process_index::accelerator.num_processes]
+    for i in range(0, len(mine), cfg.batch_size):
+        batch = mine[i: i + cfg.batch_size]
+        r_w, r_l = pair_rewards(model, batch, pad_id, accelerator.device)
+        loss, _ = bradley_terry_loss(r_w, r_l, margin=margins(cfg, batch, accelerator.device),
+                                     center_coef=cfg.center_coef)
+        chosen.append(r_w.float())
+        rejected.append(r_l.float())
+        losses.append(loss.float())
+    model.train()
+    r_w, r_l = torch.cat(chosen), torch.cat(rejected)
+    both = torch.cat([r_w, r_l])
+    n, correct, margin, loss, total, squares = global_sums(accelerator, [
+        len(r_w), (r_w > r_l).sum().item(), (r_w - r_l).sum().item(), torch.cat(losses).sum().item(),
+        both.sum().item(), both.pow(2).sum().item()])
+    mean = total / (2 * n)
+    return {"eval/accuracy": correct / n, "eval/margin": margin / n, "eval/loss": loss / n,
+            "eval/reward_mean": mean, "eval/reward_std": math.sqrt(max(squares / (2 * n) - mean ** 2, 0.0)),
+            "eval/pairs": n}
+
+
+def build_model(cfg: RMConfig) -> RewardModel:
+    model = RewardModel.from_causal_lm(cfg.model, seed=cfg.seed)
+    if cfg.gradient_checkpointing:
+        model.base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.lora_r:
+        # SEQ_CLS puts the head in peft's modules_to_save: the adapters and the head train.
+        model = RewardModel(apply_lora(model.model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
+                                       target_modules=cfg.lora_target_modules, task_type="SEQ_CLS"),
+                            model.tokenizer)
+    return model
+
+
+def train(cfg: RMConfig) -> Path:
+    """Train a reward model as configured; returns the folder holding the final model."""
+    accelerator = make_accelerator(cfg)
+    seed_everything(cfg.seed)
+    tokenizer = load_tokenizer(cfg.model)
+    # Data is validated before the output folder is touched: a bad record leaves nothing behind.
+    pairs = load_pairs(cfg, cfg.data, tokenizer, accelerator.print)
+    eval_pairs = load_pairs(cfg, cfg.eval_data, tokenizer, accelerator.print) if cfg.eval_data else []
+    prepare_output_dir(accelerator, cfg)
+
+    model = build_model(cfg)
+
+    world = accelerator.num_processes
+    steps = total_steps(cfg, len(pairs), world)
+    optimizer = build_optimizer(model, cfg)
+    scheduler = build_scheduler(optimizer, cfg, steps)
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    start = resume_from_checkpoint(accelerator, cfg)["step"] if cfg.resume else 0
+
+    pad_id = tokenizer.pad_token_id
+    log = RunLog(accelerator, cfg, steps, start, "rm")
+    speed = Throughput()
+    stop = StopRequest()
+    with stop.installed():
+        for step in range(start, steps):
+            # 1. This step's pairs, and this process's micro-batches of them.
+            items = step_items(step, len(pairs), cfg.global_batch(world), cfg.seed)
+            mine = micro_batches(items, rank=accelerator.process_index, world_size=world,
+                                 batch_size=cfg.batch_size)
+            # 2. One normaliser for the whole global batch (sequence-level: every pair weighs
+            #    the same); DDP averages over processes, hence / world (see ops.aggregate).
+            #    `items` is the global batch, so its length is already the global pair count.
+            n_pairs = len(items)
+            sums = dict.fromkeys(("loss/train", *STATS), 0.0)
+            for i, mb in enumerate(mine):
+                batch = [pairs[j] for j in mb]
+                with nullcontext() if i == len(mine) - 1 else accelerator.no_sync(model):
+                    # 3. One forward over chosen + rejected; Σ BT loss / global pair count.
+                    r_w, r_l = pair_rewards(model, batch, pad_id, accelerator.device)
+                    per_pair, stats = bradley_terry_loss(r_w, r_l, margin=margins(cfg, batch, accelerator.device),
+                                                         center_coef=cfg.center_coef)
+                    every_pair = torch.ones_like(per_pair, dtype=torch.bool)[:, None]
+                    loss = aggregate(per_pair[:, None], every_pair, mode="sequence", normalizer=n_pairs / world)
+                    accelerator.backward(loss)
+                sums["loss/train"] += per_pair.detach().sum().item()
+                for key in STATS:
+                    sums[key] += stats[key].item() * len(batch)
+                speed.add(len(batch))
+            # 4. Clip, step, schedule.
+            grad_norm = (accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+                         if cfg.max_grad_norm > 0 else torch.tensor(float("nan")))
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+
+            done = step + 1
+            if done % cfg.logging_steps == 0 or done == steps:
+                train_metrics = dict(zip(sums, (v / n_pairs for v in global_sums(accelerator, list(sums.values())))))
+                rate = global_sum(accelerator, speed.rate())
+                log.log(done, {**train_metrics, "perf/pairs_per_s": rate, "optim/lr": scheduler.get_last_lr()[0],
+                               "optim/grad_norm": float(grad_norm),
+                               "train/epoch": done * cfg.global_batch(world) / len(pairs)})
+                log.progress(0, {"loss": f"{train_metrics['loss/train']:.4f}",
+                                 "acc": f"{train_metrics['rewards/accuracy']:.2f}", "pairs/s": f"{rate:.1f}"})
+            log.progress(1, {})
+            if eval_pairs and cfg.eval_steps and done % cfg.eval_steps == 0 and done < steps:
+                log.log(done, evaluate(model, eval_pairs, cfg, accelerator, pad_id))
+            if cfg.save_steps and done % cfg.save_steps == 0 and done < steps:
+                save_checkpoint(accelerator, cfg, done)
+            if stop.signum is not None:
+                save_checkpoint(accelerator, cfg, done)
+                log.close()
+                accelerator.end_training()
+                accelerator.print(stop_message(cfg, done, "rm"))
+                sys.exit(128 + stop.signum)
+
+    if eval_pairs:
+        metrics = evaluate(model, eval_pairs, cfg, accelerator, pad_id)
+        log.log(steps, metrics)
+        accelerator.print(f"eval/accuracy {metrics['eval/accuracy']:.4f}  eval/margin {metrics['eval/margin']:.4f}")
+    log.close()
+    accelerator.wait_for_everyone()
+    out = Path(cfg.output_dir)
+    if accelerator.is_main_process:
+        accelerator.unwrap_model(model).save_pretrained(out, merge_lora=cfg.merge_lora)
+    accelerator.wait_for_everyone()
+    accelerator.print(f"saved the reward model to {out}")
+    # Last: it ends the trackers and tears down the process group.
+    accelerator.end_training()
+    return out
+
+
+# ---------------------------------------------------------------- posttrain score
+
+
+def scoring_conversation(record: Any, *, source: str, index: int) -> tuple[list[dict], list[dict]]:
+    """(prompt messages, response messages) of a record to score; RecordError if invalid.
+
+    Shapes: {"prompt": str | conversation, "response": str}, or {"messages": [...]} ending in
+    an assistant turn (the trailing assistant turns are the response).
+    """
+    if not isinstance(record, dict):
+        raise RecordError(source, index + 1, "*", f"expected an object, got {type_name(record)} {short_repr(record)}",
+                          reason="record not an object")
+    present = sorted(k for k, v in record.items() if v is not None)
+    if "messages" in present and not {"prompt", "response"} & set(present):
+        messages = sft_messages({"messages": record["messages"]}, source=source, index=index)
+        split = len(messages)
+        while messages[split - 1]["role"] == "assistant":
+            split -= 1
+        return messages[:split], messages[split:]
+    for field in ("prompt", "response"):
+        if field not in present:
+            raise RecordError(source, index + 1, field, f"missing (expected {{prompt, response}} or {{messages}}, "
+                              f"record has fields {present})", reason=f"missing field '{field}'")
+    prompt = prompt_messages({"prompt": record["prompt"]}, source=source, index=index)
+    response = record["response"]
+    if not isinstance(response, str) or not response.strip():
+        raise RecordError(source, index + 1, "response", f"expected a non-empty string, got {type_name(response)} "
+                          f"{short_repr(response)}", reason="bad response")
+    return prompt, [{"role": "assistant", "content": response}]
+
+
+def score_file(model: str, data: str, output: str | None = None, *, batch_size: int = 8,
+               precision: str = "auto") -> list[float]:
+    """Score every record of `data` with the reward model `model`; write JSONL records with a
+    "score" field to `output` (stdout if None). All records are validated before scoring."""
+    records = read_records(data)
+    inputs = [scoring_conversation(r, source=str(data), index=i) for i, r in enumerate(records)]
+    reward_model = RewardModel.from_pretrained(model)
+    resolved = resolve_precision(precision)
+    with autocast(resolved):
+        scores = reward_model.score([p for p, _ in inputs], [r for _, r in inputs], batch_size=batch_size).tolist()
+    lines = "".join(json.dumps({**record, "score": s}) + "\n" for record, s in zip(records, scores))
+    if output is None:
+        sys.stdout.write(lines)
+    else:
+        Path(output).write_text(lines)
+    return scores
