@@ -1,0 +1,121 @@
+"""PPO's trained networks: the critic V(s_t), and the policy + critic as one module.
+
+Shapes: B batch, T = Q + A (prompt then response columns), A response tokens, H hidden.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from posttrain.losses import chunked_logprobs, chunked_logprobs_and_entropy
+from posttrain.models.logprobs import base_causal_lm, check_supported
+from posttrain.models.reward import RewardModel
+
+
+class ValueModel(torch.nn.Module):
+    """V(s_t) at every position: a reward model's decoder and scalar head, read per token.
+
+    forward(input_ids [B,T], attention_mask [B,T], position_ids [B,T]) -> values [B,T] float32.
+    Initialised from the reward model (as Ouyang et al. 2022 and TRL do), its head predicts
+    the final score from the start; from a causal LM (`from_causal_lm`) the head is zero, so
+    every value starts at 0 rather than at a random offset.
+    """
+
+    def __init__(self, reward_model: RewardModel):
+        super().__init__()
+        self.reward_model = reward_model
+
+    @classmethod
+    def from_causal_lm(cls, name_or_path: str) -> ValueModel:
+        rm = RewardModel.from_causal_lm(name_or_path)
+        with torch.no_grad():
+            rm.head.weight.zero_()
+        return cls(rm)
+
+    def forward(self, input_ids, attention_mask, position_ids) -> torch.Tensor:
+        hidden = self.reward_model.backbone(input_ids=input_ids, attention_mask=attention_mask,
+                                            position_ids=position_ids, use_cache=False).last_hidden_state
+        return self.reward_model.head(hidden).squeeze(-1).float()
+
+
+def response_logprobs(lm: torch.nn.Module, input_ids, attention_mask, position_ids, response_mask, *,
+                      temperature: float, with_entropy: bool, chunk_size: int = 1024):
+    """Log-probs [B,A] of the response tokens (the last A columns) at `temperature`, the
+    entropy [B,A] of those distributions (None unless with_entropy), and the decoder's hidden
+    states [B,T,H]. Both are zero off response_mask.
+
+    The LM head runs at response positions only, chunked, never over the prompt; logits are
+    scaled as logits / temperature, what the sampler drew from (before top-p).
+    """
+    causal_lm = base_causal_lm(lm)
+    hidden = causal_lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
+                                     position_ids=position_ids, use_cache=False).last_hidden_state
+    n_query = input_ids.shape[1] - response_mask.shape[1]
+    # hidden[t-1] predicts token t; (h/τ)·Wᵀ = (h·Wᵀ)/τ.
+    before = hidden[:, n_query - 1: -1] / temperature
+    weight = causal_lm.get_output_embeddings().weight
+    device = input_ids.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+    response_ids = input_ids[:, n_query:]
+    if with_entropy:
+        logprobs, entropy = chunked_logprobs_and_entropy(before, weight, response_ids, response_mask,
+                                                         chunk_size=chunk_size, compute_dtype=dtype)
+        return logprobs.float(), entropy.float(), hidden
+    logprobs = chunked_logprobs(before, weight, response_ids, response_mask, chunk_size=chunk_size,
+                                compute_dtype=dtype)
+    return logprobs.float(), None, hidden
+
+
+class PolicyAndValue(torch.nn.Module):
+    """The trained networks in one module, so data-parallel wrappers see every trained
+    parameter used inside one forward.
+
+    forward(input_ids [B,T], attention_mask [B,T], position_ids [B,T], response_mask [B,A] bool,
+            with_entropy) -> (logprobs [B,A], entropy [B,A] or None, values [B,A])
+
+    values[:, t] = V(s_t), read at the column before response token t (the state it is
+    chosen in), like the log-prob. The critic is either a separate `ValueModel` or a
+    `value_head` Linear(H, 1) on the policy's own hidden states (one decoder pass for both);
+    exactly one is given.
+    """
+
+    def __init__(self, policy: torch.nn.Module, *, critic: ValueModel | None = None,
+                 value_head: torch.nn.Linear | None = None, temperature: float = 1.0):
+        super().__init__()
+        if (critic is None) == (value_head is None):
+            raise ValueError("PolicyAndValue: give exactly one of critic and value_head")
+        check_supported(base_causal_lm(policy))
+        self.policy, self.critic, self.value_head = policy, critic, value_head
+        self.temperature = temperature
+
+    def forward(self, input_ids, attention_mask, position_ids, response_mask, with_entropy: bool = False):
+        logprobs, entropy, hidden = response_logprobs(self.policy, input_ids, attention_mask, position_ids,
+                                                      response_mask, temperature=self.temperature,
+                                                      with_entropy=with_entropy)
+        n_query = input_ids.shape[1] - response_mask.shape[1]
+        if self.critic is not None:
+            all_values = self.critic(input_ids, attention_mask, position_ids)
+        else:
+            all_values = self.value_head(hidden).squeeze(-1).float()
+        values = all_values[:, n_query - 1: -1]
+        return logprobs, entropy, torch.where(response_mask, values, 0.0)
+
+
+def new_value_head(hidden_size: int) -> torch.nn.Linear:
+    """Linear(H, 1) with zero weights and bias: every value starts at 0."""
+    head = torch.nn.Linear(hidden_size, 1)
+    torch.nn.init.zeros_(head.weight)
+    torch.nn.init.zeros_(head.bias)
+    return head
+
+
+def disable_dropout(model: torch.nn.Module) -> None:
+    """p = 0 in every Dropout module, so the policy that computed log π_old during the
+    rollout and the one the update differentiates are the same function (ratio 1 at the
+    first minibatch), as TRL's PPO trainer does (`disable_dropout_in_model`)."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+
+
+__all__ = ["PolicyAndValue", "ValueModel", "disable_dropout", "new_value_head", "response_logprobs"]

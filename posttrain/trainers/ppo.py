@@ -1,0 +1,343 @@
+"""RLHF with PPO (Ziegler et al. 2019; Ouyang et al. 2022), one iteration at a time:
+
+  1. generate: sample one response per prompt of this iteration's rollout batch;
+  2. score: the reward model at each response's last token, or a reward function;
+  3. reference & values: log π_old, log π_ref and V_old of every response token;
+  4. KL-shaped rewards: r_t = −β·KL_t, plus the score on the last token;
+  5. advantages: GAE over those rewards, whitened over the batch;
+  6. PPO epochs: ppo_epochs passes of clipped surrogate + clipped value loss, in minibatches.
+
+Stages 1–5 only read the networks (no gradients); stage 6 trains the policy and the critic
+with one AdamW. Shapes: B rollouts, A response tokens. RLOO or GRPO would replace stages
+3's values and 5 (`advantages_and_returns`) and nothing else.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import sys
+import time
+from collections import defaultdict
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+
+from posttrain.advantages import gae, kl_shaped_rewards
+from posttrain.config import PPOConfig
+from posttrain.data import TokenizedPrompt, load_prompts
+from posttrain.losses import AdaptiveKLController, FixedKLController, ppo_policy_loss, value_loss
+from posttrain.models import load_causal_lm, load_tokenizer
+from posttrain.models.lora import apply_lora, disabled_adapters, save_model
+from posttrain.models.precision import resolve_precision
+from posttrain.models.reward import RewardModel
+from posttrain.models.value import PolicyAndValue, ValueModel, disable_dropout, new_value_head, response_logprobs
+from posttrain.ops import aggregate, masked_sum, masked_whiten
+from posttrain.rollout.rollout import Generation, Rollout, generate_rollouts, sampling_config
+from posttrain.rollout.scoring import (RunningMoments, call_reward_fn, load_reward_fn, normalize_and_clip,
+                                       penalize_missing_eos, reward_model_scores, same_tokenization)
+from posttrain.trainers.common import (RunLog, StopRequest, build_optimizer, build_scheduler, global_sum,
+                                       make_accelerator, prepare_output_dir, resume_from_checkpoint,
+                                       save_checkpoint, seed_everything, step_items, stop_message)
+
+SAMPLES_PER_LOG = 8
+"""Rollouts of the main process written to samples.jsonl each samples_steps iterations."""
+
+
+def build_networks(cfg: PPOConfig) -> tuple[PolicyAndValue, torch.nn.Module | None]:
+    """The trained policy + critic, and the frozen reference (None with LoRA: the policy
+    with adapters off is the reference, no second copy)."""
+    policy = load_causal_lm(cfg.model)
+    disable_dropout(policy)
+    reference = None if cfg.lora_r else copy.deepcopy(policy).eval().requires_grad_(False)
+    if cfg.gradient_checkpointing:
+        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    lora = dict(alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, target_modules=cfg.lora_target_modules)
+    if cfg.lora_r:
+        policy = apply_lora(policy, r=cfg.lora_r, **lora)
+    if cfg.value_head:
+        head = new_value_head(policy.config.hidden_size)
+        return PolicyAndValue(policy, value_head=head, temperature=cfg.temperature), reference
+    # The critic starts as the reward model (head included) or, with a reward function, as
+    # the policy's decoder with a zero head.
+    source = cfg.value_model or cfg.reward_model
+    critic = ValueModel(RewardModel.from_pretrained(source)) if source else ValueModel.from_causal_lm(cfg.model)
+    disable_dropout(critic)
+    if cfg.critic_lora_r:
+        rm = critic.reward_model
+        critic = ValueModel(RewardModel(apply_lora(rm.model, r=cfg.critic_lora_r, task_type="SEQ_CLS", **lora),
+                                        rm.tokenizer))
+    return PolicyAndValue(policy, critic=critic, temperature=cfg.temperature), reference
+
+
+def build_scorer(cfg: PPOConfig, tokenizer, accelerator):
+    """(generation, prompts) -> raw scores [B] float32 on the CPU (stage 2)."""
+    if cfg.reward_fn:
+        fn = load_reward_fn(cfg.reward_fn)
+        return lambda gen, prompts: call_reward_fn(fn, cfg.reward_fn, gen, prompts)
+    # Frozen, so it may be stored in the compute precision (half the memory under bf16).
+    bf16 = resolve_precision(cfg.precision, accelerator.device.type) == "bf16"
+    rm = RewardModel.from_pretrained(cfg.reward_model, dtype=torch.bfloat16 if bf16 else torch.float32)
+    rm = rm.to(accelerator.device).eval().requires_grad_(False)
+    reuse = same_tokenization(rm.tokenizer, tokenizer)
+    accelerator.print(f"reward model {cfg.reward_model}: "
+                      + ("same tokenizer, scores the rollout ids" if reuse else "re-tokenises the text"))
+
+    def score(gen: Generation, prompts: list[TokenizedPrompt]) -> torch.Tensor:
+        with accelerator.autocast():
+            return reward_model_scores(rm, gen, prompts, reuse_ids=reuse, batch_size=cfg.batch_size,
+                                       device=accelerator.device)
+    return score
+
+
+@torch.no_grad()
+def old_policy_and_reference(net: PolicyAndValue, reference, gen: Generation, cfg: PPOConfig,
+                             accelerator) -> dict[str, torch.Tensor]:
+    """Stage 3: logprobs, entropy and values of the sampling policy, and ref_logprobs, each
+    [B, A] on the CPU, computed in micro-batches of batch_size; the policy's log-probs,
+    entropy (same vocabulary pass) and, with a value head, values come from one forward."""
+    input_ids, attention, positions = gen.sequences()
+    parts = defaultdict(list)
+    device = accelerator.device
+    for start in range(0, input_ids.shape[0], cfg.batch_size):
+        rows = slice(start, start + cfg.batch_size)
+        batch = [t[rows].to(device) for t in (input_ids, attention, positions, gen.response_mask)]
+        with accelerator.autocast():
+            logprobs, entropy, values = net(*batch, with_entropy=True)
+            ref_net = reference if reference is not None else net.policy
+            with nullcontext() if reference is not None else disabled_adapters(net.policy):
+                ref_logprobs = response_logprobs(ref_net, *batch, temperature=cfg.temperature,
+                                                 with_entropy=False)[0]
+        for name, value in zip(("logprobs", "entropy", "values", "ref_logprobs"),
+                               (logprobs, entropy, values, ref_logprobs)):
+            parts[name].append(value.cpu())
+    return {name: torch.cat(chunks) for name, chunks in parts.items()}
+
+
+def advantages_and_returns(rollout: Rollout, cfg: PPOConfig, kl_coef: float):
+    """Stages 4–5: (advantages [B, A], returns [B, A], kl [B, A]); the one place PPO,
+    RLOO and GRPO would differ."""
+    rewards, kl = kl_shaped_rewards(rollout.scores, rollout.logprobs, rollout.ref_logprobs,
+                                    rollout.response_mask, kl_coef=kl_coef, estimator=cfg.kl_estimator)
+    advantages, returns = gae(rewards, rollout.values, rollout.response_mask, gamma=cfg.gamma, lam=cfg.lam)
+    if cfg.whiten_advantages:
+        # Over this process's rollouts (with several processes, each whitens its own share).
+        advantages = masked_whiten(advantages, rollout.response_mask)
+    return advantages, returns, kl
+
+
+def ppo_epochs(model, optimizer, accelerator, rollout: Rollout, advantages, returns, cfg: PPOConfig) -> dict:
+    """Stage 6: ppo_epochs passes over the rollouts in minibatches, one optimizer step each,
+    accumulated over micro-batches with one global token count; stops early when a
+    minibatch's approximate KL to π_old passes early_stop_kl. Returns token-mean stats."""
+    world, device = accelerator.num_processes, accelerator.device
+    n_local, per_minibatch, _ = cfg.sizes(world)
+    sums, epochs_done = defaultdict(float), 0
+    for _ in range(cfg.ppo_epochs):
+        order = torch.randperm(n_local)
+        stop = False
+        for start in range(0, n_local, per_minibatch):
+            minibatch = order[start: start + per_minibatch]
+            n_tokens = global_sum(accelerator, int(rollout.response_mask[minibatch].sum()))
+            micro = minibatch.split(cfg.batch_size)
+            kl_sum = 0.0
+            for i, rows in enumerate(micro):
+                part = rollout.select(rows)
+                mask = part.response_mask.to(device)
+                with nullcontext() if i == len(micro) - 1 else accelerator.no_sync(model):
+                    logprobs, _, values = model(*(t.to(device) for t in part.sequences()), mask)
+                    pg, pg_stats = ppo_policy_loss(logprobs, part.logprobs.to(device), advantages[rows].to(device),
+                                                   mask, clip_eps=cfg.clip_eps)
+                    vf, vf_stats = value_loss(values, part.values.to(device), returns[rows].to(device), mask,
+                                              clip_eps=cfg.value_clip_eps)
+                    # One normaliser for the minibatch across micro-batches and processes.
+                    loss = aggregate(pg + cfg.vf_coef * vf, mask, "token", normalizer=n_tokens / world)
+                    accelerator.backward(loss)
+                count = int(mask.sum())
+                error = (values.detach() - returns[rows].to(device)) ** 2
+                kl_sum += float(pg_stats["policy/approx_kl"]) * count
+                for key, value in (("loss/policy", masked_sum(pg.detach(), mask)),
+                                   ("loss/value", masked_sum(vf.detach(), mask)),
+                                   ("val/error", masked_sum(error, mask)),
+                                   ("policy/clipfrac", pg_stats["policy/clipfrac"] * count),
+                                   ("val/clipfrac", vf_stats["value/clipfrac"] * count)):
+                    sums[key] += float(value)
+                sums["policy/approxkl"] += float(pg_stats["policy/approx_kl"]) * count
+                sums["tokens"] += count
+            if cfg.max_grad_norm > 0:
+                sums["optim/grad_norm"] += float(accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm))
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            sums["steps"] += 1
+            if cfg.early_stop_kl and global_sum(accelerator, kl_sum) / max(n_tokens, 1) > cfg.early_stop_kl:
+                stop = True
+                break
+        epochs_done += 1
+        if stop:
+            break
+    totals = {key: global_sum(accelerator, value) for key, value in sums.items()}
+    stats = {key: value / max(totals["tokens"], 1) for key, value in totals.items()
+             if key not in ("tokens", "steps", "optim/grad_norm")}
+    # Every process holds the same (all-reduced) norm, so the global sum counts it world times.
+    stats["optim/grad_norm"] = (totals["optim/grad_norm"] / world / totals["steps"] if cfg.max_grad_norm > 0
+                                else float("nan"))
+    stats["policy/epochs"] = epochs_done
+    return stats
+
+
+def rollout_metrics(rollout: Rollout, returns, kl, kl_coef: float, accelerator) -> dict[str, float]:
+    """Global means over the iteration's rollouts (per response or per token, as named)."""
+    mask = rollout.response_mask
+    kl_per_response = kl.sum(-1)
+    sums = {"objective/scores": rollout.raw_scores.sum(), "objective/kl": kl_per_response.sum(),
+            "objective/rlhf_reward": (rollout.scores - kl_coef * kl_per_response).sum(),
+            "objective/missing_eos": (~rollout.ended).float().sum(),
+            "rollout/response_length": mask.sum(-1).float().sum()}
+    token_sums = {"objective/entropy": masked_sum(rollout.entropy, mask), "val/returns": masked_sum(returns, mask),
+                  "val/values": masked_sum(rollout.values, mask)}
+    n, tokens = global_sum(accelerator, mask.shape[0]), global_sum(accelerator, int(mask.sum()))
+    out = {key: global_sum(accelerator, float(v)) / n for key, v in sums.items()}
+    out.update({key: global_sum(accelerator, float(v)) / max(tokens, 1) for key, v in token_sums.items()})
+    out["objective/kl_coef"] = kl_coef
+    return out
+
+
+def generate(net: PolicyAndValue, tokenizer, prompts, indices, generation, accelerator) -> Generation:
+    """Stage 1 in eval mode and the compute precision."""
+    net.policy.eval()
+    with accelerator.autocast():
+        gen = generate_rollouts(net.policy, tokenizer, prompts, indices, generation=generation)
+    net.policy.train()
+    return gen
+
+
+@torch.no_grad()
+def evaluate(net, reference, tokenizer, prompts, score, cfg: PPOConfig, generation, accelerator) -> dict:
+    """Mean score, KL to the reference (Σ_t log π/π_ref per response, k1: unbiased under π)
+    and response length over the held-out prompts, sampled as in training from a fixed seed
+    so evaluations differ only by the policy; the training RNG stream is left untouched."""
+    rank, world = accelerator.process_index, accelerator.num_processes
+    mine = list(range(len(prompts)))[rank::world]
+    totals = defaultdict(float)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed + 1)
+        for start in range(0, len(mine), cfg.rollout_batch_size):
+            gen = generate(net, tokenizer, prompts, mine[start: start + cfg.rollout_batch_size], generation,
+                           accelerator)
+            forward = old_policy_and_reference(net, reference, gen, cfg, accelerator)
+            kl = masked_sum(forward["logprobs"] - forward["ref_logprobs"], gen.response_mask, dim=-1)
+            totals["eval/scores"] += float(score(gen, prompts).sum())
+            totals["eval/kl"] += float(kl.sum())
+            totals["eval/response_length"] += float(gen.response_mask.sum())
+    return {key: global_sum(accelerator, value) / len(prompts) for key, value in totals.items()}
+
+
+def write_samples(path: Path, step: int, rollout: Rollout) -> None:
+    with path.open("a") as f:
+        for i in range(min(SAMPLES_PER_LOG, len(rollout.prompts))):
+            f.write(json.dumps({"step": step, "prompt": rollout.prompts[i], "response": rollout.responses[i],
+                                "score": float(rollout.raw_scores[i]), "ended": bool(rollout.ended[i])}) + "\n")
+
+
+def train(cfg: PPOConfig) -> Path:
+    """Run PPO as configured; returns the folder holding the final policy."""
+    accelerator = make_accelerator(cfg)
+    world, rank = accelerator.num_processes, accelerator.process_index
+    n_local = cfg.sizes(world)[0]
+    prepare_output_dir(accelerator, cfg)
+    seed_everything(cfg.seed)
+    tokenizer = load_tokenizer(cfg.model)
+    prompts, report = load_prompts(cfg.data, tokenizer, max_prompt_length=cfg.max_length,
+                                   skip_invalid=cfg.skip_invalid)
+    accelerator.print(report.summary())
+    eval_prompts = []
+    if cfg.eval_data:
+        eval_prompts, report = load_prompts(cfg.eval_data, tokenizer, max_prompt_length=cfg.max_length,
+                                            skip_invalid=cfg.skip_invalid)
+        accelerator.print(report.summary())
+    score = build_scorer(cfg, tokenizer, accelerator)
+    net, reference = build_networks(cfg)
+    if reference is not None:
+        reference.to(accelerator.device)
+    iterations = cfg.max_steps or max(1, -(-int(cfg.epochs * len(prompts)) // cfg.rollout_batch_size))
+    optimizer = build_optimizer(net, cfg)
+    scheduler = build_scheduler(optimizer, cfg, iterations)
+    model, optimizer, scheduler = accelerator.prepare(net, optimizer, scheduler)
+    net = accelerator.unwrap_model(model)
+    kl_ctl = (AdaptiveKLController(cfg.kl_coef, cfg.adaptive_kl_target, cfg.adaptive_kl_horizon)
+              if cfg.adaptive_kl_target else FixedKLController(cfg.kl_coef))
+    moments = RunningMoments() if cfg.normalize_scores else None
+    start = 0
+    if cfg.resume:
+        state = resume_from_checkpoint(accelerator, cfg)
+        start = state["step"]
+        kl_ctl.load_state_dict(state["kl_ctl"])
+        if moments is not None:
+            moments.load_state_dict(state["moments"])
+    generation = sampling_config(tokenizer, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                                 top_p=cfg.top_p, stop_strings=[s for s in cfg.stop_strings.split("|") if s])
+    log = RunLog(accelerator, cfg, iterations, start, "ppo")
+    samples_path = Path(cfg.output_dir) / "samples.jsonl"
+    evaluate_now = lambda: evaluate(net, reference, tokenizer, eval_prompts, score, cfg, generation, accelerator)  # noqa: E731
+    if eval_prompts and start == 0:
+        log.log(0, evaluate_now())
+    stop = StopRequest()
+    with stop.installed():
+        for it in range(start, iterations):
+            began = time.perf_counter()
+            indices = step_items(it, len(prompts), cfg.rollout_batch_size, cfg.seed)[rank * n_local:
+                                                                                     (rank + 1) * n_local]
+            # 1. Generate.
+            gen = generate(net, tokenizer, prompts, indices, generation, accelerator)
+            # 2. Score: raw scores, missing-EOS penalty, running normalisation, clipping.
+            raw = score(gen, prompts)
+            penalized = penalize_missing_eos(raw, gen.ended, cfg.missing_eos_penalty)
+            if moments is not None:
+                moments.update(accelerator.gather(penalized.to(accelerator.device)).cpu())
+            scores = normalize_and_clip(penalized, moments, cfg.score_clip)
+            # 3. Reference log-probs, old log-probs and values.
+            rollout = Rollout(**vars(gen), scores=scores, raw_scores=raw,
+                              **old_policy_and_reference(net, reference, gen, cfg, accelerator))
+            # 4. KL-shaped rewards and 5. advantages.
+            kl_coef = kl_ctl.value
+            advantages, returns, kl = advantages_and_returns(rollout, cfg, kl_coef)
+            rolled = time.perf_counter()
+            # 6. PPO epochs.
+            stats = ppo_epochs(model, optimizer, accelerator, rollout, advantages, returns, cfg)
+            scheduler.step()
+            metrics = rollout_metrics(rollout, returns, kl, kl_coef, accelerator)
+            kl_ctl.update(metrics["objective/kl"], cfg.rollout_batch_size)
+            done, now = it + 1, time.perf_counter()
+            metrics.update(stats)
+            metrics.update({"time/rollout": rolled - began, "time/update": now - rolled,
+                            "perf/episodes_per_s": cfg.rollout_batch_size / (now - began),
+                            "optim/lr": scheduler.get_last_lr()[0]})
+            if done % cfg.logging_steps == 0 or done == iterations:
+                log.log(done, metrics)
+            log.progress(1, {"score": f"{metrics['objective/scores']:.3f}", "kl": f"{metrics['objective/kl']:.3f}"})
+            if accelerator.is_main_process and cfg.samples_steps and done % cfg.samples_steps == 0:
+                write_samples(samples_path, done, rollout)
+            if eval_prompts and cfg.eval_steps and done % cfg.eval_steps == 0 and done < iterations:
+                log.log(done, evaluate_now())
+            extra = {"kl_ctl": kl_ctl.state_dict(), "moments": moments.state_dict() if moments else None}
+            if cfg.save_steps and done % cfg.save_steps == 0 and done < iterations:
+                save_checkpoint(accelerator, cfg, done, extra)
+            if stop.signum is not None:
+                save_checkpoint(accelerator, cfg, done, extra)
+                log.close()
+                accelerator.end_training()
+                accelerator.print(stop_message(cfg, done, "ppo"))
+                sys.exit(128 + stop.signum)
+
+    if eval_prompts:
+        log.log(iterations, evaluate_now())
+    log.close()
+    accelerator.wait_for_everyone()
+    out = Path(cfg.output_dir)
+    if accelerator.is_main_process:
+        save_model(net.policy, tokenizer, out, merge_lora=cfg.merge_lora)
+    accelerator.wait_for_everyone()
+    accelerator.print(f"saved the policy to {out}")
+    accelerator.end_training()
+    return out
