@@ -1,0 +1,137 @@
+"""Preference pairs as model inputs, and the log-probabilities of their two replies.
+
+A batch of B pairs has one of two layouts (shape letters: B pairs, N rows, T tokens):
+
+* plain (N = 2B): prompt+chosen of every pair, then prompt+rejected, right-padded, with the
+  usual [N,T] padding mask. The prompt is computed twice.
+* prefix-shared (N = B): one row per pair, prompt ++ chosen ++ p ++ rejected, where p is a
+  second copy of the prompt's last token, with a [N,1,T,T] boolean attention mask:
+
+      tokens     x0 … x(P-1) | c0 … c(C-1) | p     r0 … r(R-1) | pad …
+      positions  0  … P-1    | P  … P+C-1  | P-1   P  … P+R-1  | 0 …
+      segment    prompt      | chosen      | rejected          | padding
+
+  A query attends to an earlier-or-same key of its own segment, and a reply token to the
+  prompt keys before its segment's first position: all P for chosen, x0 … x(P-2) for
+  rejected, whose segment starts with p. So chosen tokens see prompt + chosen, rejected
+  tokens see x0 … x(P-2) + p + rejected and never chosen, and positions continue from the
+  prompt in both replies.
+
+  Why the copy p: c0 and r0 are both predicted from the prompt's last hidden state, but in
+  one row the token before r0 is c(C-1). p stands at position P-1 and attends to x0 … x(P-2)
+  and itself: exactly the inputs x(P-1) had, so its hidden state equals the prompt's last
+  one, and r0 (like every other target) is predicted from the row position just before it.
+  That keeps TokenLogprobs' contract (hidden[t-1] predicts token t) and costs one token.
+
+Either way the LM head runs only on chosen and rejected reply tokens (TokenLogprobs), and
+chosen and rejected go through the model in one forward pass.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from posttrain.data import TokenizedPair, pad_batch
+from posttrain.ops import masked_sum
+
+PROMPT, CHOSEN, REJECTED, PADDING = 0, 1, 2, -1
+
+
+@dataclass
+class PairBatch:
+    """Model inputs for B preference pairs laid out in N rows (N = B or 2B) of T tokens.
+
+    input_ids: [N,T] long. attention_mask: [N,T] long padding mask (plain layout) or
+    [N,1,T,T] bool, True = the query (dim 2) may attend to the key (dim 3) (prefix-shared).
+    position_ids: [N,T] long. chosen_mask / rejected_mask: [N,T] bool, True on the chosen /
+    rejected reply tokens, each a prediction target. chosen_lengths / rejected_lengths: [B]
+    float, reply token counts. ref_logps: [B,2] summed reference log-probs (chosen,
+    rejected) when precomputed, else None.
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    position_ids: torch.Tensor
+    chosen_mask: torch.Tensor
+    rejected_mask: torch.Tensor
+    chosen_lengths: torch.Tensor
+    rejected_lengths: torch.Tensor
+    ref_logps: torch.Tensor | None = None
+
+    @property
+    def pairs(self) -> int:
+        return self.chosen_lengths.shape[0]
+
+
+def collate_pairs(pairs: list[TokenizedPair], pad_id: int, *, prefix_sharing: bool,
+                  ref_logps: torch.Tensor | None = None) -> PairBatch:
+    """Lay B pairs out as a PairBatch; ref_logps [B,2] is carried along when given."""
+    if not pairs:
+        raise ValueError("collate_pairs: no pairs")
+    for i, pair in enumerate(pairs):
+        if not (pair.prompt_ids and pair.chosen_ids and pair.rejected_ids):
+            raise ValueError(f"collate_pairs: pairs[{i}] (record {pair.source_index}) has an empty "
+                             "prompt, chosen or rejected reply")
+    lengths = [torch.tensor([float(len(getattr(p, f))) for p in pairs]) for f in ("chosen_ids", "rejected_ids")]
+    layout = _shared if prefix_sharing else _plain
+    return PairBatch(*layout(pairs, pad_id), *lengths, ref_logps=ref_logps)
+
+
+def _plain(pairs: list[TokenizedPair], pad_id: int):
+    rows = [pair.examples()[0] for pair in pairs] + [pair.examples()[1] for pair in pairs]
+    batch = pad_batch(rows, pad_id)
+    first_half = torch.arange(len(rows))[:, None] < len(pairs)
+    return (batch.input_ids, batch.attention_mask, batch.position_ids,
+            batch.loss_mask & first_half, batch.loss_mask & ~first_half)
+
+
+def _shared(pairs: list[TokenizedPair], pad_id: int):
+    width = max(len(p.prompt_ids) + len(p.chosen_ids) + 1 + len(p.rejected_ids) for p in pairs)
+    input_ids = torch.full((len(pairs), width), pad_id, dtype=torch.long)
+    positions = torch.zeros((len(pairs), width), dtype=torch.long)
+    segments = torch.full((len(pairs), width), PADDING, dtype=torch.long)
+    prompt_seen = torch.zeros((len(pairs), width), dtype=torch.long)
+    for row, p in enumerate(pairs):
+        n_p, n_c, n_r = len(p.prompt_ids), len(p.chosen_ids), len(p.rejected_ids)
+        ids = p.prompt_ids + p.chosen_ids + p.prompt_ids[-1:] + p.rejected_ids
+        input_ids[row, :len(ids)] = torch.tensor(ids)
+        positions[row, :len(ids)] = torch.cat([torch.arange(n_p + n_c), torch.arange(n_p - 1, n_p + n_r)])
+        segments[row, :len(ids)] = torch.tensor([PROMPT] * n_p + [CHOSEN] * n_c + [REJECTED] * (1 + n_r))
+        prompt_seen[row, n_p: len(ids)] = torch.tensor([n_p] * n_c + [n_p - 1] * (1 + n_r))
+    chosen_mask = segments == CHOSEN
+    # The copy p opens the rejected segment but is not a target: it follows the chosen reply.
+    rejected_mask = (segments == REJECTED) & (positions >= torch.tensor([len(p.prompt_ids) for p in pairs])[:, None])
+    mask = shared_attention_mask(segments, positions, prompt_seen)
+    return input_ids, mask, positions, chosen_mask, rejected_mask
+
+
+def shared_attention_mask(segments: torch.Tensor, positions: torch.Tensor,
+                          prompt_seen: torch.Tensor) -> torch.Tensor:
+    """[N,T] segment ids, positions and prompt tokens each query sees -> [N,1,T,T] bool
+    mask (query t, key s).
+
+    t attends s ⇔ s ≤ t and (same segment, or s is a prompt token at a position below
+    prompt_seen[t]). Padding attends to padding only, so no query row is empty (an all-False
+    row gives NaN in SDPA) and no real token sees padding.
+    """
+    index = torch.arange(segments.shape[1])
+    earlier = index[None, :] <= index[:, None]
+    seg_q, seg_k = segments[:, :, None], segments[:, None, :]
+    prompt_before = (seg_k == PROMPT) & (positions[:, None, :] < prompt_seen[:, :, None])
+    return (earlier & ((seg_q == seg_k) | prompt_before)).unsqueeze(1)
+
+
+def sequence_logps(model: torch.nn.Module, batch: PairBatch, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed log π of each pair's chosen and rejected reply, ([B], [B]) float32.
+
+    `model` is a TokenLogprobs (or a wrapper of one): one forward pass over all N rows.
+    """
+    chosen_mask, rejected_mask = batch.chosen_mask.to(device), batch.rejected_mask.to(device)
+    per_token = model(batch.input_ids.to(device), batch.attention_mask.to(device),
+                      batch.position_ids.to(device), chosen_mask | rejected_mask)
+    # Row sums [N] folded to pairs [B]: in the plain layout each pair's reply sits in one of
+    # its two rows and the other contributes 0.
+    fold = (lambda rows: rows.view(-1, batch.pairs).sum(0))
+    return fold(masked_sum(per_token, chosen_mask, -1)), fold(masked_sum(per_token, rejected_mask, -1))
