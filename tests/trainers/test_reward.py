@@ -4,7 +4,10 @@ learning test, `posttrain score`, and bad data stopping the run."""
 from __future__ import annotations
 
 import json
+import os
 import random
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -82,6 +85,28 @@ def test_accumulation_equals_one_big_batch_with_margins(tmp_path):
     for key in a:
         torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=1e-4)  # padding changes rounding
     assert metrics(big)[0]["loss/train"] == pytest.approx(metrics(small)[0]["loss/train"], abs=1e-6)
+
+
+def test_two_processes_match_one_process(tmp_path):
+    # Same global batch (2 processes × 2 pairs vs 1 process × 4 pairs): the per-pair loss is
+    # divided by the global pair count / world size and DDP averages, so the weights agree.
+    records = case_records(16, random.Random(5))
+    for i, r in enumerate(records):
+        r["margin"] = 0.1 * i
+    data = write_jsonl(tmp_path / "d.jsonl", records)
+    one = reward.train(config(tmp_path, "one", data, max_steps=3, batch_size=4, center_coef=0.01))
+    out = tmp_path / "two"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29547",
+           "-m", "posttrain.cli", "rm", "--model", "tiny-random", "--data", str(data), "--output-dir", str(out),
+           "--precision", "fp32", "--lr", "1e-3", "--warmup-ratio", "0", "--lr-scheduler", "constant",
+           "--max-length", "64", "--max-steps", "3", "--batch-size", "2", "--center-coef", "0.01"]
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    a, b = weights(one), weights(out)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=1e-4)
+    assert [r["loss/train"] for r in metrics(out)] == pytest.approx([r["loss/train"] for r in metrics(one)], abs=1e-5)
 
 
 def test_resume_from_a_checkpoint_reproduces_the_uninterrupted_run(tmp_path):
