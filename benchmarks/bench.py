@@ -1,0 +1,93 @@
+"""What every benchmark worker shares: its spec, a step clock, peak memory, the result line.
+
+A worker is one process running one (tool, workload, model) for `warmup + timed + 1` optimizer
+steps. The clock records the wall time at the *start* of every step; the duration of step k is
+start(k+1) − start(k), so a step's time covers everything the tool does per step (data,
+forward, backward, clip, optimizer, its own logging) and the same boundaries are used for both
+tools. The first `warmup` steps are excluded; the extra last step only closes the last timed one.
+The worker prints one line `BENCH {json}` that run.py collects.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import sys
+import time
+from pathlib import Path
+
+
+def load_spec() -> dict:
+    """The JSON spec run.py passes as the first argument (a file path)."""
+    return json.loads(Path(sys.argv[1]).read_text())
+
+
+def vm_hwm_bytes() -> int:
+    """Peak resident set size of this process so far (Linux VmHWM), in bytes."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("/proc/self/status has no VmHWM line")
+
+
+class StepClock:
+    """Step start times and the work counted from the batches each tool actually built."""
+
+    def __init__(self, spec: dict):
+        self.spec = spec
+        self.launched = spec["launched"]  # time.time() in run.py just before it started us
+        self.starts: list[float] = []
+        self.rss_at_last_step = 0
+        self.counts: dict[str, int] = {}
+        self.per_step: list[dict[str, int]] = []
+
+    @property
+    def total_steps(self) -> int:
+        return self.spec["warmup"] + self.spec["timed"] + 1
+
+    def step_begin(self) -> None:
+        self.starts.append(time.time())
+        self.per_step.append({})
+        if len(self.starts) == self.total_steps:
+            # Every earlier step has run in full by now; the final save (posttrain) or
+            # teardown (TRL) that follows is not training and is left out of the peak.
+            self.rss_at_last_step = vm_hwm_bytes()
+
+    def count(self, **amounts: int) -> None:
+        """Add work units (tokens, pairs, episodes…) to the current step and the total."""
+        if not self.per_step:
+            raise RuntimeError("count() before the first step_begin()")
+        for key, value in amounts.items():
+            value = int(value)
+            self.counts[key] = self.counts.get(key, 0) + value
+            self.per_step[-1][key] = self.per_step[-1].get(key, 0) + value
+
+    def result(self, **extra) -> dict:
+        warmup, timed = self.spec["warmup"], self.spec["timed"]
+        if len(self.starts) != self.total_steps:
+            raise RuntimeError(f"expected {self.total_steps} step starts, saw {len(self.starts)}")
+        durations = [b - a for a, b in zip(self.starts, self.starts[1:])]
+        timed_steps = self.per_step[warmup: warmup + timed]
+        timed_counts = {key: sum(step.get(key, 0) for step in timed_steps) for key in self.counts}
+        return {
+            "tool": self.spec["tool"], "workload": self.spec["workload"], "model": self.spec["model"],
+            "steps": len(self.starts), "warmup": warmup, "timed": timed,
+            "step_seconds": durations[warmup:],
+            "time_to_first_step_s": self.starts[1] - self.launched,
+            "counts_total": self.counts,
+            "counts_timed": timed_counts,
+            "peak_rss_bytes": self.rss_at_last_step,
+            "peak_rss_bytes_at_exit": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "threads": int(os.environ.get("OMP_NUM_THREADS", "0")),
+            **extra,
+        }
+
+
+def emit(result: dict) -> None:
+    print("BENCH " + json.dumps(result), flush=True)
+
+
+def count_parameters(model) -> int:
+    """Distinct parameters (a tied input/output embedding counted once)."""
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())

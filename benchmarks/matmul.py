@@ -1,0 +1,48 @@
+"""The machine's matmul ceiling: FLOP/s of a square GEMM in fp32 and in bf16.
+
+    python benchmarks/matmul.py [--n 2048] [--seconds 3]   # prints one JSON line
+
+Each dtype runs n×n @ n×n products (2·n³ FLOPs each) for about `seconds` after two
+warm-up products, on the same thread count as the trainers; the reported ceiling is the
+median over one-second windows, with the best window beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+
+def gemm_rate(n: int, dtype: torch.dtype, seconds: float) -> dict:
+    a = torch.randn(n, n).to(dtype)
+    b = torch.randn(n, n).to(dtype)
+    out = torch.empty(n, n, dtype=dtype)
+    for _ in range(2):
+        torch.mm(a, b, out=out)
+    rates, end = [], time.perf_counter() + seconds
+    while time.perf_counter() < end or len(rates) < 3:
+        count, start = 0, time.perf_counter()
+        while count == 0 or time.perf_counter() - start < 1.0:
+            torch.mm(a, b, out=out)
+            count += 1
+        rates.append(2 * n ** 3 * count / (time.perf_counter() - start))
+    return {"flops_per_s": statistics.median(rates), "best_flops_per_s": max(rates), "windows": len(rates)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--n", type=int, default=2048)
+    parser.add_argument("--seconds", type=float, default=3.0)
+    args = parser.parse_args()
+    result = {"n": args.n, "threads": torch.get_num_threads()}
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        result[name] = gemm_rate(args.n, dtype, args.seconds)
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

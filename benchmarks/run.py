@@ -1,0 +1,484 @@
+"""posttrain side by side with TRL: throughput, peak memory, start-up and FLOP rate.
+
+    .venv/bin/python benchmarks/run.py            # full: every workload and model, 3 repeats
+    .venv/bin/python benchmarks/run.py --quick    # tiny model, few steps, 1 repeat: harness check (< 5 min)
+    .venv/bin/python benchmarks/run.py --workloads sft --models smollm2 --repeats 5
+
+It first runs benchmarks/setup.sh (idempotent: checks TRL 1.16.0 in .venv, installs TRL 1.12.0
+for PPO into .bench/). Each (tool, workload, model) runs in its own process (benchmarks/workers/<tool>_<workload>.py)
+so peak RSS belongs to that run alone; the two tools alternate (posttrain, TRL, posttrain,
+TRL, …) so slow drifts of a shared machine hit both. The matmul ceiling is measured in the
+same invocation, before and after the trainers. Writes benchmarks/results/<date>.json (every
+raw run) and benchmarks/RESULTS.md (the table). See RESULTS.md for what is measured and how.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import importlib.metadata as md
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "benchmarks"
+WORK = ROOT / ".bench"
+TRL_PPO_PATH = WORK / "trl-1.12.0"
+MODELS = {"smollm2": "smollm2-135m-instruct", "tiny": "tiny-random"}
+TOOLS = ("posttrain", "trl")
+POSTTRAIN_MODULES = {"sft": "posttrain.trainers.sft", "rm": "posttrain.trainers.reward",
+                     "dpo": "posttrain.trainers.dpo", "ppo": "posttrain.trainers.ppo"}
+TRL_VERSION = {"sft": "1.16.0", "rm": "1.16.0", "dpo": "1.16.0", "ppo": "1.12.0"}
+
+# Per workload: rows a step, token lengths, and (warm-up, timed) steps for full / quick runs.
+SETTINGS = {
+    ("sft", "smollm2"): dict(batch_size=4, max_length=256, full=(2, 6), quick=(1, 2)),
+    ("sft", "tiny"): dict(batch_size=4, max_length=256, full=(3, 20), quick=(2, 4)),
+    ("rm", "smollm2"): dict(batch_size=4, max_length=256, full=(2, 6), quick=(1, 2)),
+    ("rm", "tiny"): dict(batch_size=4, max_length=256, full=(3, 20), quick=(2, 4)),
+    ("dpo", "smollm2"): dict(batch_size=4, max_length=256, full=(2, 6), quick=(1, 2)),
+    ("dpo", "tiny"): dict(batch_size=4, max_length=256, full=(3, 20), quick=(2, 4)),
+    ("ppo", "smollm2"): dict(batch_size=4, max_prompt_length=64, response_length=32, full=(1, 4), quick=(1, 1)),
+    ("ppo", "tiny"): dict(batch_size=4, max_prompt_length=64, response_length=32, full=(2, 10), quick=(1, 2)),
+}
+# Throughput unit per workload: (count key, label). FLOPs per real token per parameter:
+# 6 for a training step (2 forward + 4 backward); DPO adds the reference forward (2).
+UNITS = {"sft": ("tokens", "tok/s"), "rm": ("pairs", "pairs/s"), "dpo": ("pairs", "pairs/s"),
+         "ppo": ("episodes", "episodes/s")}
+FLOP_FACTOR = {"sft": 6, "rm": 6, "dpo": 8}
+TARGET_SPEEDUP = {"sft": 2.0, "rm": 1.5, "dpo": 2.0, "ppo": 2.0}
+TARGET_RSS = 0.6
+TARGET_CEILING = 0.6
+# Equal work means these counts agree within COUNT_TOLERANCE, else the row is flagged. Other
+# counts (tokens actually fed, with padding) may differ by design and are only shown: e.g.
+# posttrain's DPO feeds each prompt once (prefix sharing) where TRL feeds it twice.
+SAME_WORK = {"sft": ("rows", "tokens", "loss_tokens"), "rm": ("pairs", "tokens"),
+             "dpo": ("pairs", "tokens", "loss_tokens"), "ppo": ("episodes", "generated_tokens")}
+COUNT_TOLERANCE = 0.02
+
+
+# ---------------------------------------------------------------- data
+
+
+def write_data(root: Path) -> dict[str, Path]:
+    """Fixed benchmark JSONL derived from examples/data, identical for every run.
+
+    SFT records join six consecutive completions into one long reply so that every record
+    is longer than max_length in both tokenizers and all rows are cut to exactly max_length
+    tokens (no padding; the same tokens on both sides). Preference and prompt records are
+    the example files' pairs and prompts as they are.
+    """
+    root.mkdir(parents=True, exist_ok=True)
+    src = ROOT / "examples" / "data"
+    records = [json.loads(line) for line in (src / "instructions.jsonl").read_text().splitlines() if line.strip()]
+    pc = [r for r in records if "prompt" in r and "completion" in r]
+    sft = [{"prompt": pc[i]["prompt"], "completion": " ".join(pc[(i + k) % len(pc)]["completion"] for k in range(6))}
+           for i in range(len(pc))]
+    prefs = [json.loads(line) for line in (src / "preferences.jsonl").read_text().splitlines() if line.strip()]
+    pairs = [{"prompt": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"]} for r in prefs if "chosen" in r]
+    paths = {"sft": root / "sft.jsonl", "pairs": root / "pairs.jsonl", "prompts": root / "prompts.jsonl"}
+    paths["sft"].write_text("".join(json.dumps(r) + "\n" for r in sft))
+    paths["pairs"].write_text("".join(json.dumps(r) + "\n" for r in pairs))
+    paths["prompts"].write_text((src / "prompts.jsonl").read_text())
+    return paths
+
+
+# ---------------------------------------------------------------- running workers
+
+
+def worker_env(workload: str, tool: str, threads: int) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update({
+        # The same allocator settings and thread count for both tools.
+        "MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": "17179869184",
+        "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
+        "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1", "TRL_EXPERIMENTAL_SILENCE": "1", "PYTHONUNBUFFERED": "1",
+        "POSTTRAIN_DEBUG": "1",
+    })
+    paths = [str(ROOT)]
+    if tool == "trl" and workload == "ppo":
+        paths.insert(0, str(TRL_PPO_PATH))
+        # TRL 1.12's PPOTrainer builds its own Accelerator, which reads the precision from
+        # here (transformers 5 no longer exports bf16=True to it).
+        env["ACCELERATE_MIXED_PRECISION"] = "bf16"
+    env["PYTHONPATH"] = os.pathsep.join(paths + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    return env
+
+
+def run_worker(tool: str, workload: str, model: str, spec: dict, threads: int, timeout: int, log_dir: Path) -> dict:
+    """One worker process; returns its BENCH result, or {"error": ...} with the log's tail."""
+    script = BENCH / "workers" / f"{tool}_{workload}.py"
+    with tempfile.TemporaryDirectory(prefix=f"bench-{tool}-{workload}-", dir=WORK) as tmp:
+        spec = {**spec, "tool": tool, "workload": workload, "model": model, "work_dir": tmp}
+        spec_path = Path(tmp) / "spec.json"
+        spec["launched"] = time.time()
+        spec_path.write_text(json.dumps(spec))
+        log = log_dir / f"{tool}_{workload}_{model}_{spec['repeat']}.log"
+        start = time.time()
+        try:
+            proc = subprocess.run([sys.executable, str(script), str(spec_path)], cwd=ROOT, timeout=timeout,
+                                  env=worker_env(workload, tool, threads), capture_output=True, text=True)
+            output, rc = proc.stdout + proc.stderr, proc.returncode
+        except subprocess.TimeoutExpired as err:
+            output = (err.stdout or b"").decode() + (err.stderr or b"").decode() if isinstance(err.stdout, bytes) \
+                else (err.stdout or "") + (err.stderr or "")
+            rc = f"timeout after {timeout} s"
+        log.write_text(output)
+    lines = [line for line in output.splitlines() if line.startswith("BENCH ")]
+    if rc != 0 or not lines:
+        tail = [line for line in output.strip().splitlines() if line.strip()][-3:]
+        return {"tool": tool, "workload": workload, "model": model, "repeat": spec["repeat"],
+                "error": f"exit {rc}: " + " | ".join(tail)[-400:], "log": str(log.relative_to(ROOT)),
+                "wall_s": time.time() - start}
+    return {**json.loads(lines[-1][6:]), "repeat": spec["repeat"], "wall_s": time.time() - start,
+            "log": str(log.relative_to(ROOT))}
+
+
+def landed(module: str) -> bool:
+    """posttrain's trainer for a workload is committed (a file still being written does not count)."""
+    path = module.replace(".", "/") + ".py"
+    return subprocess.run(["git", "cat-file", "-e", f"HEAD:{path}"], cwd=ROOT, capture_output=True).returncode == 0
+
+
+def reward_model_folder(model: str, model_path: str, threads: int) -> str:
+    """The PPO reward model and critic start both tools read: built once per model and reused."""
+    folder = WORK / "models" / f"{model}-reward"
+    if not (folder / "config.json").is_file():
+        made = subprocess.run([sys.executable, str(BENCH / "workers" / "make_reward_model.py"), model_path,
+                               str(folder)], cwd=ROOT, env=worker_env("rm", "posttrain", threads),
+                              capture_output=True, text=True)
+        if made.returncode != 0:
+            raise RuntimeError(f"building the PPO reward model failed:\n{made.stdout}{made.stderr}")
+    return str(folder)
+
+
+def matmul_ceiling(threads: int, seconds: float) -> dict:
+    env = worker_env("matmul", "posttrain", threads)
+    out = subprocess.run([sys.executable, str(BENCH / "matmul.py"), "--seconds", str(seconds)], env=env,
+                         capture_output=True, text=True, check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+# ---------------------------------------------------------------- summarising
+
+
+def spread(values: list[float]) -> dict:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
+
+
+def summarise_tool(runs: list[dict], workload: str, ceiling_bf16: float) -> dict:
+    key = UNITS[workload][0]
+    ok = [r for r in runs if "error" not in r]
+    if not ok:
+        return {"error": runs[-1]["error"] if runs else "not run"}
+    throughput = [r["counts_timed"][key] / sum(r["step_seconds"]) for r in ok]
+    out = {
+        "throughput": spread(throughput),
+        "seconds_per_step": spread([statistics.median(r["step_seconds"]) for r in ok]),
+        "peak_rss_gb": spread([r["peak_rss_bytes"] / 1e9 for r in ok]),
+        "time_to_first_step_s": spread([r["time_to_first_step_s"] for r in ok]),
+        "counts_timed": ok[0]["counts_timed"], "counts_total": ok[0]["counts_total"],
+        "params": ok[0].get("params"), "failed_repeats": len(runs) - len(ok), "optimizer": ok[0].get("optimizer"),
+    }
+    if workload == "ppo":
+        out["generated_tokens_per_s"] = spread([r["counts_timed"]["generated_tokens"] / sum(r["step_seconds"])
+                                                for r in ok])
+    if workload in FLOP_FACTOR and out["params"]:
+        flops = [FLOP_FACTOR[workload] * r["params"] * r["counts_timed"]["tokens"] / sum(r["step_seconds"])
+                 for r in ok]
+        out["tflops"] = spread([f / 1e12 for f in flops])
+        out["fraction_of_bf16_ceiling"] = statistics.median(flops) / ceiling_bf16
+    return out
+
+
+def count_check(workload: str, a: dict, b: dict) -> tuple[bool, str]:
+    """Same work on both sides: the SAME_WORK counts agree within COUNT_TOLERANCE."""
+    notes, ok = [], True
+    for key in sorted(set(a["counts_total"]) | set(b["counts_total"])):
+        x, y = a["counts_total"].get(key, "–"), b["counts_total"].get(key, "–")
+        if key in SAME_WORK[workload]:
+            same = x != "–" and y != "–" and abs(x - y) <= COUNT_TOLERANCE * max(x, y, 1)
+            ok &= same
+            notes.append(f"**{key}** {x}/{y}" + ("" if same else " ✗"))
+        else:
+            notes.append(f"{key} {x}/{y}")
+    return ok, ", ".join(notes)
+
+
+# ---------------------------------------------------------------- reporting
+
+
+def machine() -> dict:
+    model = platform.processor()
+    try:
+        for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines():
+            if line.startswith("Model name:"):
+                model = line.split(":", 1)[1].strip()
+    except FileNotFoundError:
+        pass
+    mem = 0
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemTotal:"):
+            mem = int(line.split()[1]) * 1024
+    flags = Path("/proc/cpuinfo").read_text()
+    return {"cpu": model, "cores": os.cpu_count(), "memory_gb": round(mem / 1e9, 1),
+            "bf16_native": any(f in flags.split() for f in ("avx512_bf16", "amx_bf16")), "python": platform.python_version()}
+
+
+def versions() -> dict:
+    out = {name: md.version(name) for name in ("torch", "transformers", "accelerate", "peft", "datasets", "trl")}
+    out["posttrain"] = md.version("posttrain")
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    out["posttrain_commit"] = head.stdout.strip()
+    probe = subprocess.run([sys.executable, "-c", "import trl; print(trl.__version__)"], capture_output=True,
+                           text=True, env={**os.environ, "PYTHONPATH": str(TRL_PPO_PATH)})
+    out["trl_ppo"] = probe.stdout.strip() or "missing (run benchmarks/setup.sh)"
+    return out
+
+
+def fmt(x: float, digits: int = 3) -> str:
+    return f"{x:.{digits}g}" if abs(x) < 10 ** digits else f"{x:.0f}"
+
+
+def fmt_spread(s: dict, scale: float = 1.0, digits: int = 3) -> str:
+    if s["n"] == 1:
+        return fmt(s["median"] * scale, digits)
+    return f"{fmt(s['median'] * scale, digits)} ({fmt(s['min'] * scale, digits)}–{fmt(s['max'] * scale, digits)})"
+
+
+def markdown(report: dict) -> str:
+    meta, mm = report["meta"], report["matmul"]
+    v, m = meta["versions"], meta["machine"]
+    bf16 = mm["ceiling_bf16"]
+    lines = [
+        "# posttrain vs TRL — benchmark results",
+        "",
+        f"Generated by `{meta['command']}` on {meta['date']} "
+        f"({'QUICK mode: few steps, 1 repeat — a harness check, not a measurement' if meta['quick'] else 'full mode'}).",
+        "",
+        f"- **Machine**: {m['cpu']}, {m['cores']} cores, {m['memory_gb']} GB, native bf16: {m['bf16_native']}; "
+        f"{meta['threads']} threads for every run.{' ' + meta['note'] if meta.get('note') else ''}",
+        f"- **Versions**: posttrain {v['posttrain']} ({v['posttrain_commit']}), torch {v['torch']}, "
+        f"transformers {v['transformers']}, accelerate {v['accelerate']}, peft {v['peft']}, datasets {v['datasets']}, "
+        f"TRL {v['trl']} (SFT, RM, DPO), TRL {v['trl_ppo']} (PPO), Python {m['python']}.",
+        f"- **Matmul ceiling** ({mm['start']['n']}³ GEMM, median of 1 s windows, higher of the runs before and "
+        f"after the trainers): fp32 {mm['ceiling_fp32'] / 1e9:.0f} GFLOP/s, bf16 {bf16 / 1e9:.0f} GFLOP/s.",
+        f"- **Repeats**: {meta['repeats']} per row, tools alternating (posttrain, TRL, posttrain, TRL, …); "
+        "figures are median (min–max) over repeats; each repeat's throughput excludes its warm-up steps.",
+        "- **Same work**: identical token ids in the same order on both sides (posttrain's tokenizer, chat "
+        "template and data order; TRL reads them pre-tokenised with a sequential sampler); bf16 autocast over "
+        "fp32 weights; gradient checkpointing off; AdamW, lr constant, clip 1.0; "
+        "`MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=17179869184` for both.",
+        "",
+        "## Throughput",
+        "",
+        "| workload | model | per step | posttrain | TRL | posttrain / TRL | target |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for row in report["rows"]:
+        unit = UNITS[row["workload"]][1]
+        pt, trl = row["posttrain"], row["trl"]
+        cells = [_cell(pt, "throughput", unit), _cell(trl, "throughput", unit)]
+        ratio = (f"**{pt['throughput']['median'] / trl['throughput']['median']:.2f}×**"
+                 if "error" not in pt and "error" not in trl else "—")
+        lines.append(f"| {row['workload']} | {row['model']} | {row['per_step']} | {cells[0]} | {cells[1]} | {ratio} "
+                     f"| ≥ {TARGET_SPEEDUP[row['workload']]}× |")
+        if row["workload"] == "ppo" and "error" not in pt and "error" not in trl:
+            g = pt["generated_tokens_per_s"]["median"] / trl["generated_tokens_per_s"]["median"]
+            lines.append(f"| ppo | {row['model']} | generated tokens | {fmt_spread(pt['generated_tokens_per_s'])} tok/s "
+                         f"| {fmt_spread(trl['generated_tokens_per_s'])} tok/s | {g:.2f}× | |")
+    lines += ["", "## Memory, start-up and FLOP rate", "",
+              "| workload | model | peak RSS posttrain | peak RSS TRL | ratio (target ≤ 0.6) "
+              "| time to first step posttrain | TRL | posttrain TFLOP/s (% bf16 ceiling) | TRL TFLOP/s (% bf16 ceiling) |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for row in report["rows"]:
+        pt, trl = row["posttrain"], row["trl"]
+        both = "error" not in pt and "error" not in trl
+        rss = f"{pt['peak_rss_gb']['median'] / trl['peak_rss_gb']['median']:.2f}" if both else "—"
+        lines.append(f"| {row['workload']} | {row['model']} | {_cell(pt, 'peak_rss_gb', 'GB')} | "
+                     f"{_cell(trl, 'peak_rss_gb', 'GB')} | {rss} | {_cell(pt, 'time_to_first_step_s', 's')} | "
+                     f"{_cell(trl, 'time_to_first_step_s', 's')} | {_flops(pt)} | {_flops(trl)} |")
+    lines += ["", "## Same work check", "",
+              "Counts over all steps each side ran, posttrain/TRL, from the batches each tool built. Bold counts "
+              "define the work and must agree (✗: more than 2 % apart); the others show what each tool fed its "
+              "model (`computed_tokens`: real tokens in its layout; `padded_tokens`: including padding) and may "
+              "differ by design. `tokens` counts real tokens of the sequences as laid out one per row "
+              "(DPO: prompt+chosen and prompt+rejected).", "",
+              "| workload | model | counts | equal |", "|---|---|---|---|"]
+    for row in report["rows"]:
+        lines.append(f"| {row['workload']} | {row['model']} | {row.get('count_check', '—')} | "
+                     f"{'yes' if row.get('counts_equal') else ('**NO**' if 'counts_equal' in row else '—')} |")
+    lines += ["", "## How it is measured", "", METHOD.strip(), ""]
+    if report.get("notes"):
+        lines += ["## Notes", ""] + [f"- {n}" for n in report["notes"]] + [""]
+    return "\n".join(lines)
+
+
+def _cell(side: dict, key: str, unit: str) -> str:
+    if "error" in side:
+        return side["error_short"]
+    return f"{fmt_spread(side[key])} {unit}"
+
+
+def _flops(side: dict) -> str:
+    if "error" in side or "tflops" not in side:
+        return "—"
+    return f"{fmt_spread(side['tflops'], digits=2)} ({100 * side['fraction_of_bf16_ceiling']:.0f} %)"
+
+
+METHOD = """
+- Every (tool, workload, model, repeat) is a separate process (`benchmarks/workers/<tool>_<workload>.py`)
+  that runs warm-up + timed + 1 optimizer steps and prints one JSON line.
+- **Step time**: wall time between the starts of consecutive optimizer steps (TRL: a `TrainerCallback`'s
+  `on_step_begin`; posttrain, which has no callbacks: a wrapper around the module-level `collate` its loop
+  calls at the start of each step). It covers everything the tool does per step. Warm-up steps are dropped;
+  throughput = work in the timed steps / their summed time.
+- **Work counted** from the batches each tool really used (TRL: the inputs of each `compute_loss` call;
+  posttrain: the batch its loop collated): real tokens, tokens including padding, loss tokens, rows/pairs.
+- **Peak RSS**: the process's VmHWM at the start of its last step, i.e. after all earlier steps ran in full,
+  before posttrain saves its final model (TRL saves nothing); the at-exit `ru_maxrss` is in the JSON too.
+- **Time to first step**: from just before the orchestrator starts the process to the start of step 2
+  (imports, model and data loading, tokenising, the first optimizer step).
+- **FLOP rate**: 6·N·T per training step (N = distinct parameters, tied embeddings once; T = real tokens);
+  DPO adds 2·N·T for the reference forward. This is the nominal model FLOP count: attention's T² term is left
+  out, and posttrain's LM head, which only projects loss positions, does less than this, so it is a
+  model-FLOPs utilisation, not a count of the arithmetic each tool performed.
+"""
+
+
+# ---------------------------------------------------------------- main
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="few steps and 1 repeat: checks the harness")
+    parser.add_argument("--workloads", default="sft,rm,dpo,ppo")
+    parser.add_argument("--models", default=None, help="default smollm2,tiny (tiny with --quick)")
+    parser.add_argument("--repeats", type=int, default=None, help="default 3 (1 with --quick)")
+    parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--timeout", type=int, default=1200, help="seconds per worker process")
+    parser.add_argument("--json", default=None, help="default benchmarks/results/<date>.json")
+    parser.add_argument("--markdown", default=str(BENCH / "RESULTS.md"))
+    parser.add_argument("--uncommitted", action="store_true",
+                        help="also run posttrain trainers not committed yet (for work on the harness)")
+    parser.add_argument("--note", default="", help="a line for the table's header (e.g. machine was shared)")
+    args = parser.parse_args()
+    workloads = args.workloads.split(",")
+    models = (args.models or ("tiny" if args.quick else "smollm2,tiny")).split(",")
+    for w in workloads:
+        if w not in UNITS:
+            parser.error(f"--workloads: unknown {w!r}; choose from {', '.join(UNITS)}")
+    for m in models:
+        if m not in MODELS:
+            parser.error(f"--models: unknown {m!r}; choose from {', '.join(MODELS)}")
+    repeats = args.repeats or (1 if args.quick else 3)
+    mode = "quick" if args.quick else "full"
+    subprocess.run(["bash", str(BENCH / "setup.sh")], cwd=ROOT, check=True)
+    now = dt.datetime.now()
+    WORK.mkdir(exist_ok=True)
+    log_dir = WORK / "logs" / now.strftime("%Y%m%d-%H%M%S")
+    log_dir.mkdir(parents=True)
+    data = write_data(WORK / "data")
+
+    from posttrain.models import resolve_model_path
+    paths = {m: resolve_model_path(MODELS[m]) for m in models}
+    available = {w: args.uncommitted or landed(POSTTRAIN_MODULES[w]) for w in workloads}
+    reward_models = {m: reward_model_folder(m, paths[m], args.threads) for m in models} if "ppo" in workloads else {}
+
+    print(f"matmul ceiling ({args.threads} threads)…", flush=True)
+    mm_start = matmul_ceiling(args.threads, 2.0 if args.quick else 4.0)
+    rows = [(w, m) for w in workloads for m in models]
+    runs: list[dict] = []
+    for repeat in range(repeats):
+        for workload, model in rows:
+            s = SETTINGS[(workload, model)]
+            warmup, timed = s[mode]
+            spec = {k: v for k, v in s.items() if k not in ("full", "quick")}
+            spec.update(model_path=paths[model], warmup=warmup, timed=timed, repeat=repeat, seed=0,
+                        precision="bf16", gradient_checkpointing=False,
+                        data=str(data["sft" if workload == "sft" else "prompts" if workload == "ppo" else "pairs"]),
+                        reward_model=reward_models.get(model, ""))
+            for tool in TOOLS:
+                if tool == "posttrain" and not available[workload]:
+                    continue
+                print(f"[{repeat + 1}/{repeats}] {workload} {model} {tool}…", end=" ", flush=True)
+                result = run_worker(tool, workload, model, spec, args.threads, args.timeout, log_dir)
+                runs.append(result)
+                if "error" in result:
+                    print(f"FAILED ({result['error'][:200]}; log {result['log']})", flush=True)
+                else:
+                    key, unit = UNITS[workload]
+                    rate = result["counts_timed"][key] / sum(result["step_seconds"])
+                    print(f"{rate:.4g} {unit}, {statistics.median(result['step_seconds']):.3g} s/step, "
+                          f"peak RSS {result['peak_rss_bytes'] / 1e9:.2f} GB, counts {result['counts_total']}",
+                          flush=True)
+    mm_end = matmul_ceiling(args.threads, 2.0 if args.quick else 4.0)
+    ceiling = {"fp32": max(mm_start["fp32"]["flops_per_s"], mm_end["fp32"]["flops_per_s"]),
+               "bf16": max(mm_start["bf16"]["flops_per_s"], mm_end["bf16"]["flops_per_s"])}
+
+    summary = []
+    for workload, model in rows:
+        s = SETTINGS[(workload, model)]
+        per_step = (f"{s['batch_size']} × {s['max_length']} tok" if workload == "sft" else
+                    f"{s['batch_size']} pairs ≤ {s['max_length']} tok" if workload in ("rm", "dpo") else
+                    f"{s['batch_size']} × {s['response_length']}-tok rollouts")
+        row = {"workload": workload, "model": model, "per_step": per_step}
+        for tool in TOOLS:
+            mine = [r for r in runs if r["tool"] == tool and r["workload"] == workload and r["model"] == model]
+            if tool == "posttrain" and not available[workload]:
+                side = {"error": f"{POSTTRAIN_MODULES[workload]} not there yet", "error_short": "not in posttrain yet"}
+            else:
+                side = summarise_tool(mine, workload, ceiling["bf16"])
+                if "error" in side:
+                    last = side["error"].split(" | ")[-1].strip().replace("|", "/")
+                    side["error_short"] = f"failed ({last[:100]})"
+            row[tool] = side
+        if "error" not in row["posttrain"] and "error" not in row["trl"]:
+            row["counts_equal"], row["count_check"] = count_check(workload, row["posttrain"], row["trl"])
+        summary.append(row)
+
+    command = "python benchmarks/run.py " + " ".join(sys.argv[1:])
+    report = {
+        "meta": {"date": now.strftime("%Y-%m-%d %H:%M"), "command": command.strip(), "quick": args.quick,
+                 "repeats": repeats, "threads": args.threads, "machine": machine(), "versions": versions(),
+                 "settings": {f"{w}/{m}": SETTINGS[(w, m)] for w, m in rows}, "note": args.note,
+                 "logs": str(log_dir.relative_to(ROOT))},
+        "matmul": {"start": mm_start, "end": mm_end, "ceiling_fp32": ceiling["fp32"], "ceiling_bf16": ceiling["bf16"]},
+        "rows": summary, "runs": runs,
+        "notes": NOTES,
+    }
+    out = Path(args.json) if args.json else BENCH / "results" / f"{now.strftime('%Y-%m-%d-%H%M')}-{mode}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=1) + "\n")
+    Path(args.markdown).write_text(markdown(report))
+    print(f"wrote {out.relative_to(ROOT) if out.is_relative_to(ROOT) else out} and {args.markdown}")
+    for row in summary:
+        pt, trl = row["posttrain"], row["trl"]
+        if "error" in pt or "error" in trl:
+            print(f"{row['workload']:4s} {row['model']:8s} posttrain: {pt.get('error_short', 'ok')}; "
+                  f"TRL: {trl.get('error_short', 'ok')}")
+            continue
+        print(f"{row['workload']:4s} {row['model']:8s} posttrain/TRL throughput "
+              f"{pt['throughput']['median'] / trl['throughput']['median']:.2f}×, peak RSS "
+              f"{pt['peak_rss_gb']['median'] / trl['peak_rss_gb']['median']:.2f}×, counts equal: {row['counts_equal']}")
+
+
+NOTES = [
+    "Optimizer implementations differ by each tool's default: TRL (transformers ≥ 2.8 torch) uses "
+    "`adamw_torch_fused`; posttrain builds `torch.optim.AdamW` without `fused`, which on CPU runs the "
+    "per-parameter loop. Both are AdamW with the same hyper-parameters.",
+    "TRL workers tokenise with posttrain's loader in their own process (so both see identical token ids; the time "
+    "counts in TRL's time to first step) and hand TRL pre-tokenised data: TRL's own tokenising path is not exercised.",
+]
+
+
+if __name__ == "__main__":
+    main()

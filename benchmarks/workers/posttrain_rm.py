@@ -1,0 +1,54 @@
+"""posttrain reward model through its Python API, timed from the batches its own loop builds.
+
+The step clock hooks the module-level `pair_rewards` that `posttrain.trainers.reward.train`
+calls once per micro-batch (grad_accum is 1: once per optimizer step, before its forward),
+and counts the padded chosen + rejected batch that `pad_batch` really built for it.
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench import StepClock, count_parameters, emit, load_spec  # noqa: E402
+
+spec = load_spec()
+clock = StepClock(spec)
+
+import posttrain.trainers.reward as reward  # noqa: E402
+from posttrain.config import RMConfig  # noqa: E402
+
+pair_rewards, pad_batch, build_model = reward.pair_rewards, reward.pad_batch, reward.build_model
+params = {}
+
+
+def timed_pair_rewards(model, pairs, pad_id, device):
+    clock.step_begin()
+    clock.count(pairs=len(pairs))
+    return pair_rewards(model, pairs, pad_id, device)
+
+
+def counted_pad_batch(examples, pad_id):
+    batch = pad_batch(examples, pad_id)
+    clock.count(tokens=batch.attention_mask.sum(), padded_tokens=batch.input_ids.numel())
+    return batch
+
+
+def counted_build_model(cfg):
+    model = build_model(cfg)
+    params["n"] = count_parameters(model)
+    return model
+
+
+reward.pair_rewards, reward.pad_batch, reward.build_model = timed_pair_rewards, counted_pad_batch, counted_build_model
+cfg = RMConfig(
+    model=spec["model_path"], data=spec["data"], output_dir=str(Path(spec["work_dir"]) / "out"),
+    max_length=spec["max_length"], batch_size=spec["batch_size"], grad_accum=1,
+    max_steps=clock.total_steps, lr=1e-5, warmup_ratio=0.0, lr_scheduler="constant",
+    weight_decay=0.0, max_grad_norm=1.0, precision=spec["precision"],
+    gradient_checkpointing=spec["gradient_checkpointing"], logging_steps=clock.total_steps,
+    seed=spec["seed"],
+)
+cfg.validate()
+reward.train(cfg)
+emit(clock.result(params=params["n"], optimizer="torch.optim.AdamW (posttrain default)"))
