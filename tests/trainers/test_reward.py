@@ -176,7 +176,8 @@ def test_score_command_writes_one_score_per_record(tmp_path, tiny_path, capsys):
                {"messages": [{"role": "user", "content": "upper: abc"}, {"role": "assistant", "content": "abc"}]}]
     data = write_jsonl(tmp_path / "s.jsonl", records)
     out = tmp_path / "scored.jsonl"
-    assert main(["score", "--model", str(folder), "--data", str(data), "--output", str(out), "--precision", "fp32"]) == 0
+    args = ["score", "--model", str(folder), "--data", str(data), "--output", str(out), "--precision", "fp32"]
+    assert main(args) == 0
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [{k: v for k, v in r.items() if k != "score"} for r in rows] == records
     expected = RewardModel.from_pretrained(folder).score(["upper: abc"] * 2, ["ABC", "abc"])
@@ -194,7 +195,8 @@ def test_bad_record_stops_before_training_or_is_skipped_and_counted(tmp_path, ca
     with pytest.raises(ValueError, match=r"bad.jsonl: record 5: field 'rejected'"):
         reward.train(config(tmp_path, "run", data, max_steps=1))
     assert not (tmp_path / "run").exists()
-    scored = write_jsonl(tmp_path / "scored.jsonl", [{"prompt": "p", "responses": ["a", "b", "c"], "scores": [3, 1, 2]}])
+    scored = write_jsonl(tmp_path / "scored.jsonl",
+                         [{"prompt": "p", "responses": ["a", "b", "c"], "scores": [3, 1, 2]}])
     out = reward.train(config(tmp_path, "ok", data, eval_data=str(scored), max_steps=1, skip_invalid=True,
                               pairing="best_vs_rest"))
     printed = capsys.readouterr().out
