@@ -15,6 +15,16 @@ from posttrain.rollout.scoring import (RunningMoments, call_reward_fn, load_rewa
                                        penalize_missing_eos, reward_model_scores, same_tokenization)
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The tiny model's matmuls are too small to share: a second thread only waits for the
+    first, and on a busy machine that wait dominates (about 7× slower here)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def prompts_for(tokenizer, texts: list[str]) -> list[TokenizedPrompt]:
     out = []
     for i, text in enumerate(texts):

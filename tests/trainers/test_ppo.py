@@ -24,6 +24,16 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The tiny model's matmuls are too small to share: a second thread only waits for the
+    first, and on a busy machine that wait dominates (about 7× slower here)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def lowercase_fraction(prompts, responses):
     """Dense toy reward: share of response characters that are lowercase letters."""
     return [sum(c.islower() for c in r) / max(len(r), 1) for r in responses]
@@ -150,7 +160,7 @@ def test_resume_after_sigterm_reproduces_the_uninterrupted_run(tmp_path):
     cut = config(tmp_path, "cut", **kw)
     (tmp_path / "cut.yaml").write_text(to_yaml(cut))
     cmd = [sys.executable, "-m", "posttrain.cli", "ppo", "--config", str(tmp_path / "cut.yaml")]
-    env = {"PYTHONPATH": str(HERE), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "2"}
+    env = {"PYTHONPATH": str(HERE), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=REPO)
     log = Path(cut.output_dir) / "metrics.jsonl"
     deadline = time.time() + 120
