@@ -39,12 +39,15 @@ def check_supported(model: PreTrainedModel) -> None:
 class TokenLogprobs(torch.nn.Module):
     """Wraps a causal LM (optionally a PeftModel) for training.
 
-    forward(input_ids [B,T], attention_mask [B,T] or None, position_ids [B,T],
+    forward(input_ids [B,T], attention_mask [B,T] or [B,1,T,T] or None, position_ids [B,T],
             target_mask [B,T] bool) -> logprobs [B,T] float32
 
     `logprobs[b, t]` = log π(input_ids[b, t] | input_ids[b, :t]) where `target_mask[b, t]`,
     and 0 elsewhere; position 0 is never a target. The output is aligned with input_ids so
-    callers never shift by hand.
+    callers never shift by hand. A [B,1,T,T] bool mask (True = query row may attend to key
+    column) goes to SDPA as it is (transformers 5.24, masking_utils._preprocess_mask_arguments
+    returns 4D masks unchanged); "input_ids[b, :t]" then means the keys row t may attend to.
+    posttrain.models.pairs builds such masks for prefix-shared preference pairs.
     """
 
     def __init__(self, model: torch.nn.Module, *, chunk_size: int = 1024):
