@@ -46,6 +46,7 @@ def test_prefix_shared_logps_and_gradients_equal_plain_on_tiny(tiny_model_and_to
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.embedded
 def test_prefix_shared_logps_equal_plain_on_smollm2(smollm2_path):
     from posttrain.models import load_causal_lm, load_tokenizer
 
