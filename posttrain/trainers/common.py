@@ -63,7 +63,9 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Ada
     no_decay = [p for p in params if p.ndim < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.999), eps=cfg.adam_eps)
+    # fused: one kernel over all parameters (CPU and CUDA). The per-tensor loop took 1.7-4.7 s
+    # a step for SmolLM2-135M on 2 CPU cores, the fused kernel 0.26 s; the update is the same.
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.999), eps=cfg.adam_eps, fused=True)
 
 
 def build_scheduler(optimizer, cfg: TrainConfig, total_steps: int):
