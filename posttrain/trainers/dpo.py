@@ -89,9 +89,14 @@ def pair_losses(spec: DPOLoss, cfg: DPOConfig, batch: PairBatch, policy_logps, r
     return loss, {k: float(v) for k, v in stats.items()}
 
 
+STATS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracy", "rewards/margin", "logps/chosen",
+         "logps/rejected")
+"""What pair_losses reports, in the order every process sums them (a process with no pairs sends zeros)."""
+
+
 def add_to(total: dict[str, float], stats: dict[str, float]) -> None:
     for key, value in stats.items():
-        total[key] = total.get(key, 0.0) + value
+        total[key] += value
 
 
 def global_means(accelerator, sums: dict[str, float], count: float) -> dict[str, float]:
@@ -106,7 +111,7 @@ def evaluate(policy, reference, data: PairSet, spec: DPOLoss, cfg: DPOConfig, ac
              pad_id: int) -> dict[str, float]:
     """The training statistics on held-out pairs, each process taking an interleaved share."""
     policy.eval()
-    sums: dict[str, float] = {}
+    sums = dict.fromkeys(STATS, 0.0)
     mine = list(range(accelerator.process_index, len(data.pairs), accelerator.num_processes))
     for i in range(0, len(mine), cfg.batch_size):
         batch = data.batch(mine[i: i + cfg.batch_size], pad_id, cfg.prefix_sharing)
@@ -203,7 +208,7 @@ def train(cfg: DPOConfig) -> Path:
             # 2. One normaliser for the whole global batch, as SFT's token count: the pair
             #    count, over processes; DDP averages gradients over processes, hence / world.
             n_pairs = global_sum(accelerator, sum(b.pairs for b in batches))
-            sums: dict[str, float] = {}
+            sums = dict.fromkeys(STATS, 0.0)
             for i, batch in enumerate(batches):
                 last = i == len(batches) - 1
                 with nullcontext() if last else accelerator.no_sync(policy):
