@@ -88,6 +88,26 @@ def emit(result: dict) -> None:
     print("BENCH " + json.dumps(result), flush=True)
 
 
+def watch_autocast(model) -> dict[str, set]:
+    """Whether bf16 autocast is on in the model's forwards, seen at its first Linear layer:
+    {"grad": {...}, "no_grad": {...}} (training forwards / generation, reference, scoring)."""
+    import torch
+
+    seen: dict[str, set] = {}
+    linear = next(m for m in model.modules() if isinstance(m, torch.nn.Linear))
+
+    def hook(module, args):
+        key = "grad" if torch.is_grad_enabled() else "no_grad"
+        seen.setdefault(key, set()).add(torch.is_autocast_enabled("cpu"))
+
+    linear.register_forward_pre_hook(hook)
+    return seen
+
+
+def autocast_report(seen: dict[str, set]) -> dict[str, list[bool]]:
+    return {key: sorted(values) for key, values in seen.items()}
+
+
 def count_parameters(model) -> int:
     """Distinct parameters (a tied input/output embedding counted once)."""
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())

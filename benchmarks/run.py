@@ -20,6 +20,7 @@ import importlib.metadata as md
 import json
 import os
 import platform
+import shlex
 import statistics
 import subprocess
 import sys
@@ -187,6 +188,7 @@ def summarise_tool(runs: list[dict], workload: str, ceiling_bf16: float) -> dict
         "time_to_first_step_s": spread([r["time_to_first_step_s"] for r in ok]),
         "counts_timed": ok[0]["counts_timed"], "counts_total": ok[0]["counts_total"],
         "params": ok[0].get("params"), "failed_repeats": len(runs) - len(ok), "optimizer": ok[0].get("optimizer"),
+        "autocast": ok[0].get("autocast"),
     }
     if workload == "ppo":
         out["generated_tokens_per_s"] = spread([r["counts_timed"]["generated_tokens"] / sum(r["step_seconds"])
@@ -350,10 +352,16 @@ def markdown(reports: list[dict]) -> str:
               "model (`computed_tokens`: real tokens in its layout; `padded_tokens`: including padding) and may "
               "differ by design. `tokens` counts real tokens of the sequences as laid out one per row "
               "(DPO: prompt+chosen and prompt+rejected).", "",
-              "| workload | model | run | counts | equal |", "|---|---|---|---|---|"]
+              "bf16 autocast as seen by a hook on the policy's first Linear layer: training forwards / no-grad "
+              "forwards (generation, reference, scoring); `none`: no such forward went through that layer (TRL's "
+              "reference and reward models are separate objects; posttrain's DPO reference is a copy of the "
+              "policy, hook included).", "",
+              "| workload | model | run | counts | equal | autocast posttrain | autocast TRL |",
+              "|---|---|---|---|---|---|---|"]
     for k, row in rows:
         equal = "yes" if row.get("counts_equal") else ("**NO**" if "counts_equal" in row else "—")
-        lines.append(f"| {row['workload']} | {row['model']} | {label[k]} | {row.get('count_check', '—')} | {equal} |")
+        lines.append(f"| {row['workload']} | {row['model']} | {label[k]} | {row.get('count_check', '—')} | {equal} "
+                     f"| {_autocast(row['posttrain'])} | {_autocast(row['trl'])} |")
     lines += ["", "## How it is measured", "", METHOD.strip(), "", "## Notes", ""]
     lines += [f"- {n}" for n in NOTES] + [""]
     return "\n".join(lines)
@@ -363,6 +371,14 @@ def _cell(side: dict, key: str, unit: str) -> str:
     if "error" in side:
         return side["error_short"]
     return f"{fmt_spread(side[key])} {unit}"
+
+
+def _autocast(side: dict) -> str:
+    seen = side.get("autocast")
+    if not seen:
+        return "—"
+    word = {(True,): "on", (False,): "off", (False, True): "mixed"}
+    return " / ".join(word[tuple(seen[key])] if key in seen else "none" for key in ("grad", "no_grad"))
 
 
 def _flops(side: dict) -> str:
@@ -498,7 +514,7 @@ def main() -> None:
             row["counts_equal"], row["count_check"] = count_check(workload, row["posttrain"], row["trl"])
         summary.append(row)
 
-    command = "python benchmarks/run.py " + " ".join(sys.argv[1:])
+    command = "python benchmarks/run.py " + shlex.join(sys.argv[1:])
     report = {
         "meta": {"date": now.strftime("%Y-%m-%d %H:%M"), "command": command.strip(), "quick": args.quick,
                  "repeats": repeats, "threads": args.threads, "machine": machine(), "versions": versions(),

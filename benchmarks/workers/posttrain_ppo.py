@@ -12,7 +12,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench import StepClock, count_parameters, emit, load_spec  # noqa: E402
+from bench import (StepClock, autocast_report, count_parameters, emit, load_spec,  # noqa: E402
+                   watch_autocast)
 
 spec = load_spec()
 clock = StepClock(spec)
@@ -35,6 +36,7 @@ def timed_generate(net, tokenizer, prompts, indices, generation, accelerator):
 def counted_build_networks(cfg):
     net, reference = build_networks(cfg)
     params["policy"] = count_parameters(net.policy)
+    params["autocast"] = watch_autocast(net.policy)
     return net, reference
 
 
@@ -58,4 +60,5 @@ cfg = PPOConfig(
 )
 cfg.validate()
 ppo.train(cfg)
-emit(clock.result(params=params["policy"], optimizer="torch.optim.AdamW (posttrain default)"))
+emit(clock.result(params=params["policy"], autocast=autocast_report(params["autocast"]),
+                  optimizer="torch.optim.AdamW (posttrain default)"))

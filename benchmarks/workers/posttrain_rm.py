@@ -10,7 +10,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench import StepClock, count_parameters, emit, load_spec  # noqa: E402
+from bench import (StepClock, autocast_report, count_parameters, emit, load_spec,  # noqa: E402
+                   watch_autocast)
 
 spec = load_spec()
 clock = StepClock(spec)
@@ -37,6 +38,7 @@ def counted_pad_batch(examples, pad_id):
 def counted_build_model(cfg):
     model = build_model(cfg)
     params["n"] = count_parameters(model)
+    params["autocast"] = watch_autocast(model)
     return model
 
 
@@ -51,4 +53,5 @@ cfg = RMConfig(
 )
 cfg.validate()
 reward.train(cfg)
-emit(clock.result(params=params["n"], optimizer="torch.optim.AdamW (posttrain default)"))
+emit(clock.result(params=params["n"], autocast=autocast_report(params["autocast"]),
+                  optimizer="torch.optim.AdamW (posttrain default)"))

@@ -11,7 +11,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench import StepClock, count_parameters, emit, load_spec  # noqa: E402
+from bench import (StepClock, autocast_report, count_parameters, emit, load_spec,  # noqa: E402
+                   watch_autocast)
 
 spec = load_spec()
 clock = StepClock(spec)
@@ -37,6 +38,7 @@ load_causal_lm = sft.load_causal_lm
 def counted_load(name):
     model = load_causal_lm(name)
     params["n"] = count_parameters(model)
+    params["autocast"] = watch_autocast(model)
     return model
 
 
@@ -52,4 +54,5 @@ cfg = SFTConfig(
 )
 cfg.validate()
 sft.train(cfg)
-emit(clock.result(params=params["n"], optimizer="torch.optim.AdamW (posttrain default)"))
+emit(clock.result(params=params["n"], autocast=autocast_report(params["autocast"]),
+                  optimizer="torch.optim.AdamW (posttrain default)"))

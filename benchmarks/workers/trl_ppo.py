@@ -15,7 +15,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench import StepClock, count_parameters, emit, load_spec  # noqa: E402
+from bench import (StepClock, autocast_report, count_parameters, emit, load_spec,  # noqa: E402
+                   watch_autocast)
 
 spec = load_spec()
 clock = StepClock(spec)
@@ -89,9 +90,11 @@ args = PPOConfig(
 )
 trainer = PPOTrainer(args=args, processing_class=tokenizer, model=policy, ref_model=ref_policy,
                      reward_model=reward_model, train_dataset=dataset, value_model=value_model, callbacks=[Clock()])
+autocast = watch_autocast(policy)
 # TRL's PPO loader shuffles; replaced by one in posttrain's order (same prompts each step).
 trainer.dataloader = trainer.accelerator.prepare(DataLoader(
     dataset, batch_size=trainer.local_dataloader_batch_size, shuffle=False, collate_fn=trainer.data_collator,
     drop_last=True))
 trainer.train()
-emit(clock.result(params=count_parameters(policy), optimizer=f"AdamW via TRL default optim={args.optim}"))
+emit(clock.result(params=count_parameters(policy), autocast=autocast_report(autocast),
+                  optimizer=f"AdamW via TRL default optim={args.optim}"))

@@ -12,7 +12,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench import StepClock, count_parameters, emit, load_spec  # noqa: E402
+from bench import (StepClock, autocast_report, count_parameters, emit, load_spec,  # noqa: E402
+                   watch_autocast)
 
 spec = load_spec()
 clock = StepClock(spec)
@@ -54,6 +55,7 @@ args = SFTConfig(
 )
 trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
                      callbacks=[Clock()])
+autocast = watch_autocast(model)
 compute_loss = trainer.compute_loss
 
 
@@ -67,4 +69,5 @@ def counted_compute_loss(model, inputs, *args, **kwargs):
 
 trainer.compute_loss = counted_compute_loss
 trainer.train()
-emit(clock.result(params=count_parameters(model), optimizer=f"AdamW via TRL default optim={args.optim}"))
+emit(clock.result(params=count_parameters(model), autocast=autocast_report(autocast),
+                  optimizer=f"AdamW via TRL default optim={args.optim}"))
