@@ -66,7 +66,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
         cdt, size = ctx.compute_dtype, ctx.chunk_size
         acc_dtype = loss.dtype
         grad_hidden = torch.empty_like(hidden)
-        grad_weight = torch.zeros(weight.shape, dtype=acc_dtype, device=weight.device)
+        # A frozen head (LoRA, a reference) needs no [V, H] gradient: skip its matmuls.
+        grad_weight = (torch.zeros(weight.shape, dtype=acc_dtype, device=weight.device)
+                       if ctx.needs_input_grad[1] else None)
         with torch.autocast(hidden.device.type, enabled=False):
             w = weight.to(cdt)
             for start in range(0, hidden.shape[0], size):
@@ -78,8 +80,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 d_logits.scatter_add_(-1, y[:, None], torch.full_like(lse[:, None], -1.0))
                 d_logits = d_logits.mul_(grad_loss[start : start + size, None]).to(cdt)
                 grad_hidden[start : start + size] = d_logits @ w
-                _accumulate_matmul(grad_weight, d_logits.T, h)
-        return grad_hidden, grad_weight.to(weight.dtype), None, None, None, None
+                if grad_weight is not None:
+                    _accumulate_matmul(grad_weight, d_logits.T, h)
+        grad_weight = None if grad_weight is None else grad_weight.to(weight.dtype)
+        return grad_hidden, grad_weight, None, None, None, None
 
 
 def _select_and_project(hidden, lm_head_weight, labels, mask, chunk_size, compute_dtype, with_entropy):
