@@ -213,7 +213,7 @@ class PPOConfig(TrainConfig):
     reward_fn: str = ""
     """Programmatic reward `module:function`, called f(prompts, responses) -> list of floats."""
     value_model: str = ""
-    """Critic's starting weights; empty: the reward model, or the policy model with reward_fn."""
+    """Reward-model folder the critic starts from; empty: the reward model, or the policy with a zero head (reward_fn)."""
     value_head: bool = False
     """Put the value head on the policy network instead of a separate critic."""
     critic_lora_r: int = 0
