@@ -201,6 +201,17 @@ def summarise_tool(runs: list[dict], workload: str, ceiling_bf16: float) -> dict
     return out
 
 
+def paired_ratio(runs: list[dict], workload: str, model: str) -> dict | None:
+    """posttrain/TRL throughput within each repeat (the two ran back to back), over repeats:
+    steadier than the ratio of medians when the machine's load drifts."""
+    key = UNITS[workload][0]
+    rate = {(r["tool"], r["repeat"]): r["counts_timed"][key] / sum(r["step_seconds"]) for r in runs
+            if r["workload"] == workload and r["model"] == model and "error" not in r}
+    ratios = [rate[("posttrain", k)] / rate[("trl", k)] for (tool, k) in rate if tool == "posttrain"
+              and ("trl", k) in rate]
+    return spread(ratios) if ratios else None
+
+
 def count_check(workload: str, a: dict, b: dict) -> tuple[bool, str]:
     """Same work on both sides: the SAME_WORK counts agree within COUNT_TOLERANCE."""
     notes, ok = [], True
@@ -305,7 +316,9 @@ def markdown(reports: list[dict]) -> str:
         "fp32 weights on both; gradient checkpointing off on both; AdamW, constant lr, clip 1.0; "
         "`MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=17179869184` and the same thread count for both.",
         "- **Repeats**: tools alternate (posttrain, TRL, posttrain, TRL, …); figures are median (min–max) over "
-        "repeats; each repeat's throughput excludes its warm-up steps.",
+        "repeats; each repeat's throughput excludes its warm-up steps. The ratio column gives the ratio of the "
+        "medians and, with several repeats, the median (min–max) of the per-repeat ratios (`paired`: each "
+        "repeat's posttrain and TRL runs were back to back, so slow drifts of the machine's load cancel).",
         "",
         "Runs:",
         "",
@@ -325,6 +338,9 @@ def markdown(reports: list[dict]) -> str:
         pt, trl = row["posttrain"], row["trl"]
         both = "error" not in pt and "error" not in trl
         ratio = f"**{pt['throughput']['median'] / trl['throughput']['median']:.2f}×**" if both else "—"
+        paired = paired_ratio(reports[k]["runs"], row["workload"], row["model"])
+        if both and paired and paired["n"] > 1:
+            ratio += f"; paired {paired['median']:.2f}× ({paired['min']:.2f}–{paired['max']:.2f})"
         lines.append(f"| {row['workload']} | {row['model']} | {row['per_step']} | {label[k]} | "
                      f"{_cell(pt, 'throughput', unit)} | {_cell(trl, 'throughput', unit)} | {ratio} "
                      f"| ≥ {TARGET_SPEEDUP[row['workload']]}× |")
@@ -512,6 +528,7 @@ def main() -> None:
             row[tool] = side
         if "error" not in row["posttrain"] and "error" not in row["trl"]:
             row["counts_equal"], row["count_check"] = count_check(workload, row["posttrain"], row["trl"])
+            row["paired_ratio"] = paired_ratio(runs, workload, model)
         summary.append(row)
 
     command = "python benchmarks/run.py " + shlex.join(sys.argv[1:])
