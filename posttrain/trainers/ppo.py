@@ -20,6 +20,7 @@ import sys
 import time
 from collections import defaultdict
 from contextlib import nullcontext
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -279,7 +280,7 @@ def train(cfg: PPOConfig) -> Path:
                                  top_p=cfg.top_p, stop_strings=[s for s in cfg.stop_strings.split("|") if s])
     log = RunLog(accelerator, cfg, iterations, start, "ppo")
     samples_path = Path(cfg.output_dir) / "samples.jsonl"
-    evaluate_now = lambda: evaluate(net, reference, tokenizer, eval_prompts, score, cfg, generation, accelerator)  # noqa: E731
+    evaluate_now = partial(evaluate, net, reference, tokenizer, eval_prompts, score, cfg, generation, accelerator)
     if eval_prompts and start == 0:
         log.log(0, evaluate_now())
     stop = StopRequest()
