@@ -330,6 +330,9 @@ def markdown(reports: list[dict]) -> str:
                      f"{meta['versions']['posttrain_commit']}: `{meta['command']}`; matmul ceiling "
                      f"({mm['start']['n']}³ GEMM, higher of before/after) fp32 {mm['ceiling_fp32'] / 1e9:.0f}, "
                      f"bf16 {mm['ceiling_bf16'] / 1e9:.0f} GFLOP/s." + (f" {meta['note']}" if meta.get("note") else ""))
+    if any(reports[k]["meta"].get("note") for k in used):
+        lines += ["", "**Read the runs' notes before the ratios**: a run measured on a loaded machine gives "
+                  "noisy figures, and rows from different runs were measured under different loads."]
     lines += ["", "## Throughput", "",
               "| workload | model | per step | run | posttrain | TRL | posttrain / TRL | target |",
               "|---|---|---|---|---|---|---|---|"]
