@@ -15,6 +15,7 @@ import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
+from typing import NoReturn
 
 import numpy as np
 import torch
@@ -234,6 +235,29 @@ class StopRequest:
 def stop_message(cfg: TrainConfig, step: int, command: str) -> str:
     return (f"stopped by signal at step {step}; checkpoint saved in {cfg.output_dir}/checkpoints. "
             f"Resume with: posttrain {command} --config {cfg.output_dir}/config.yaml --resume")
+
+
+def checkpoint_and_exit(accelerator: Accelerator, cfg: TrainConfig, log: "RunLog", step: int,
+                        command: str, signum: int, extra: dict | None = None) -> NoReturn:
+    """The end of a run stopped by SIGINT/SIGTERM: checkpoint, say how to resume, exit 128+signal."""
+    save_checkpoint(accelerator, cfg, step, extra)
+    log.close()
+    accelerator.end_training()
+    accelerator.print(stop_message(cfg, step, command))
+    sys.exit(128 + signum)
+
+
+def optimizer_step(accelerator: Accelerator, model, optimizer, scheduler, max_grad_norm: float) -> float:
+    """Clip the global gradient norm (when max_grad_norm > 0), step, schedule, zero the grads.
+
+    Returns the norm before clipping, NaN when clipping is off (the norm is then never computed).
+    """
+    grad_norm = (float(accelerator.clip_grad_norm_(model.parameters(), max_grad_norm))
+                 if max_grad_norm > 0 else float("nan"))
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm
 
 
 class Throughput:

@@ -16,7 +16,6 @@ Stages of one optimizer step:
 
 from __future__ import annotations
 
-import sys
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,9 +34,9 @@ from posttrain.models.reference import (AdaptersOff, FrozenCopy, Precomputed, lo
                                         reference_mode, save_cached_logps)
 from posttrain.ops import aggregate
 from posttrain.trainers.common import (RunLog, StopRequest, Throughput, build_optimizer, build_scheduler,
-                                       global_sum, make_accelerator, micro_batches, prepare_output_dir,
-                                       resume_from_checkpoint, save_checkpoint, seed_everything, step_items,
-                                       stop_message, total_steps)
+                                       checkpoint_and_exit, global_sum, make_accelerator, micro_batches,
+                                       optimizer_step, prepare_output_dir, resume_from_checkpoint,
+                                       save_checkpoint, seed_everything, step_items, total_steps)
 
 
 @dataclass
@@ -224,11 +223,7 @@ def train(cfg: DPOConfig) -> Path:
                 add_to(sums, stats)
                 speed.add(batch.pairs)
             # 6. Clip, step, schedule.
-            grad_norm = (accelerator.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
-                         if cfg.max_grad_norm > 0 else torch.tensor(float("nan")))
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            grad_norm = optimizer_step(accelerator, policy, optimizer, scheduler, cfg.max_grad_norm)
 
             done = step + 1
             if done % cfg.logging_steps == 0 or done == steps:
@@ -236,7 +231,7 @@ def train(cfg: DPOConfig) -> Path:
                 train_loss = means.pop("loss")
                 rate = global_sum(accelerator, speed.rate())
                 log.log(done, {"loss/train": train_loss, **means, "perf/pairs_per_s": rate,
-                               "optim/lr": scheduler.get_last_lr()[0], "optim/grad_norm": float(grad_norm),
+                               "optim/lr": scheduler.get_last_lr()[0], "optim/grad_norm": grad_norm,
                                "train/epoch": done * cfg.global_batch(world) / len(train_set.pairs)})
                 log.progress(0, {"loss": f"{train_loss:.4f}", "acc": f"{means['rewards/accuracy']:.2f}",
                                  "pairs/s": f"{rate:.1f}"})
@@ -246,11 +241,7 @@ def train(cfg: DPOConfig) -> Path:
             if cfg.save_steps and done % cfg.save_steps == 0 and done < steps:
                 save_checkpoint(accelerator, cfg, done)
             if stop.signum is not None:
-                save_checkpoint(accelerator, cfg, done)
-                log.close()
-                accelerator.end_training()
-                accelerator.print(stop_message(cfg, done, "dpo"))
-                sys.exit(128 + stop.signum)
+                checkpoint_and_exit(accelerator, cfg, log, done, "dpo", stop.signum)
 
     if eval_set:
         metrics = evaluate(policy, reference, eval_set, spec, cfg, accelerator, pad_id)

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import copy
 import json
-import sys
 import time
 from collections import defaultdict
 from contextlib import nullcontext
@@ -38,9 +37,9 @@ from posttrain.ops import aggregate, masked_sum, masked_whiten
 from posttrain.rollout.rollout import Generation, Rollout, generate_rollouts, sampling_config
 from posttrain.rollout.scoring import (RunningMoments, call_reward_fn, load_reward_fn, normalize_and_clip,
                                        penalize_missing_eos, reward_model_scores, same_tokenization)
-from posttrain.trainers.common import (RunLog, StopRequest, build_optimizer, build_scheduler, global_sum,
-                                       make_accelerator, prepare_output_dir, resume_from_checkpoint,
-                                       save_checkpoint, seed_everything, step_items, stop_message)
+from posttrain.trainers.common import (RunLog, StopRequest, build_optimizer, build_scheduler,
+                                       checkpoint_and_exit, global_sum, make_accelerator, prepare_output_dir,
+                                       resume_from_checkpoint, save_checkpoint, seed_everything, step_items)
 
 SAMPLES_PER_LOG = 8
 """Rollouts of the main process written to samples.jsonl each samples_steps iterations."""
@@ -325,11 +324,7 @@ def train(cfg: PPOConfig) -> Path:
             if cfg.save_steps and done % cfg.save_steps == 0 and done < iterations:
                 save_checkpoint(accelerator, cfg, done, extra)
             if stop.signum is not None:
-                save_checkpoint(accelerator, cfg, done, extra)
-                log.close()
-                accelerator.end_training()
-                accelerator.print(stop_message(cfg, done, "ppo"))
-                sys.exit(128 + stop.signum)
+                checkpoint_and_exit(accelerator, cfg, log, done, "ppo", stop.signum, extra=extra)
 
     if eval_prompts:
         log.log(iterations, evaluate_now())

@@ -35,9 +35,9 @@ from posttrain.models.precision import autocast, resolve_precision
 from posttrain.models.reward import RewardModel
 from posttrain.ops import aggregate
 from posttrain.trainers.common import (RunLog, StopRequest, Throughput, build_optimizer, build_scheduler,
-                                       global_sum, make_accelerator, micro_batches, prepare_output_dir,
-                                       resume_from_checkpoint, save_checkpoint, seed_everything, step_items,
-                                       stop_message, total_steps)
+                                       checkpoint_and_exit, global_sum, make_accelerator, micro_batches,
+                                       optimizer_step, prepare_output_dir, resume_from_checkpoint,
+                                       save_checkpoint, seed_everything, step_items, total_steps)
 
 STATS = ("rewards/accuracy", "rewards/margin", "rewards/chosen", "rewards/rejected")
 
@@ -158,18 +158,14 @@ def train(cfg: RMConfig) -> Path:
                     sums[key] += stats[key].item() * len(batch)
                 speed.add(len(batch))
             # 4. Clip, step, schedule.
-            grad_norm = (accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-                         if cfg.max_grad_norm > 0 else torch.tensor(float("nan")))
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            grad_norm = optimizer_step(accelerator, model, optimizer, scheduler, cfg.max_grad_norm)
 
             done = step + 1
             if done % cfg.logging_steps == 0 or done == steps:
                 train_metrics = dict(zip(sums, (v / n_pairs for v in global_sums(accelerator, list(sums.values())))))
                 rate = global_sum(accelerator, speed.rate())
                 log.log(done, {**train_metrics, "perf/pairs_per_s": rate, "optim/lr": scheduler.get_last_lr()[0],
-                               "optim/grad_norm": float(grad_norm),
+                               "optim/grad_norm": grad_norm,
                                "train/epoch": done * cfg.global_batch(world) / len(pairs)})
                 log.progress(0, {"loss": f"{train_metrics['loss/train']:.4f}",
                                  "acc": f"{train_metrics['rewards/accuracy']:.2f}", "pairs/s": f"{rate:.1f}"})
@@ -179,11 +175,7 @@ def train(cfg: RMConfig) -> Path:
             if cfg.save_steps and done % cfg.save_steps == 0 and done < steps:
                 save_checkpoint(accelerator, cfg, done)
             if stop.signum is not None:
-                save_checkpoint(accelerator, cfg, done)
-                log.close()
-                accelerator.end_training()
-                accelerator.print(stop_message(cfg, done, "rm"))
-                sys.exit(128 + stop.signum)
+                checkpoint_and_exit(accelerator, cfg, log, done, "rm", stop.signum)
 
     if eval_pairs:
         metrics = evaluate(model, eval_pairs, cfg, accelerator, pad_id)

@@ -9,7 +9,6 @@ Stages of one optimizer step:
 
 from __future__ import annotations
 
-import sys
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -22,9 +21,9 @@ from posttrain.models.lora import apply_lora, save_model
 from posttrain.models.logprobs import TokenLogprobs
 from posttrain.ops import aggregate, masked_sum
 from posttrain.trainers.common import (RunLog, StopRequest, Throughput, build_optimizer, build_scheduler,
-                                       global_sum, make_accelerator, micro_batches, prepare_output_dir,
-                                       resume_from_checkpoint, save_checkpoint, seed_everything, step_items,
-                                       stop_message, total_steps)
+                                       checkpoint_and_exit, global_sum, make_accelerator, micro_batches,
+                                       optimizer_step, prepare_output_dir, resume_from_checkpoint,
+                                       save_checkpoint, seed_everything, step_items, total_steps)
 
 
 def load_units(cfg: SFTConfig, source: str, tokenizer, print_fn) -> list[list]:
@@ -117,18 +116,14 @@ def train(cfg: SFTConfig) -> Path:
                 nll_sum += masked_sum(per_token.detach(), mask).item()
                 speed.add(sum(len(ex.input_ids) for mb in mine[i] for ex in units[mb]))
             # 4. Clip, step, schedule.
-            grad_norm = (accelerator.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
-                         if cfg.max_grad_norm > 0 else torch.tensor(float("nan")))
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            grad_norm = optimizer_step(accelerator, policy, optimizer, scheduler, cfg.max_grad_norm)
 
             done = step + 1
             train_loss = global_sum(accelerator, nll_sum) / max(n_loss, 1)
             if done % cfg.logging_steps == 0 or done == steps:
                 rate = global_sum(accelerator, speed.rate())
                 log.log(done, {"loss/train": train_loss, "perf/tokens_per_s": rate,
-                               "optim/lr": scheduler.get_last_lr()[0], "optim/grad_norm": float(grad_norm),
+                               "optim/lr": scheduler.get_last_lr()[0], "optim/grad_norm": grad_norm,
                                "train/epoch": done * cfg.global_batch(world) / len(units),
                                "train/loss_tokens": n_loss})
                 log.progress(0, {"loss": f"{train_loss:.4f}", "tok/s": f"{rate:.0f}"})
@@ -138,11 +133,7 @@ def train(cfg: SFTConfig) -> Path:
             if cfg.save_steps and done % cfg.save_steps == 0 and done < steps:
                 save_checkpoint(accelerator, cfg, done)
             if stop.signum is not None:
-                save_checkpoint(accelerator, cfg, done)
-                log.close()
-                accelerator.end_training()
-                accelerator.print(stop_message(cfg, done, "sft"))
-                sys.exit(128 + stop.signum)
+                checkpoint_and_exit(accelerator, cfg, log, done, "sft", stop.signum)
 
     if eval_units:
         metrics = evaluate(policy, eval_units, cfg, accelerator, pad_id)
