@@ -212,3 +212,14 @@ def test_bad_record_stops_before_training_and_writes_nothing(tmp_path):
     with pytest.raises(ValueError, match=r"bad.jsonl: record 2: field 'completion'"):
         sft.train(config(tmp_path, "run", data, max_steps=1))
     assert not (tmp_path / "run").exists()
+
+
+def test_checkpoints_keep_the_newest_and_tensorboard_logs(tmp_path):
+    data = write_jsonl(tmp_path / "d.jsonl", toy_records(8))
+    out = sft.train(config(tmp_path, "run", data, max_steps=5, batch_size=4, save_steps=1, save_total_limit=2,
+                           report_to="tensorboard"))
+    kept = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert kept == ["checkpoint-0000003", "checkpoint-0000004"]  # none at the last step: the model is saved
+    state = json.loads((out / "checkpoints" / kept[-1] / "trainer_state.json").read_text())
+    assert state["step"] == 4
+    assert list(out.rglob("events.out.tfevents.*")), "no TensorBoard event file"
