@@ -77,13 +77,14 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass")
     score.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"), help="compute precision")
 
-    demo = sub.add_parser("demo", help="The main job on the embedded model: SFT, reward model, DPO, and a before/after comparison.",
+    demo = sub.add_parser("demo", help="The main job on the embedded model: SFT, reward model, DPO, PPO, and a before/after comparison.",
                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     demo.add_argument("--model", default="smollm2-135m-instruct", help="built-in name, HF id or folder")
     demo.add_argument("--output-dir", default="outputs/demo", help="where the tuned model goes")
     demo.add_argument("--max-steps", type=int, default=40, help="SFT optimizer steps")
     demo.add_argument("--rm-steps", type=int, default=30, help="reward-model optimizer steps")
     demo.add_argument("--dpo-steps", type=int, default=20, help="DPO optimizer steps")
+    demo.add_argument("--ppo-steps", type=int, default=6, help="PPO iterations (4 rollouts each)")
     demo.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"), help="compute precision")
     return parser
 

@@ -4,7 +4,9 @@
   1. instruction tuning (SFT) on examples/data/instructions.jsonl;
   2. a reward model (Bradley–Terry) trained from the SFT model on examples/data/preferences.jsonl;
   3. DPO from the SFT model on the same preferences;
-  4. evaluation: each model's greedy answers to held-out prompts, scored by the reward model.
+  4. RLHF with PPO from the SFT model on examples/data/prompts.jsonl, rewarded by that reward
+     model (its critic starts from it too);
+  5. evaluation: each model's greedy answers to held-out prompts, scored by the reward model.
 
 Each stage is an ordinary trainer call with a small step budget, so the whole job stays
 within minutes on 2 CPU cores; the same commands scale up with bigger budgets.
@@ -19,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from posttrain.config import DPOConfig, RMConfig, SFTConfig, build_config
+from posttrain.config import DPOConfig, PPOConfig, RMConfig, SFTConfig, build_config
 from posttrain.models import load_causal_lm, load_tokenizer
 from posttrain.models.generate import chat_generate
 from posttrain.models.precision import resolve_precision
@@ -47,7 +49,7 @@ def shipped(name: str) -> str:
 
 def run(args) -> None:
     from posttrain.models.reward import RewardModel
-    from posttrain.trainers import dpo, reward, sft
+    from posttrain.trainers import dpo, ppo, reward, sft
 
     precision = resolve_precision(args.precision)
     out = Path(args.output_dir)
@@ -74,6 +76,8 @@ def run(args) -> None:
         "eval_data": shipped("preferences_eval.jsonl"), "output_dir": str(out / "rm"),
         "max_steps": args.rm_steps, "lr": 2e-5}))
     times["rm"] = time.perf_counter() - t
+    print(f"\n== 2. reward model after {args.rm_steps} steps: held-out pair accuracy "
+          f"{last_metric(rm_dir, 'eval/accuracy'):.2f} ==\n", flush=True)
 
     t = time.perf_counter()
     aligned = dpo.train(build_config(DPOConfig, None, {
@@ -82,24 +86,42 @@ def run(args) -> None:
         "max_steps": args.dpo_steps, "lr": 5e-6, "beta": 0.1}))
     times["dpo"] = time.perf_counter() - t
 
-    # 4. Does each stage beat the one it started from? Greedy answers, scored by the RM.
-    with open(shipped("prompts.jsonl")) as f:
-        prompts = [PROMPT] + [json.loads(line)["prompt"] for line in f][:HELD_OUT]
+    t = time.perf_counter()
+    # The last HELD_OUT prompts are kept out of PPO's rollouts for the comparison below.
+    rlhf = ppo.train(build_config(PPOConfig, None, {
+        **common, "model": str(tuned), "reward_model": str(rm_dir), "data": str(ppo_prompts(out)),
+        "output_dir": str(out / "ppo"), "max_steps": args.ppo_steps, "rollout_batch_size": 4,
+        "max_new_tokens": 48, "temperature": 0.7, "lr": 2e-6, "kl_coef": 0.05, "logging_steps": 1}))
+    times["ppo"] = time.perf_counter() - t
+
+    # 5. Does each stage beat the one it started from? Greedy answers, scored by the RM.
+    prompts = [PROMPT] + [json.loads(line)["prompt"] for line in read_lines(shipped("prompts.jsonl"))][-HELD_OUT:]
     rm = RewardModel.from_pretrained(str(rm_dir))
     rows = []
-    for name, path in (("start", args.model), ("sft", str(tuned)), ("dpo", str(aligned))):
+    for name, path in (("start", args.model), ("sft", str(tuned)), ("dpo", str(aligned)), ("ppo", str(rlhf))):
         replies = answers(path, prompts, precision)
         scores = rm.score(prompts, replies).tolist()
         rows.append((name, statistics.mean(scores), scores))
-        if name == "dpo":
-            print(f"\n== 3. after {args.dpo_steps} DPO steps ==\n### {PROMPT}\n{replies[0]}\n")
-    rm_eval = last_metric(rm_dir, "eval/accuracy")
-    print(f"== 4. reward-model scores on {len(prompts)} prompts (RM held-out pair accuracy "
-          f"{rm_eval:.2f}) ==")
+        if name in ("dpo", "ppo"):
+            stage, steps = (3, args.dpo_steps) if name == "dpo" else (4, args.ppo_steps)
+            print(f"\n== {stage}. after {steps} {name.upper()} steps ==\n### {PROMPT}\n{replies[0]}\n")
+    print(f"== 5. reward-model scores of greedy answers to {len(prompts)} prompts not trained on ==")
     for name, mean, scores in rows:
         print(f"{name:>5}: mean {mean:+.3f}  [{', '.join(f'{s:+.2f}' for s in scores)}]")
-    print(f"\ndemo finished in {time.perf_counter() - start:.0f} s "
-          f"(sft {times['sft']:.0f} s, rm {times['rm']:.0f} s, dpo {times['dpo']:.0f} s); models in {out}")
+    spent = ", ".join(f"{name} {seconds:.0f} s" for name, seconds in times.items())
+    print(f"\ndemo finished in {time.perf_counter() - start:.0f} s ({spent}); models in {out}")
+
+
+def read_lines(path: str) -> list[str]:
+    return [line for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def ppo_prompts(out: Path) -> Path:
+    """examples/data/prompts.jsonl without its last HELD_OUT prompts (kept for evaluation)."""
+    path = out / "ppo_prompts.jsonl"
+    out.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(line + "\n" for line in read_lines(shipped("prompts.jsonl"))[:-HELD_OUT]))
+    return path
 
 
 def last_metric(folder: Path, key: str) -> float:

@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 from peft import AutoPeftModelForSequenceClassification, PeftModel
 from transformers import AutoModelForSequenceClassification, PreTrainedModel, PreTrainedTokenizerBase
+from transformers.utils import logging as hf_logging
 
 from posttrain.data import PreferencePair, tokenize_pair
 from posttrain.models.load import LOAD_DTYPES, load_tokenizer, resolve_model_path
@@ -98,8 +99,15 @@ class RewardModel(torch.nn.Module):
         if dtype not in LOAD_DTYPES:
             raise ValueError(f"dtype must be one of {LOAD_DTYPES}, got {dtype!r}")
         path = resolve_model_path(name_or_path)
-        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=dtype,
-                                                                   attn_implementation="sdpa")
+        # A causal LM has no `score` weight by construction (it is initialised just below), so
+        # HF's load report listing it as MISSING is noise here; other warnings still show.
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()
+        try:
+            model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=dtype,
+                                                                       attn_implementation="sdpa")
+        finally:
+            hf_logging.set_verbosity(verbosity)
         head = model.score
         generator = torch.Generator().manual_seed(seed)
         with torch.no_grad():
