@@ -4,6 +4,8 @@ Torch only. Shape letters: B batch, T sequence, A response tokens, V vocabulary.
 Masks are named after what they include and True means "counts".
 """
 
+from collections.abc import Callable
+
 import torch
 
 _DEFAULT_CHUNK_ROWS = 256
@@ -95,29 +97,41 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> 
     return masked_sum(x, mask, dim) / count.clamp(min=1)
 
 
-def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> torch.Tensor:
+def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True, *,
+               reduce_sum: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
     """Variance of all included elements of x (scalar). Bessel-corrected when ``unbiased``.
 
+    ``reduce_sum``, when given, sums a tensor over data-parallel processes (e.g. an
+    all-reduce); the variance is then that of the included elements of every process.
     Raises ValueError when the mask includes too few elements for the estimate.
     """
-    count = int(mask.sum())
+    total = _identity if reduce_sum is None else reduce_sum
+    count = int(total(mask.sum()))
     needed = 2 if unbiased else 1
     if count < needed:
         raise ValueError(f"masked_var: mask includes {count} element(s), needs at least {needed}")
-    mean = masked_sum(x, mask) / count
-    return masked_sum((x - mean) ** 2, mask) / (count - 1 if unbiased else count)
+    mean = total(masked_sum(x, mask)) / count
+    return total(masked_sum((x - mean) ** 2, mask)) / (count - 1 if unbiased else count)
+
+
+def _identity(t: torch.Tensor) -> torch.Tensor:
+    return t
 
 
 def masked_whiten(
-    x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, *, eps: float = 1e-8
+    x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, *, eps: float = 1e-8,
+    reduce_sum: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """(x − mean) / sqrt(var + eps) over the included elements; excluded positions become 0.
 
     Uses the unbiased variance. With ``shift_mean=False`` the mean is added back, so only the
-    scale changes (the convention for whitening rewards, which keeps their sign).
+    scale changes (the convention for whitening rewards, which keeps their sign). With
+    ``reduce_sum`` (see ``masked_var``) mean and variance are those of all processes' elements,
+    so data-parallel runs whiten as one batch would.
     """
-    mean = masked_mean(x, mask)
-    whitened = (x - mean) * torch.rsqrt(masked_var(x, mask) + eps)
+    total = _identity if reduce_sum is None else reduce_sum
+    mean = total(masked_sum(x, mask)) / total(mask.sum()).clamp(min=1)
+    whitened = (x - mean) * torch.rsqrt(masked_var(x, mask, reduce_sum=reduce_sum) + eps)
     if not shift_mean:
         whitened = whitened + mean
     return torch.where(mask, whitened, torch.zeros((), dtype=whitened.dtype, device=x.device))

@@ -203,3 +203,41 @@ def test_aggregate_gradient_accumulation_and_data_parallel_equal_one_batch(mode)
             grad += torch.autograd.grad(loss, weight)[0]
         rank_grads.append(grad)
     torch.testing.assert_close(sum(rank_grads) / world_size, full_grad)
+
+
+def test_masked_whiten_with_reduce_sum_equals_whitening_the_whole_batch():
+    # Two simulated data-parallel shards: each thread whitens its half, with a reduce_sum
+    # that all-reduces (sums) through a barrier; together they must equal whitening the
+    # full batch in one process, ragged masks included.
+    import threading
+
+    from posttrain.ops import masked_whiten
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 5, generator=g, dtype=torch.float64) * 3 + 1
+    mask = torch.rand(6, 5, generator=g) > 0.3
+    full = masked_whiten(x, mask)
+    shards = [(x[:3], mask[:3]), (x[3:], mask[3:])]
+    slots, out = [None, None], [None, None]
+    barrier = threading.Barrier(2)
+
+    def all_reduce(rank):
+        def reduce_sum(t):
+            slots[rank] = t
+            barrier.wait()
+            total = slots[0] + slots[1]
+            barrier.wait()
+            return total
+        return reduce_sum
+
+    def worker(rank):
+        out[rank] = masked_whiten(*shards[rank], reduce_sum=all_reduce(rank))
+
+    threads = [threading.Thread(target=worker, args=(r,)) for r in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    torch.testing.assert_close(torch.cat(out), full)
+    # Without the reduction each shard whitens on its own statistics, which differ.
+    assert not torch.allclose(masked_whiten(*shards[0]), full[:3])

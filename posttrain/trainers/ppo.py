@@ -115,15 +115,15 @@ def old_policy_and_reference(net: PolicyAndValue, reference, gen: Generation, cf
     return {name: torch.cat(chunks) for name, chunks in parts.items()}
 
 
-def advantages_and_returns(rollout: Rollout, cfg: PPOConfig, kl_coef: float):
+def advantages_and_returns(rollout: Rollout, cfg: PPOConfig, kl_coef: float, reduce_sum=None):
     """Stages 4–5: (advantages [B, A], returns [B, A], kl [B, A]); the one place PPO,
-    RLOO and GRPO would differ."""
+    RLOO and GRPO would differ. `reduce_sum` sums a tensor over processes (whitening)."""
     rewards, kl = kl_shaped_rewards(rollout.scores, rollout.logprobs, rollout.ref_logprobs,
                                     rollout.response_mask, kl_coef=kl_coef, estimator=cfg.kl_estimator)
     advantages, returns = gae(rewards, rollout.values, rollout.response_mask, gamma=cfg.gamma, lam=cfg.lam)
     if cfg.whiten_advantages:
-        # Over this process's rollouts (with several processes, each whitens its own share).
-        advantages = masked_whiten(advantages, rollout.response_mask)
+        # Over all processes' rollouts, so N processes whiten as one batch would.
+        advantages = masked_whiten(advantages, rollout.response_mask, reduce_sum=reduce_sum)
     return advantages, returns, kl
 
 
@@ -301,7 +301,8 @@ def train(cfg: PPOConfig) -> Path:
                               **old_policy_and_reference(net, reference, gen, cfg, accelerator))
             # 4. KL-shaped rewards and 5. advantages.
             kl_coef = kl_ctl.value
-            advantages, returns, kl = advantages_and_returns(rollout, cfg, kl_coef)
+            advantages, returns, kl = advantages_and_returns(
+                rollout, cfg, kl_coef, reduce_sum=lambda t: accelerator.reduce(t, reduction="sum"))
             rolled = time.perf_counter()
             # 6. PPO epochs.
             stats = ppo_epochs(model, optimizer, accelerator, rollout, advantages, returns, cfg)
