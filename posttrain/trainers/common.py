@@ -247,6 +247,21 @@ def checkpoint_and_exit(accelerator: Accelerator, cfg: TrainConfig, log: "RunLog
     sys.exit(128 + signum)
 
 
+def finish_run(accelerator: Accelerator, cfg: TrainConfig, log: "RunLog", save, what: str) -> Path:
+    """The end of a completed run: the main process calls `save(out_dir)`, all wait, and
+    accelerate is shut down last (it ends the trackers and tears down the process group, so
+    no collective may follow). Returns the output folder."""
+    log.close()
+    accelerator.wait_for_everyone()
+    out = Path(cfg.output_dir)
+    if accelerator.is_main_process:
+        save(out)
+    accelerator.wait_for_everyone()
+    accelerator.print(f"saved the {what} to {out}")
+    accelerator.end_training()
+    return out
+
+
 def optimizer_step(accelerator: Accelerator, model, optimizer, scheduler, max_grad_norm: float) -> float:
     """Clip the global gradient norm (when max_grad_norm > 0), step, schedule, zero the grads.
 

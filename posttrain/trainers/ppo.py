@@ -38,8 +38,9 @@ from posttrain.rollout.rollout import Generation, Rollout, generate_rollouts, sa
 from posttrain.rollout.scoring import (RunningMoments, call_reward_fn, load_reward_fn, normalize_and_clip,
                                        penalize_missing_eos, reward_model_scores, same_tokenization)
 from posttrain.trainers.common import (RunLog, StopRequest, build_optimizer, build_scheduler,
-                                       checkpoint_and_exit, global_sum, make_accelerator, prepare_output_dir,
-                                       resume_from_checkpoint, save_checkpoint, seed_everything, step_items)
+                                       checkpoint_and_exit, finish_run, global_sum, make_accelerator,
+                                       prepare_output_dir, resume_from_checkpoint, save_checkpoint,
+                                       seed_everything, step_items)
 
 SAMPLES_PER_LOG = 8
 """Rollouts of the main process written to samples.jsonl each samples_steps iterations."""
@@ -329,12 +330,8 @@ def train(cfg: PPOConfig) -> Path:
 
     if eval_prompts:
         log.log(iterations, evaluate_now())
-    log.close()
-    accelerator.wait_for_everyone()
-    out = Path(cfg.output_dir)
-    if accelerator.is_main_process:
+
+    def save(out: Path) -> None:
         save_model(net.policy, tokenizer, out, merge_lora=cfg.merge_lora)
-    accelerator.wait_for_everyone()
-    accelerator.print(f"saved the policy to {out}")
-    accelerator.end_training()
-    return out
+
+    return finish_run(accelerator, cfg, log, save, "policy")

@@ -35,9 +35,10 @@ from posttrain.models.precision import autocast, resolve_precision
 from posttrain.models.reward import RewardModel
 from posttrain.ops import aggregate
 from posttrain.trainers.common import (RunLog, StopRequest, Throughput, build_optimizer, build_scheduler,
-                                       checkpoint_and_exit, global_sum, make_accelerator, micro_batches,
-                                       optimizer_step, prepare_output_dir, resume_from_checkpoint,
-                                       save_checkpoint, seed_everything, step_items, total_steps)
+                                       checkpoint_and_exit, finish_run, global_sum, make_accelerator,
+                                       micro_batches, optimizer_step, prepare_output_dir,
+                                       resume_from_checkpoint, save_checkpoint, seed_everything, step_items,
+                                       total_steps)
 
 STATS = ("rewards/accuracy", "rewards/margin", "rewards/chosen", "rewards/rejected")
 
@@ -181,16 +182,11 @@ def train(cfg: RMConfig) -> Path:
         metrics = evaluate(model, eval_pairs, cfg, accelerator, pad_id)
         log.log(steps, metrics)
         accelerator.print(f"eval/accuracy {metrics['eval/accuracy']:.4f}  eval/margin {metrics['eval/margin']:.4f}")
-    log.close()
-    accelerator.wait_for_everyone()
-    out = Path(cfg.output_dir)
-    if accelerator.is_main_process:
+
+    def save(out: Path) -> None:
         accelerator.unwrap_model(model).save_pretrained(out, merge_lora=cfg.merge_lora)
-    accelerator.wait_for_everyone()
-    accelerator.print(f"saved the reward model to {out}")
-    # Last: it ends the trackers and tears down the process group.
-    accelerator.end_training()
-    return out
+
+    return finish_run(accelerator, cfg, log, save, "reward model")
 
 
 # ---------------------------------------------------------------- posttrain score

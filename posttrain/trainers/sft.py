@@ -21,9 +21,10 @@ from posttrain.models.lora import apply_lora, save_model
 from posttrain.models.logprobs import TokenLogprobs
 from posttrain.ops import aggregate, masked_sum
 from posttrain.trainers.common import (RunLog, StopRequest, Throughput, build_optimizer, build_scheduler,
-                                       checkpoint_and_exit, global_sum, make_accelerator, micro_batches,
-                                       optimizer_step, prepare_output_dir, resume_from_checkpoint,
-                                       save_checkpoint, seed_everything, step_items, total_steps)
+                                       checkpoint_and_exit, finish_run, global_sum, make_accelerator,
+                                       micro_batches, optimizer_step, prepare_output_dir,
+                                       resume_from_checkpoint, save_checkpoint, seed_everything, step_items,
+                                       total_steps)
 
 
 def load_units(cfg: SFTConfig, source: str, tokenizer, print_fn) -> list[list]:
@@ -139,13 +140,8 @@ def train(cfg: SFTConfig) -> Path:
         metrics = evaluate(policy, eval_units, cfg, accelerator, pad_id)
         log.log(steps, metrics)
         accelerator.print(f"eval/loss {metrics['eval/loss']:.4f}")
-    log.close()
-    accelerator.wait_for_everyone()
-    out = Path(cfg.output_dir)
-    if accelerator.is_main_process:
+
+    def save(out: Path) -> None:
         save_model(accelerator.unwrap_model(policy).model, tokenizer, out, merge_lora=cfg.merge_lora)
-    accelerator.wait_for_everyone()
-    accelerator.print(f"saved the model to {out}")
-    # Last: it ends the trackers and tears down the process group.
-    accelerator.end_training()
-    return out
+
+    return finish_run(accelerator, cfg, log, save, "model")
