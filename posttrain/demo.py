@@ -61,38 +61,32 @@ def run(args) -> None:
     print(f"== 0. {args.model}, before post-training ({precision}) ==\n### {PROMPT}\n"
           f"{answers(args.model, [PROMPT], precision)[0]}\n", flush=True)
 
-    t = time.perf_counter()
-    tuned = sft.train(build_config(SFTConfig, None, {
-        **common, "model": args.model, "data": shipped("instructions.jsonl"),
-        "eval_data": shipped("instructions_eval.jsonl"), "output_dir": str(out / "sft"),
-        "max_steps": args.max_steps, "lr": 3e-5}))
-    times["sft"] = time.perf_counter() - t
+    def stage(name: str, trainer, config_class, values: dict) -> Path:
+        """Train one stage with the shared settings, timing it; returns its output folder."""
+        t = time.perf_counter()
+        folder = trainer.train(build_config(config_class, None, {
+            **common, **values, "output_dir": str(out / name)}))
+        times[name] = time.perf_counter() - t
+        return folder
+
+    tuned = stage("sft", sft, SFTConfig, {
+        "model": args.model, "data": shipped("instructions.jsonl"),
+        "eval_data": shipped("instructions_eval.jsonl"), "max_steps": args.max_steps, "lr": 3e-5})
     print(f"\n== 1. after {args.max_steps} SFT steps ==\n### {PROMPT}\n"
           f"{answers(str(tuned), [PROMPT], precision)[0]}\n", flush=True)
 
-    t = time.perf_counter()
-    rm_dir = reward.train(build_config(RMConfig, None, {
-        **common, "model": str(tuned), "data": shipped("preferences.jsonl"),
-        "eval_data": shipped("preferences_eval.jsonl"), "output_dir": str(out / "rm"),
-        "max_steps": args.rm_steps, "lr": 2e-5}))
-    times["rm"] = time.perf_counter() - t
+    preferences = {"model": str(tuned), "data": shipped("preferences.jsonl"),
+                   "eval_data": shipped("preferences_eval.jsonl")}
+    rm_dir = stage("rm", reward, RMConfig, {**preferences, "max_steps": args.rm_steps, "lr": 2e-5})
     print(f"\n== 2. reward model after {args.rm_steps} steps: held-out pair accuracy "
           f"{last_metric(rm_dir, 'eval/accuracy'):.2f} ==\n", flush=True)
 
-    t = time.perf_counter()
-    aligned = dpo.train(build_config(DPOConfig, None, {
-        **common, "model": str(tuned), "data": shipped("preferences.jsonl"),
-        "eval_data": shipped("preferences_eval.jsonl"), "output_dir": str(out / "dpo"),
-        "max_steps": args.dpo_steps, "lr": 5e-6, "beta": 0.1}))
-    times["dpo"] = time.perf_counter() - t
-
-    t = time.perf_counter()
+    aligned = stage("dpo", dpo, DPOConfig, {**preferences, "max_steps": args.dpo_steps, "lr": 5e-6, "beta": 0.1})
     # The last HELD_OUT prompts are kept out of PPO's rollouts for the comparison below.
-    rlhf = ppo.train(build_config(PPOConfig, None, {
-        **common, "model": str(tuned), "reward_model": str(rm_dir), "data": str(ppo_prompts(out)),
-        "output_dir": str(out / "ppo"), "max_steps": args.ppo_steps, "rollout_batch_size": 4,
-        "max_new_tokens": 48, "temperature": 0.7, "lr": 2e-6, "kl_coef": 0.05, "logging_steps": 1}))
-    times["ppo"] = time.perf_counter() - t
+    rlhf = stage("ppo", ppo, PPOConfig, {
+        "model": str(tuned), "reward_model": str(rm_dir), "data": str(ppo_prompts(out)),
+        "max_steps": args.ppo_steps, "rollout_batch_size": 4, "max_new_tokens": 48, "temperature": 0.7,
+        "lr": 2e-6, "kl_coef": 0.05, "logging_steps": 1})
 
     # 5. Does each stage beat the one it started from? Greedy answers, scored by the RM.
     prompts = [PROMPT] + [json.loads(line)["prompt"] for line in read_lines(shipped("prompts.jsonl"))][-HELD_OUT:]
