@@ -68,14 +68,32 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"), help="compute precision")
     gen.add_argument("--seed", type=int, default=0, help="sampling seed")
 
-    score = sub.add_parser("score", help="One reward per (prompt, response) record, from a reward model.",
+    specs = "rm:PATH (reward model folder) | fn:module:function (reward function) | llm:MODEL (LLM judge, pairs)"
+    score = sub.add_parser("score", help="One score per (prompt, response) record (rm: or fn: judge).",
                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    score.add_argument("--model", required=True, help="reward model folder (the output of `posttrain rm`)")
+    score.add_argument("--judge", default=None, metavar="SPEC", help="rm:PATH | fn:module:function")
+    score.add_argument("--model", default=None, help="reward model folder; short for --judge rm:MODEL")
     score.add_argument("--data", required=True,
                        help="records {prompt, response} or {messages} ending in an assistant turn")
     score.add_argument("--output", default=None, help="JSONL file for the records with a 'score' (default: stdout)")
     score.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass")
     score.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"), help="compute precision")
+
+    judge = sub.add_parser("judge", help="Scored lists (rm:, fn:) or preference pairs (llm:) from a samples file.",
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    judge.add_argument("--data", required=True, help="samples JSONL: {prompt, responses, finish_reasons?} records")
+    judge.add_argument("--judge", required=True, metavar="SPEC", help=specs)
+    judge.add_argument("--output", required=True, help="JSONL for `posttrain rm` / `posttrain dpo`")
+    judge.add_argument("--rubric", default=None, metavar="FILE",
+                       help="llm: prompt template with {prompt}, {response_a}, {response_b} (default: built in)")
+    judge.add_argument("--pairing", default=None, choices=("all", "best_vs_rest", "best_vs_worst"),
+                       help="llm: which judged pairs to write (default: all)")
+    judge.add_argument("--min-score-gap", type=float, default=None,
+                       help="llm: drop pairs whose preference is within this of 0.5 (default: 0)")
+    judge.add_argument("--tie-margin", type=float, default=None,
+                       help="llm: a tie when the two orders' preferences differ by more (default: 0.5)")
+    judge.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass")
+    judge.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"), help="compute precision")
 
     demo = sub.add_parser("demo", help="The main job on the embedded model: SFT, reward model, DPO, PPO, and a before/after comparison.",
                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -116,8 +134,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "generate":
             run_generate(args)
         elif args.command == "score":
-            import_module("posttrain.trainers.reward").score_file(args.model, args.data, args.output,
-                                                                  batch_size=args.batch_size, precision=args.precision)
+            import_module("posttrain.scoring.files").score_file(args.data, args.output, judge=args.judge,
+                                                                model=args.model, batch_size=args.batch_size,
+                                                                precision=args.precision)
+        elif args.command == "judge":
+            import_module("posttrain.scoring.files").judge_file(
+                args.data, args.judge, args.output, rubric=args.rubric, pairing=args.pairing,
+                min_score_gap=args.min_score_gap, tie_margin=args.tie_margin, batch_size=args.batch_size,
+                precision=args.precision)
         elif args.command == "demo":
             import_module("posttrain.demo").run(args)
         else:

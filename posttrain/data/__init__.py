@@ -7,7 +7,8 @@ pack_examples + collate_packed (collate.py). load.py chains the first three for 
 
 from posttrain.data.collate import Batch, collate_packed, pack_examples, pad_batch
 from posttrain.data.errors import DataError, RecordError
-from posttrain.data.formats import PreferencePair, preference_pairs, prompt_messages, sft_messages
+from posttrain.data.formats import (FINISH_REASONS, PreferencePair, SampledResponses, preference_pairs,
+                                     prompt_messages, sampled_responses, scoring_conversation, sft_messages)
 from posttrain.data.load import (
     LoadReport,
     TokenizedPrompt,
@@ -25,6 +26,7 @@ from posttrain.data.tokenize import (
 )
 
 __all__ = [
+    "FINISH_REASONS", "SampledResponses", "sampled_responses", "scoring_conversation",
     "Batch", "DataError", "LoadReport", "PreferencePair", "RecordError", "TokenizedExample",
     "TokenizedPair", "TokenizedPrompt", "collate_packed", "load_preference_pairs", "load_prompts",
     "load_sft_examples", "pack_examples", "pad_batch", "preference_pairs", "prompt_messages",

@@ -25,6 +25,11 @@ Preference records (`preference_pairs`), exactly one of:
 Prompt records (`prompt_messages`): `{"prompt": str | conversation}` or `{"messages": [...]}`,
 ending in a user turn.
 
+Sample records (`sampled_responses`, what `posttrain sample` writes and `posttrain judge`
+reads): a prompt record plus `"responses": [str, ...]` and optional `"finish_reasons"`.
+Records to score (`scoring_conversation`, `posttrain score`): `{"prompt", "response"}` or
+`{"messages": [...]}` ending in an assistant turn.
+
 Fields that belong to no shape (ids, metadata) are ignored; a null field counts as absent.
 `index` is the record's 0-based position in its source; messages print it 1-based.
 """
@@ -344,3 +349,79 @@ def _scored_pairs(rec: _Record, index: int, pairing: str, min_score_gap: float) 
                            reason="chosen identical to rejected")
         pairs.append(PreferencePair(prompt, responses[hi], responses[lo], None, index))
     return pairs
+
+
+FINISH_REASONS = ("eos", "stop", "length")
+"""Why a sampled response ended: its EOS token, a stop string, or max_new_tokens. The same
+tuple as `posttrain.sampling.generation.FINISH_REASONS` (data/ sits below sampling/)."""
+
+
+@dataclass(frozen=True)
+class SampledResponses:
+    """The responses sampled for one prompt. prompt: conversation ending in a user turn.
+    responses: N non-empty reply texts. finish_reasons: N values of FINISH_REASONS, all
+    "eos" when the record gives none (every reply finished)."""
+
+    prompt: list[dict[str, str]]
+    responses: list[str]
+    finish_reasons: list[str]
+
+
+def sampled_responses(record: Any, *, source: str, index: int, min_responses: int = 1) -> SampledResponses:
+    """A sample record `{"prompt" | "messages", "responses", "finish_reasons"?}`; RecordError if
+    invalid. A record holding both "prompt" and "messages" (a chat prompt record that the
+    sampler gave a "prompt") must hold the same conversation in both."""
+    rec = _Record(record, source, index)
+    if rec.has("prompt") and rec.has("messages"):
+        prompt = _prompt(rec, rec.get("prompt"), "prompt")
+        if _prompt(rec, rec.get("messages"), "messages") != prompt:
+            raise rec.fail("messages", "expected the conversation 'prompt' holds, got "
+                           f"{short_repr(rec.get('messages'))}", reason="prompt and messages differ")
+    else:
+        field = "prompt" if rec.shape(PROMPT_SHAPES, PROMPT_HELP) == "prompt" else "messages"
+        prompt = _prompt(rec, rec.get(field), field)
+    value = rec.get("responses")
+    if not isinstance(value, list):
+        raise rec.fail("responses", f"expected a list of strings, got {type_name(value)} {short_repr(value)}",
+                       reason="non-list responses")
+    responses = [_text(rec, response, f"responses[{i}]") for i, response in enumerate(value)]
+    if len(responses) < min_responses:
+        raise rec.fail("responses", f"expected at least {min_responses} responses, got {len(responses)}",
+                       reason=f"fewer than {min_responses} responses")
+    if not rec.has("finish_reasons"):
+        return SampledResponses(prompt, responses, ["eos"] * len(responses))
+    reasons = rec.get("finish_reasons")
+    if not isinstance(reasons, list) or len(reasons) != len(responses):
+        raise rec.fail("finish_reasons", f"expected a list of {len(responses)} values, one per response, got "
+                       f"{type_name(reasons)} {short_repr(reasons)}", reason="bad finish_reasons")
+    for i, reason in enumerate(reasons):
+        if reason not in FINISH_REASONS:
+            raise rec.fail(f"finish_reasons[{i}]", f"expected one of {list(FINISH_REASONS)}, got {short_repr(reason)}",
+                           reason="unknown finish reason")
+    return SampledResponses(prompt, responses, list(reasons))
+
+
+def scoring_conversation(record: Any, *, source: str, index: int) -> tuple[list[dict], list[dict]]:
+    """(prompt messages, response messages) of a record to score; RecordError if invalid.
+
+    Shapes: {"prompt": str | conversation, "response": str}, or {"messages": [...]} ending in
+    an assistant turn (the trailing assistant turns are the response).
+    """
+    rec = _Record(record, source, index)
+    present = sorted(k for k in rec.data if rec.has(k))
+    if "messages" in present and not {"prompt", "response"} & set(present):
+        messages = sft_messages({"messages": record["messages"]}, source=source, index=index)
+        split = len(messages)
+        while messages[split - 1]["role"] == "assistant":
+            split -= 1
+        return messages[:split], messages[split:]
+    for field in ("prompt", "response"):
+        if field not in present:
+            raise rec.fail(field, f"missing (expected {{prompt, response}} or {{messages}}, record has fields "
+                           f"{present})", reason=f"missing field '{field}'")
+    prompt = prompt_messages({"prompt": record["prompt"]}, source=source, index=index)
+    response = record["response"]
+    if not isinstance(response, str) or not response.strip():
+        raise rec.fail("response", f"expected a non-empty string, got {type_name(response)} {short_repr(response)}",
+                       reason="bad response")
+    return prompt, [{"role": "assistant", "content": response}]

@@ -3,7 +3,10 @@
 As the lecture notes (and Ouyang et al. 2022, InstructGPT §3.5) describe it: start from the
 pretrained LM, replace its language-modelling head by a linear layer with one output, and
 read that output at the last token of prompt + response, where the decoder has seen the
-whole text. Here that token is the EOS ending the reply (`tokenize_pair` keeps it).
+whole text. Here that token is the EOS ending the reply (`tokenize_pair` keeps it). A reply
+that did not end with EOS (cut off at max_new_tokens, or stopped by a stop string) is read at
+its own last token, whether the rollout's ids are scored or its text is rendered again
+(`encode(..., finished=False)` leaves out the end-of-turn token the template would append).
 
 The model is held as Hugging Face's own `XForSequenceClassification` with num_labels=1
 (backbone under `model.`, head `score.weight`), so the saved folder loads with
@@ -19,13 +22,14 @@ The whole computation sits inside `forward`, as DDP and FSDP need (see logprobs.
 from __future__ import annotations
 
 import copy
+import json
 import math
 import os
 from pathlib import Path
 
 import torch
 from peft import AutoPeftModelForSequenceClassification, PeftModel
-from transformers import AutoModelForSequenceClassification, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoModelForSequenceClassification, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
 from posttrain.data import PreferencePair, tokenize_pair
@@ -45,6 +49,29 @@ def saved_pad_token(tokenizer: PreTrainedTokenizerBase) -> str:
             return token
     raise ValueError(f"tokenizer {tokenizer.name_or_path!r}: no special token other than EOS "
                      f"{tokenizer.eos_token!r} to declare as padding for the saved reward model")
+
+
+def check_reward_model_folder(folder: str, name: str) -> None:
+    """ValueError naming `name` unless `folder` holds a reward model: a sequence classifier with
+    one label, or a LoRA adapter for one (task SEQ_CLS), as `posttrain rm` saves them.
+
+    Checked on the config alone, before any weight loads: HF would otherwise load a causal LM
+    folder as a classifier with a fresh random head and only warn.
+    """
+    adapter = Path(folder) / "adapter_config.json"
+    if adapter.is_file():
+        task = json.loads(adapter.read_text()).get("task_type")
+        if task != "SEQ_CLS":
+            raise ValueError(f"{name}: not a reward model: a LoRA adapter for task {task!r}, expected 'SEQ_CLS'")
+        return
+    try:
+        config = AutoConfig.from_pretrained(folder)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{name}: cannot read a model config ({str(err).strip().splitlines()[0]})") from None
+    architectures = config.architectures or []
+    if not any(a.endswith("ForSequenceClassification") for a in architectures) or config.num_labels != 1:
+        raise ValueError(f"{name}: not a reward model (architectures {architectures}, {config.num_labels} labels); "
+                         "expected a sequence classifier with one label, as `posttrain rm` saves")
 
 
 def _messages(value: str | list[dict[str, str]], role: str) -> list[dict[str, str]]:
@@ -123,6 +150,7 @@ class RewardModel(torch.nn.Module):
         if dtype not in LOAD_DTYPES:
             raise ValueError(f"dtype must be one of {LOAD_DTYPES}, got {dtype!r}")
         folder = resolve_model_path(str(path))
+        check_reward_model_folder(folder, f"reward model {str(path)!r}")
         if (Path(folder) / "adapter_config.json").is_file():
             model = AutoPeftModelForSequenceClassification.from_pretrained(
                 folder, num_labels=1, dtype=dtype, attn_implementation="sdpa").merge_and_unload()
@@ -144,27 +172,43 @@ class RewardModel(torch.nn.Module):
         return self.head(hidden[rows, last]).squeeze(-1).float()
 
     def encode(self, prompt: str | list[dict[str, str]], response: str | list[dict[str, str]], *,
-               max_length: int | None = None) -> list[int]:
+               finished: bool = True, max_length: int | None = None) -> list[int]:
         """Token ids [T] of prompt + response, exactly as training tokenises a pair.
 
         prompt: a user message, or a conversation ending in a user turn. response: the
         assistant's reply, or a list of assistant messages. Rendered with this model's own
         chat template: a policy with another tokenizer hands over text, never token ids.
+        finished=False: the reply did not end with the policy's EOS (cut off at
+        max_new_tokens, or ended by a stop string), so the end-of-turn token the template
+        appends is left out and the score is read at the reply's own last token, as on the
+        rollout's ids. With max_length, such a reply is the finished one truncated to
+        max_length + 1 tokens, less its last token.
         """
         reply = _messages(response, "assistant")
+        limit = max_length if finished or max_length is None else max_length + 1
         pair = tokenize_pair(PreferencePair(_messages(prompt, "user"), reply, reply, None, 0),
-                             self.tokenizer, max_length=max_length)
-        return pair.prompt_ids + pair.chosen_ids
+                             self.tokenizer, max_length=limit)
+        # chosen_ids end with the reply's EOS (tokenize_pair cuts the template's glue after it),
+        # unless truncation already cut into the reply.
+        ids = pair.prompt_ids + pair.chosen_ids
+        return ids if finished else ids[:-1]
 
     @torch.no_grad()
-    def score(self, prompts: list, responses: list, *, batch_size: int = 8,
+    def score(self, prompts: list, responses: list, *, finished: list[bool] | None = None, batch_size: int = 8,
               max_length: int | None = None) -> torch.Tensor:
-        """Rewards [N] (float32, on the CPU) of N (prompt, response) texts; see `encode`."""
+        """Rewards [N] (float32, on the CPU) of N (prompt, response) texts; see `encode`.
+
+        finished: N flags, False where a reply did not end with EOS (None: all finished).
+        """
         if len(prompts) != len(responses):
             raise ValueError(f"score: {len(prompts)} prompts but {len(responses)} responses")
+        if finished is not None and len(finished) != len(responses):
+            raise ValueError(f"score: {len(finished)} finished flags but {len(responses)} responses")
         if batch_size < 1:
             raise ValueError(f"score: batch_size must be ≥ 1, got {batch_size}")
-        sequences = [self.encode(p, r, max_length=max_length) for p, r in zip(prompts, responses)]
+        flags = [True] * len(responses) if finished is None else finished
+        sequences = [self.encode(p, r, finished=f, max_length=max_length)
+                     for p, r, f in zip(prompts, responses, flags)]
         device = next(self.parameters()).device
         was_training = self.training
         self.eval()

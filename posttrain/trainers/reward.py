@@ -9,29 +9,21 @@ Stages of one optimizer step:
   3. per micro-batch: chosen and rejected rows in one padded batch and one forward pass,
      rewards split into halves, loss = Σ per-pair Bradley–Terry loss / that count;
   4. clip, step AdamW and the schedule; log, evaluate and checkpoint on their cadences.
-
-Also here: `score_file`, the `posttrain score` command (one reward per record of a file).
 """
 
 from __future__ import annotations
 
-import json
 import math
-import sys
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from posttrain.config import RMConfig
-from posttrain.data import (RecordError, TokenizedPair, load_preference_pairs, pad_batch, prompt_messages,
-                            read_records, sft_messages)
-from posttrain.data.errors import short_repr, type_name
+from posttrain.data import TokenizedPair, load_preference_pairs, pad_batch
 from posttrain.losses import bradley_terry_loss
 from posttrain.models import load_tokenizer
 from posttrain.models.lora import apply_lora
-from posttrain.models.precision import autocast, resolve_precision
 from posttrain.models.reward import RewardModel
 from posttrain.ops import aggregate
 from posttrain.trainers.common import (RunLog, StopRequest, Throughput, build_optimizer, build_scheduler,
@@ -187,52 +179,3 @@ def train(cfg: RMConfig) -> Path:
         accelerator.unwrap_model(model).save_pretrained(out, merge_lora=cfg.merge_lora)
 
     return finish_run(accelerator, cfg, log, save, "reward model")
-
-
-# ---------------------------------------------------------------- posttrain score
-
-
-def scoring_conversation(record: Any, *, source: str, index: int) -> tuple[list[dict], list[dict]]:
-    """(prompt messages, response messages) of a record to score; RecordError if invalid.
-
-    Shapes: {"prompt": str | conversation, "response": str}, or {"messages": [...]} ending in
-    an assistant turn (the trailing assistant turns are the response).
-    """
-    if not isinstance(record, dict):
-        raise RecordError(source, index + 1, "*", f"expected an object, got {type_name(record)} {short_repr(record)}",
-                          reason="record not an object")
-    present = sorted(k for k, v in record.items() if v is not None)
-    if "messages" in present and not {"prompt", "response"} & set(present):
-        messages = sft_messages({"messages": record["messages"]}, source=source, index=index)
-        split = len(messages)
-        while messages[split - 1]["role"] == "assistant":
-            split -= 1
-        return messages[:split], messages[split:]
-    for field in ("prompt", "response"):
-        if field not in present:
-            raise RecordError(source, index + 1, field, f"missing (expected {{prompt, response}} or {{messages}}, "
-                              f"record has fields {present})", reason=f"missing field '{field}'")
-    prompt = prompt_messages({"prompt": record["prompt"]}, source=source, index=index)
-    response = record["response"]
-    if not isinstance(response, str) or not response.strip():
-        raise RecordError(source, index + 1, "response", f"expected a non-empty string, got {type_name(response)} "
-                          f"{short_repr(response)}", reason="bad response")
-    return prompt, [{"role": "assistant", "content": response}]
-
-
-def score_file(model: str, data: str, output: str | None = None, *, batch_size: int = 8,
-               precision: str = "auto") -> list[float]:
-    """Score every record of `data` with the reward model `model`; write JSONL records with a
-    "score" field to `output` (stdout if None). All records are validated before scoring."""
-    records = read_records(data)
-    inputs = [scoring_conversation(r, source=str(data), index=i) for i, r in enumerate(records)]
-    reward_model = RewardModel.from_pretrained(model)
-    resolved = resolve_precision(precision)
-    with autocast(resolved):
-        scores = reward_model.score([p for p, _ in inputs], [r for _, r in inputs], batch_size=batch_size).tolist()
-    lines = "".join(json.dumps({**record, "score": s}) + "\n" for record, s in zip(records, scores))
-    if output is None:
-        sys.stdout.write(lines)
-    else:
-        Path(output).write_text(lines)
-    return scores

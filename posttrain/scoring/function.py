@@ -1,0 +1,100 @@
+"""A programmatic reward, `fn:module:function`: f(prompts, responses) -> one float per response.
+
+prompts are the last user turns and responses the reply texts; a function with a parameter
+named `records` also gets the source record of each row (a reference answer, a test case).
+Every call is checked: the count, and each score a finite number.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import math
+from typing import Callable
+
+RewardFn = Callable[..., list[float]]
+
+
+class ScoreError(ValueError):
+    """The score of one row of a scoring call is unusable; `row` is its 0-based position."""
+
+    def __init__(self, message: str, *, row: int):
+        super().__init__(message)
+        self.row = row
+
+
+def load_reward_fn(target: str) -> RewardFn:
+    """`module:function` -> the function; ValueError naming `fn:{target}` if it cannot be found."""
+    module_name, _, name = target.partition(":")
+    if not module_name or not name:
+        raise ValueError(f"fn:{target}: expected fn:module:function")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as err:
+        raise ValueError(f"fn:{target}: cannot import {module_name!r} ({err})") from None
+    fn = getattr(module, name, None)
+    if not callable(fn):
+        raise ValueError(f"fn:{target}: module {module_name} has no function {name!r}")
+    return fn
+
+
+def call_reward_fn(fn: RewardFn, spec: str, prompts: list[str], responses: list[str],
+                   records: list | None = None) -> list[float]:
+    """N scores of N (prompt, response) texts from `fn`, passing `records` (N source records)
+    when it has a parameter of that name.
+
+    Errors, one line each starting with `spec`: the function raised (its exception type and first
+    line), returned another count, or a non-number or non-finite value (ScoreError with the row).
+    """
+    kwargs = {}
+    if "records" in inspect.signature(fn).parameters:
+        if records is None:
+            raise ValueError(f"{spec}: takes `records`, but this caller has no source records")
+        kwargs["records"] = list(records)
+    try:
+        out = list(fn(list(prompts), list(responses), **kwargs))
+    except Exception as err:  # any failure of user code becomes one line naming it
+        lines = str(err).strip().splitlines()
+        what = f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__
+        raise ValueError(f"{spec}: raised {what}") from err
+    if len(out) != len(responses):
+        raise ValueError(f"{spec}: returned {len(out)} scores for {len(responses)} responses")
+    for row, value in enumerate(out):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ScoreError(f"{spec}: score {row} is {value!r}, expected a finite number", row=row)
+    return [float(value) for value in out]
+
+
+def last_user_turn(prompt: str | list[dict[str, str]]) -> str:
+    """The text a reward function reads for a prompt: itself, or a conversation's last user turn."""
+    if isinstance(prompt, str):
+        return prompt
+    return next(m["content"] for m in reversed(prompt) if m["role"] == "user")
+
+
+def reply_text(response: str | list[dict[str, str]]) -> str:
+    """The text a reward function reads for a reply: itself, or its assistant messages joined by newlines."""
+    return response if isinstance(response, str) else "\n".join(m["content"] for m in response)
+
+
+class FunctionScorer:
+    """`fn:module:function` as a Scorer: score(prompts, responses, records=None, *, finished=None)
+    -> N floats. `finished` is accepted for the interface and not passed on (today's contract)."""
+
+    def __init__(self, fn: RewardFn, spec: str):
+        self.fn = fn
+        self.spec = spec
+
+    def score(self, prompts: list, responses: list, records: list | None = None, *,
+              finished: list[bool] | None = None) -> list[float]:
+        if len(prompts) != len(responses):
+            raise ValueError(f"{self.spec}: {len(prompts)} prompts but {len(responses)} responses")
+        return call_reward_fn(self.fn, self.spec, [last_user_turn(p) for p in prompts],
+                              [reply_text(r) for r in responses], records)
+
+
+def load_function_scorer(target: str, spec: str, *, batch_size: int = 8, precision: str = "auto",
+                         device: str = "cpu") -> FunctionScorer:
+    """The scorer of `fn:{target}`. batch_size, precision and device are the other kinds'
+    options (one signature for the registry); a function runs as it is written."""
+    return FunctionScorer(load_reward_fn(target), spec)

@@ -1,0 +1,160 @@
+"""`posttrain judge` and `posttrain score` end to end on the tiny model: outputs that `posttrain
+rm` / `dpo` load unchanged, and every bad input of the issue stopping with one line, exit code
+2 and no output file."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from scoring_helpers import SAMPLES, read_jsonl, write_jsonl
+
+from posttrain.cli import build_parser, main
+from posttrain.data import load_preference_pairs
+from posttrain.models.reward import RewardModel
+from posttrain.models.tiny import TINY_CHAT_TEMPLATE, build_tiny_tokenizer
+from posttrain.scoring import JUDGE_KINDS, JUDGE_PAIRINGS
+
+HERE = __name__
+
+
+def lengths(prompts, responses, records):
+    return [float(len(r)) for r in responses]
+
+
+def boom(prompts, responses):
+    raise RuntimeError("reference answer missing\nsecond line")
+
+
+def one_score(prompts, responses):
+    return [1.0]
+
+
+def nan_at_4(prompts, responses):
+    return [math.nan if i == 4 else 0.0 for i in range(len(responses))]
+
+
+def test_judge_with_a_reward_model_reads_cut_off_replies_at_their_last_token(tmp_path, samples_file, rm_folder,
+                                                                            capsys):
+    out = tmp_path / "prefs.jsonl"
+    assert main(["judge", "--data", str(samples_file), "--judge", f"rm:{rm_folder}", "--output", str(out),
+                 "--precision", "fp32", "--batch-size", "3"]) == 0
+    rows = read_jsonl(out)
+    rm = RewardModel.from_pretrained(rm_folder)
+    prompts = [SAMPLES[0]["prompt"], SAMPLES[1]["prompt"], SAMPLES[2]["messages"]]
+    for row, sample, prompt in zip(rows, SAMPLES, prompts):
+        # The stop-string and cut-off replies did not end with EOS: scored without one.
+        finished = [why == "eos" for why in sample.get("finish_reasons", ["eos"] * len(sample["responses"]))]
+        want = rm.score([prompt] * len(sample["responses"]), sample["responses"], finished=finished)
+        assert row["scores"] == pytest.approx(want.tolist(), abs=1e-5)
+        assert row["prompt"] == prompt and row["id"] == sample["id"] and row["judge"] == {"spec": f"rm:{rm_folder}"}
+    assert "messages" not in rows[2] and rows[0]["sampling"] == {"n": 3}
+    assert f"wrote 3 scored lists to {out}" in capsys.readouterr().out
+    pairs, report = load_preference_pairs(out, rm.tokenizer, max_length=256)
+    assert report.records == 3 and len(pairs) == 3 + 1 + 3
+
+
+def test_judge_with_a_function_leaves_out_records_with_no_two_different_scores(tmp_path, capsys):
+    data = write_jsonl(tmp_path / "s.jsonl", [{"prompt": "a", "responses": ["xy", "z"]},
+                                              {"prompt": "b", "responses": ["same", "more"]},
+                                              {"prompt": "c", "responses": ["only"]}])
+    out = tmp_path / "prefs.jsonl"
+    assert main(["judge", "--data", str(data), "--judge", f"fn:{HERE}:lengths", "--output", str(out)]) == 0
+    assert [r["scores"] for r in read_jsonl(out)] == [[2.0, 1.0]]
+    assert "left out 2 records with no two different scores" in capsys.readouterr().out
+
+
+def test_judge_with_the_tiny_llm_writes_pairs_dpo_loads(tmp_path, samples_file, capsys):
+    out = tmp_path / "prefs.jsonl"
+    assert main(["judge", "--data", str(samples_file), "--judge", "llm:tiny-random", "--output", str(out),
+                 "--pairing", "best_vs_worst", "--precision", "fp32"]) == 0
+    summary = capsys.readouterr().out.strip().splitlines()[-1]
+    # 3 + 1 + 3 pairs judged in both orders; best vs worst: at most one pair per record.
+    assert "7 pairs compared in both orders" in summary and "position bias in" in summary
+    rows = read_jsonl(out)
+    assert 1 <= len(rows) <= 3 and all(r["judge"]["pairing"] == "best_vs_worst" for r in rows)
+    for row in rows:
+        assert row["chosen"] != row["rejected"] and 0.5 < row["judge"]["p_chosen"] < 1
+    pairs, _ = load_preference_pairs(out, build_tiny_tokenizer(), max_length=512)
+    assert len(pairs) == len(rows)
+
+
+def test_score_command_takes_a_spec(tmp_path, rm_folder, capsys):
+    data = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "hi", "response": "hello"},
+                                              {"prompt": "yo", "response": "abc"}])
+    out = tmp_path / "scored.jsonl"
+    assert main(["score", "--judge", f"fn:{HERE}:lengths", "--data", str(data), "--output", str(out)]) == 0
+    assert [r["score"] for r in read_jsonl(out)] == [5.0, 3.0]
+    assert main(["score", "--judge", f"rm:{rm_folder}", "--data", str(data), "--precision", "fp32"]) == 0
+    want = RewardModel.from_pretrained(rm_folder).score(["hi", "yo"], ["hello", "abc"]).tolist()
+    assert [r["score"] for r in read_jsonl_text(capsys.readouterr().out)] == pytest.approx(want, abs=1e-5)
+
+
+def read_jsonl_text(text: str) -> list[dict]:
+    import json
+
+    return [json.loads(line) for line in text.splitlines() if line.startswith("{")]
+
+
+@pytest.fixture
+def bracketed_judge(tmp_path):
+    """A judge folder whose template wraps replies in brackets: "A" renders as "[A]", 3 tokens."""
+    tokenizer = build_tiny_tokenizer()
+    tokenizer.chat_template = TINY_CHAT_TEMPLATE.replace("message['content']", "('[' + message['content'] + ']')")
+    tokenizer.save_pretrained(tmp_path / "bracketed")
+    return tmp_path / "bracketed"
+
+
+def bad_cases(samples, rm_folder, bracketed, rubric):
+    one = write_jsonl(samples.parent / "one.jsonl", [{"prompt": "q", "responses": ["a"]}])
+    wrong = write_jsonl(samples.parent / "wrong.jsonl", [SAMPLES[0], {**SAMPLES[1], "finish_reasons": ["eos"]}])
+    return {
+        "unknown kind": (["judge", "--data", samples, "--judge", "xx:model"], "unknown judge spec, expected one of"),
+        "not a reward model": (["judge", "--data", samples, "--judge", "rm:tiny-random"],
+                               "rm:tiny-random: not a reward model (architectures ['LlamaForCausalLM']"),
+        "function raises": (["judge", "--data", samples, "--judge", f"fn:{HERE}:boom"],
+                            f"fn:{HERE}:boom: raised RuntimeError: reference answer missing"),
+        "wrong count": (["judge", "--data", samples, "--judge", f"fn:{HERE}:one_score"],
+                        f"fn:{HERE}:one_score: returned 1 scores for 8 responses"),
+        "nan": (["judge", "--data", samples, "--judge", f"fn:{HERE}:nan_at_4"],
+                f"record 2: field 'responses[1]': fn:{HERE}:nan_at_4: score 4 is nan"),
+        "label not one token": (["judge", "--data", samples, "--judge", f"llm:{bracketed}"],
+                                f"llm:{bracketed}: label 'A' is 3 tokens"),
+        "bad record, before any model": (["judge", "--data", wrong, "--judge", "rm:/no/such/folder"],
+                                         "wrong.jsonl: record 2: field 'finish_reasons': expected a list of 2 values"),
+        "one response for a pair judge": (["judge", "--data", one, "--judge", "llm:tiny-random"],
+                                          "one.jsonl: record 1: field 'responses': expected at least 2 responses"),
+        "pairing for a scorer": (["judge", "--data", samples, "--judge", f"rm:{rm_folder}", "--pairing", "all"],
+                                 "--pairing: only for an llm: judge"),
+        "rubric without placeholders": (["judge", "--data", samples, "--judge", "llm:tiny-random", "--rubric", rubric],
+                                        "expected the placeholders"),
+        "gap of 0.5 or more": (["judge", "--data", samples, "--judge", "llm:tiny-random", "--min-score-gap", "0.5"],
+                               "min_score_gap: an LLM judge's preference lies within 0.5 of even"),
+        "score with an llm judge": (["score", "--data", samples, "--judge", "llm:tiny-random"],
+                                    "the LLM judge compares pairs of responses"),
+    }
+
+
+CASES = ["unknown kind", "not a reward model", "function raises", "wrong count", "nan", "label not one token",
+         "bad record, before any model", "one response for a pair judge", "pairing for a scorer",
+         "rubric without placeholders", "gap of 0.5 or more", "score with an llm judge"]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_bad_input_is_one_line_exit_2_and_no_output(case, tmp_path, samples_file, rm_folder, bracketed_judge, capsys):
+    rubric = tmp_path / "rubric.txt"
+    rubric.write_text("{prompt} A: {response_a}")
+    argv, message = bad_cases(samples_file, rm_folder, bracketed_judge, rubric)[case]
+    out = tmp_path / "out" / "prefs.jsonl"
+    assert main([str(a) for a in argv] + ["--output", str(out), "--precision", "fp32"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1, err
+    assert not out.exists() and not (out.parent.exists() and any(out.parent.iterdir()))
+
+
+def test_cli_choices_are_the_registries_keys(capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["judge", "--help"])
+    text = "".join(capsys.readouterr().out.split())
+    assert all(f"{kind}:" in text for kind in JUDGE_KINDS)
+    assert "--pairing{" + ",".join(JUDGE_PAIRINGS) + "}" in text
