@@ -49,6 +49,26 @@ def add_config_flags(parser: argparse.ArgumentParser, cls: type) -> None:
                                 help=help_text)
 
 
+def add_sampling_flags(parser: argparse.ArgumentParser, *, temperature: float) -> None:
+    """The sampler's settings (posttrain.sampling.SamplingParams) and precision."""
+    parser.add_argument("--max-new-tokens", type=int, default=128, help="response tokens at most")
+    parser.add_argument("--temperature", type=float, default=temperature, help="softmax temperature; 0 means greedy")
+    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1: off)")
+    parser.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0: off)")
+    parser.add_argument("--stop-strings", default="", help="also stop at any of these strings, separated by '|'")
+    parser.add_argument("--seed", type=int, default=0, help="base seed of every sequence's random stream")
+    parser.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"),
+                        help="dtype of the sampler's weights")
+
+
+def sampling_params(args, n: int = 1):
+    from posttrain.sampling import SamplingParams
+
+    return SamplingParams(n=n, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                          top_k=args.top_k, stop_strings=tuple(s for s in args.stop_strings.split("|") if s),
+                          seed=args.seed)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="posttrain", description="Post-training for language models.",
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -62,11 +82,18 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--model", default="smollm2-135m-instruct", help="built-in name, HF id or folder")
     gen.add_argument("--prompt", action="append", required=True, help="user message (repeat for a batch)")
     gen.add_argument("--system", default=None, help="optional system message")
-    gen.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate at most")
-    gen.add_argument("--temperature", type=float, default=0.0, help="0 means greedy")
-    gen.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass")
-    gen.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"), help="compute precision")
-    gen.add_argument("--seed", type=int, default=0, help="sampling seed")
+    add_sampling_flags(gen, temperature=0.0)
+
+    sample = sub.add_parser("sample", help="K sampled responses per prompt record, appended to a JSONL file.",
+                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    sample.add_argument("--model", default="smollm2-135m-instruct", help="built-in name, HF id or folder")
+    sample.add_argument("--data", required=True, help="prompt records {prompt} or {messages} ending in a user turn")
+    sample.add_argument("--output", required=True, help="samples JSONL; an existing one of the same settings is continued")
+    sample.add_argument("--n", type=int, default=4, help="responses per prompt")
+    add_sampling_flags(sample, temperature=1.0)
+    sample.add_argument("--batch-size", type=int, default=8, help="sequences decoded together")
+    sample.add_argument("--max-prompt-length", type=int, default=1024, help="longer prompts are left out and counted")
+    sample.add_argument("--skip-invalid", action="store_true", help="drop invalid records (counted) instead of stopping")
 
     specs = "rm:PATH (reward model folder) | fn:module:function (reward function) | llm:MODEL (LLM judge, pairs)"
     score = sub.add_parser("score", help="One score per (prompt, response) record (rm: or fn: judge).",
@@ -108,22 +135,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_generate(args) -> None:
-    import torch
-
     from posttrain.models import load_causal_lm, load_tokenizer
-    from posttrain.models.generate import chat_generate
-    from posttrain.models.precision import resolve_precision
+    from posttrain.sampling import chat_replies
 
-    if args.max_new_tokens < 1:
-        raise ValueError(f"--max-new-tokens={args.max_new_tokens} must be ≥ 1")
-    if args.temperature < 0 or not 0 < args.top_p <= 1:
-        raise ValueError(f"--temperature={args.temperature} must be ≥ 0 and --top-p={args.top_p} in (0, 1]")
-    torch.manual_seed(args.seed)
-    tokenizer = load_tokenizer(args.model)
-    model = load_causal_lm(args.model)
-    replies = chat_generate(model, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens,
-                            temperature=args.temperature, top_p=args.top_p, system=args.system,
-                            precision=resolve_precision(args.precision))
+    params = sampling_params(args)
+    params.validate()
+    replies = chat_replies(load_causal_lm(args.model), load_tokenizer(args.model), args.prompt, params,
+                           system=args.system, precision=args.precision)
     for prompt, reply in zip(args.prompt, replies):
         print(f"### {prompt}\n{reply}\n")
 
@@ -133,6 +151,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "generate":
             run_generate(args)
+        elif args.command == "sample":
+            complete = import_module("posttrain.sampling.files").sample_file(
+                args.model, args.data, args.output, sampling_params(args, args.n), batch_size=args.batch_size,
+                precision=args.precision, max_prompt_length=args.max_prompt_length, skip_invalid=args.skip_invalid)
+            return 0 if complete else 130
         elif args.command == "score":
             import_module("posttrain.scoring.files").score_file(args.data, args.output, judge=args.judge,
                                                                 model=args.model, batch_size=args.batch_size,

@@ -19,11 +19,10 @@ import statistics
 import time
 from pathlib import Path
 
-import torch
 
 from posttrain.config import DPOConfig, PPOConfig, RMConfig, SFTConfig, build_config
 from posttrain.models import load_causal_lm, load_tokenizer
-from posttrain.models.generate import chat_generate
+from posttrain.sampling import Generation, SamplingParams, chat_generation
 from posttrain.models.precision import resolve_precision
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "data"
@@ -32,11 +31,10 @@ HELD_OUT = 4
 """Prompts from examples/data/prompts.jsonl added to PROMPT for the final comparison."""
 
 
-def answers(model_path: str, prompts: list[str], precision: str) -> list[str]:
-    torch.manual_seed(0)
-    tokenizer = load_tokenizer(model_path)
-    model = load_causal_lm(model_path)
-    return chat_generate(model, tokenizer, prompts, max_new_tokens=96, precision=precision)
+def answers(model_path: str, prompts: list[str], precision: str) -> Generation:
+    """Greedy replies of up to 96 tokens."""
+    return chat_generation(load_causal_lm(model_path), load_tokenizer(model_path), prompts,
+                           SamplingParams(temperature=0.0, max_new_tokens=96), precision=precision)
 
 
 def shipped(name: str) -> str:
@@ -48,7 +46,7 @@ def shipped(name: str) -> str:
 
 
 def run(args) -> None:
-    from posttrain.models.reward import RewardModel
+    from posttrain.scoring import load_scorer
     from posttrain.trainers import dpo, ppo, reward, sft
 
     precision = resolve_precision(args.precision)
@@ -59,7 +57,7 @@ def run(args) -> None:
     times = {}
 
     print(f"== 0. {args.model}, before post-training ({precision}) ==\n### {PROMPT}\n"
-          f"{answers(args.model, [PROMPT], precision)[0]}\n", flush=True)
+          f"{answers(args.model, [PROMPT], precision).responses[0].strip()}\n", flush=True)
 
     def stage(name: str, trainer, config_class, values: dict) -> Path:
         """Train one stage with the shared settings, timing it; returns its output folder."""
@@ -73,7 +71,7 @@ def run(args) -> None:
         "model": args.model, "data": shipped("instructions.jsonl"),
         "eval_data": shipped("instructions_eval.jsonl"), "max_steps": args.max_steps, "lr": 3e-5})
     print(f"\n== 1. after {args.max_steps} SFT steps ==\n### {PROMPT}\n"
-          f"{answers(str(tuned), [PROMPT], precision)[0]}\n", flush=True)
+          f"{answers(str(tuned), [PROMPT], precision).responses[0].strip()}\n", flush=True)
 
     preferences = {"model": str(tuned), "data": shipped("preferences.jsonl"),
                    "eval_data": shipped("preferences_eval.jsonl")}
@@ -90,15 +88,16 @@ def run(args) -> None:
 
     # 5. Does each stage beat the one it started from? Greedy answers, scored by the RM.
     prompts = [PROMPT] + [json.loads(line)["prompt"] for line in read_lines(shipped("prompts.jsonl"))][-HELD_OUT:]
-    rm = RewardModel.from_pretrained(str(rm_dir))
+    judge = load_scorer(f"rm:{rm_dir}", precision=args.precision)
     rows = []
     for name, path in (("start", args.model), ("sft", str(tuned)), ("dpo", str(aligned)), ("ppo", str(rlhf))):
-        replies = answers(path, prompts, precision)
-        scores = rm.score(prompts, replies).tolist()
+        gen = answers(path, prompts, precision)
+        # A reply cut off at the length limit is scored where it was cut, as PPO scores it.
+        scores = judge.score(prompts, gen.responses, finished=[r == "eos" for r in gen.finish_reasons])
         rows.append((name, statistics.mean(scores), scores))
         if name in ("dpo", "ppo"):
             stage, steps = (3, args.dpo_steps) if name == "dpo" else (4, args.ppo_steps)
-            print(f"\n== {stage}. after {steps} {name.upper()} steps ==\n### {PROMPT}\n{replies[0]}\n")
+            print(f"\n== {stage}. after {steps} {name.upper()} steps ==\n### {PROMPT}\n{gen.responses[0].strip()}\n")
     print(f"== 5. reward-model scores of greedy answers to {len(prompts)} prompts not trained on ==")
     for name, mean, scores in rows:
         print(f"{name:>5}: mean {mean:+.3f}  [{', '.join(f'{s:+.2f}' for s in scores)}]")

@@ -25,11 +25,11 @@ generate, build_networks, ppo_epochs = ppo.generate, ppo.build_networks, ppo.ppo
 params = {}
 
 
-def timed_generate(net, tokenizer, prompts, indices, generation, accelerator):
+def timed_generate(sampler, prompts, indices, params):
     clock.step_begin()
-    gen = generate(net, tokenizer, prompts, indices, generation, accelerator)
+    gen = generate(sampler, prompts, indices, params)
     clock.count(episodes=gen.response_ids.shape[0], generated_tokens=gen.response_mask.sum(),
-                prompt_tokens=gen.query_mask.sum())
+                prompt_tokens=gen.prompt_mask.sum())
     return gen
 
 

@@ -1,10 +1,8 @@
-"""PPO's rollouts as data: sampling (stage 1) into a `Rollout`, and scoring (stage 2) with a
-reward model or a reward function. Trainers compute everything after that from the Rollout."""
+"""PPO's rollouts as data: a `Rollout` extends the sampler's `Generation` (stage 1) with scores
+(stage 2; the scores come from `posttrain.scoring`, shaped here) and log-probs and values
+(stage 3). Trainers compute everything after that from the Rollout."""
 
-from posttrain.rollout.rollout import Generation, Rollout, generate_rollouts, response_masks, sampling_config
-from posttrain.rollout.scoring import (RunningMoments, call_reward_fn, load_reward_fn, normalize_and_clip,
-                                       penalize_missing_eos, reward_model_scores, same_tokenization)
+from posttrain.rollout.rollout import Rollout
+from posttrain.rollout.scoring import RunningMoments, normalize_and_clip, penalize_missing_eos
 
-__all__ = ["Generation", "Rollout", "RunningMoments", "call_reward_fn", "generate_rollouts", "load_reward_fn",
-           "normalize_and_clip", "penalize_missing_eos", "response_masks", "reward_model_scores",
-           "same_tokenization", "sampling_config"]
+__all__ = ["Rollout", "RunningMoments", "normalize_and_clip", "penalize_missing_eos"]

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from posttrain.data import TokenizedPrompt
+from posttrain.data import TokenizedPrompt, tokenize_prompt
 from posttrain.models.precision import resolve_precision
 from posttrain.sampling.decoders import make_decoder
 from posttrain.sampling.generation import Generation
@@ -206,3 +206,27 @@ def concat(parts: list[Generation], pad_id: int) -> Generation:
         prompt_index=torch.cat([p.prompt_index for p in parts]),
         sample_index=torch.cat([p.sample_index for p in parts]),
         prompts=[x for p in parts for x in p.prompts], responses=[x for p in parts for x in p.responses])
+
+
+def chat_generation(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, texts: list[str],
+                    params: SamplingParams = SamplingParams(temperature=0.0), *, system: str | None = None,
+                    precision: str = "fp32") -> Generation:
+    """Responses to each text sent as a single user turn (after `system`, if given), sampled
+    with `params` (greedy by default), all texts in one batch."""
+    opening = [{"role": "system", "content": system}] if system else []
+    conversations = [opening + [{"role": "user", "content": text}] for text in texts]
+    prompts = [TokenizedPrompt(tokenize_prompt(c, tokenizer), c, {"messages": c}, i)
+               for i, c in enumerate(conversations)]
+    sampler = Sampler(model, tokenizer, precision=precision, batch_size=max(1, len(prompts) * params.n))
+    return sampler.generate(prompts, params)
+
+
+def chat_replies(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, texts: list[str],
+                 params: SamplingParams = SamplingParams(temperature=0.0), *, system: str | None = None,
+                 precision: str = "fp32") -> list[str]:
+    """`chat_generation`'s response texts, one per text (n must be 1), surrounding whitespace
+    stripped. For looking at a model (`posttrain generate`, the demo, learning tests)."""
+    if params.n != 1:
+        raise ValueError(f"chat_replies: n={params.n}; one reply per text (use chat_generation for more)")
+    gen = chat_generation(model, tokenizer, texts, params, system=system, precision=precision)
+    return [reply.strip() for reply in gen.responses]

@@ -19,6 +19,7 @@ import json
 import time
 from collections import defaultdict
 from contextlib import nullcontext
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
@@ -30,13 +31,13 @@ from posttrain.data import TokenizedPrompt, load_prompts
 from posttrain.losses import AdaptiveKLController, FixedKLController, ppo_policy_loss, value_loss
 from posttrain.models import load_causal_lm, load_tokenizer
 from posttrain.models.lora import apply_lora, disabled_adapters, save_model
-from posttrain.models.precision import resolve_precision
 from posttrain.models.reward import RewardModel
 from posttrain.models.value import PolicyAndValue, ValueModel, disable_dropout, new_value_head, response_logprobs
 from posttrain.ops import aggregate, masked_sum, masked_whiten
-from posttrain.rollout.rollout import Generation, Rollout, generate_rollouts, sampling_config
-from posttrain.rollout.scoring import (RunningMoments, call_reward_fn, load_reward_fn, normalize_and_clip,
-                                       penalize_missing_eos, reward_model_scores, same_tokenization)
+from posttrain.rollout.rollout import Rollout
+from posttrain.rollout.scoring import RunningMoments, normalize_and_clip, penalize_missing_eos
+from posttrain.sampling import Generation, Sampler, SamplingParams
+from posttrain.scoring import RewardModelScorer, load_scorer, same_tokenization, score_generation
 from posttrain.trainers.common import (RunLog, StopRequest, build_optimizer, build_scheduler,
                                        checkpoint_and_exit, finish_run, global_sum, make_accelerator,
                                        prepare_output_dir, resume_from_checkpoint, save_checkpoint,
@@ -73,22 +74,19 @@ def build_networks(cfg: PPOConfig) -> tuple[PolicyAndValue, torch.nn.Module | No
 
 
 def build_scorer(cfg: PPOConfig, tokenizer, accelerator):
-    """(generation, prompts) -> raw scores [B] float32 on the CPU (stage 2)."""
-    if cfg.reward_fn:
-        fn = load_reward_fn(cfg.reward_fn)
-        return lambda gen, prompts: call_reward_fn(fn, cfg.reward_fn, gen, prompts)
-    # Frozen, so it may be stored in the compute precision (half the memory under bf16).
-    bf16 = resolve_precision(cfg.precision, accelerator.device.type) == "bf16"
-    rm = RewardModel.from_pretrained(cfg.reward_model, dtype=torch.bfloat16 if bf16 else torch.float32)
-    rm = rm.to(accelerator.device).eval().requires_grad_(False)
-    reuse = same_tokenization(rm.tokenizer, tokenizer)
-    accelerator.print(f"reward model {cfg.reward_model}: "
-                      + ("same tokenizer, scores the rollout ids" if reuse else "re-tokenises the text"))
+    """(generation, prompts) -> raw scores [B] float32 on the CPU (stage 2), from the spec
+    rm:REWARD_MODEL or fn:REWARD_FN. A reward model is frozen, so it is stored in the compute
+    precision (half the memory under bf16)."""
+    spec = f"fn:{cfg.reward_fn}" if cfg.reward_fn else f"rm:{cfg.reward_model}"
+    scorer = load_scorer(spec, batch_size=cfg.batch_size, precision=cfg.precision, device=accelerator.device)
+    if isinstance(scorer, RewardModelScorer):
+        reuse = same_tokenization(scorer.model.tokenizer, tokenizer)
+        accelerator.print(f"reward model {cfg.reward_model}: "
+                          + ("same tokenizer, scores the rollout ids" if reuse else "re-tokenises the text"))
 
     def score(gen: Generation, prompts: list[TokenizedPrompt]) -> torch.Tensor:
-        with accelerator.autocast():
-            return reward_model_scores(rm, gen, prompts, reuse_ids=reuse, batch_size=cfg.batch_size,
-                                       device=accelerator.device)
+        return score_generation(scorer, gen, [p.messages for p in prompts], [p.record for p in prompts],
+                                tokenizer=tokenizer)
     return score
 
 
@@ -204,33 +202,37 @@ def rollout_metrics(rollout: Rollout, returns, kl, kl_coef: float, accelerator) 
     return out
 
 
-def generate(net: PolicyAndValue, tokenizer, prompts, indices, generation, accelerator) -> Generation:
-    """Stage 1 in eval mode and the compute precision."""
-    net.policy.eval()
-    with accelerator.autocast():
-        gen = generate_rollouts(net.policy, tokenizer, prompts, indices, generation=generation)
-    net.policy.train()
-    return gen
+def sampling_params(cfg: PPOConfig, iteration: int) -> SamplingParams:
+    """One response per prompt; iteration −1 is the held-out evaluation's fixed stream. The
+    seed depends on the iteration only, so a resumed run draws the samples it would have drawn."""
+    return SamplingParams(n=1, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
+                          stop_strings=tuple(s for s in cfg.stop_strings.split("|") if s),
+                          seed=cfg.seed * 1_000_003 + iteration)
+
+
+def generate(sampler: Sampler, prompts: list[TokenizedPrompt], indices: list[int],
+             params: SamplingParams) -> Generation:
+    """Stage 1: one response to each prompts[i], i in indices, from the sampler's copy of the
+    policy's weights; prompt_index counts positions in `prompts`."""
+    gen = sampler.generate([prompts[i] for i in indices], params)
+    return replace(gen, prompt_index=torch.tensor(indices)[gen.prompt_index])
 
 
 @torch.no_grad()
-def evaluate(net, reference, tokenizer, prompts, score, cfg: PPOConfig, generation, accelerator) -> dict:
+def evaluate(net, reference, sampler, prompts, score, cfg: PPOConfig, accelerator) -> dict:
     """Mean score, KL to the reference (Σ_t log π/π_ref per response, k1: unbiased under π)
     and response length over the held-out prompts, sampled as in training from a fixed seed
-    so evaluations differ only by the policy; the training RNG stream is left untouched."""
+    so evaluations differ only by the policy."""
     rank, world = accelerator.process_index, accelerator.num_processes
     mine = list(range(len(prompts)))[rank::world]
     totals = defaultdict(float)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.seed + 1)
-        for start in range(0, len(mine), cfg.rollout_batch_size):
-            gen = generate(net, tokenizer, prompts, mine[start: start + cfg.rollout_batch_size], generation,
-                           accelerator)
-            forward = old_policy_and_reference(net, reference, gen, cfg, accelerator)
-            kl = masked_sum(forward["logprobs"] - forward["ref_logprobs"], gen.response_mask, dim=-1)
-            totals["eval/scores"] += float(score(gen, prompts).sum())
-            totals["eval/kl"] += float(kl.sum())
-            totals["eval/response_length"] += float(gen.response_mask.sum())
+    for start in range(0, len(mine), cfg.rollout_batch_size):
+        gen = generate(sampler, prompts, mine[start: start + cfg.rollout_batch_size], sampling_params(cfg, -1))
+        forward = old_policy_and_reference(net, reference, gen, cfg, accelerator)
+        kl = masked_sum(forward["logprobs"] - forward["ref_logprobs"], gen.response_mask, dim=-1)
+        totals["eval/scores"] += float(score(gen, prompts).sum())
+        totals["eval/kl"] += float(kl.sum())
+        totals["eval/response_length"] += float(gen.response_mask.sum())
     return {key: global_sum(accelerator, value) / len(prompts) for key, value in totals.items()}
 
 
@@ -276,11 +278,11 @@ def train(cfg: PPOConfig) -> Path:
         kl_ctl.load_state_dict(state["kl_ctl"])
         if moments is not None:
             moments.load_state_dict(state["moments"])
-    generation = sampling_config(tokenizer, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                                 top_p=cfg.top_p, stop_strings=[s for s in cfg.stop_strings.split("|") if s])
+    # Samples from its own inference copy of the policy (bf16 under bf16), re-synced after each update.
+    sampler = Sampler(net.policy, tokenizer, precision=cfg.precision, batch_size=n_local)
     log = RunLog(accelerator, cfg, iterations, start, "ppo")
     samples_path = Path(cfg.output_dir) / "samples.jsonl"
-    evaluate_now = partial(evaluate, net, reference, tokenizer, eval_prompts, score, cfg, generation, accelerator)
+    evaluate_now = partial(evaluate, net, reference, sampler, eval_prompts, score, cfg, accelerator)
     if eval_prompts and start == 0:
         log.log(0, evaluate_now())
     stop = StopRequest()
@@ -290,7 +292,7 @@ def train(cfg: PPOConfig) -> Path:
             indices = step_items(it, len(prompts), cfg.rollout_batch_size, cfg.seed)[rank * n_local:
                                                                                      (rank + 1) * n_local]
             # 1. Generate.
-            gen = generate(net, tokenizer, prompts, indices, generation, accelerator)
+            gen = generate(sampler, prompts, indices, sampling_params(cfg, it))
             # 2. Score: raw scores, missing-EOS penalty, running normalisation, clipping.
             raw = score(gen, prompts)
             penalized = penalize_missing_eos(raw, gen.ended, cfg.missing_eos_penalty)
@@ -307,6 +309,7 @@ def train(cfg: PPOConfig) -> Path:
             rolled = time.perf_counter()
             # 6. PPO epochs.
             stats = ppo_epochs(model, optimizer, accelerator, rollout, advantages, returns, cfg)
+            sampler.sync()
             scheduler.step()
             metrics = rollout_metrics(rollout, returns, kl, kl_coef, accelerator)
             kl_ctl.update(metrics["objective/kl"], cfg.rollout_batch_size)

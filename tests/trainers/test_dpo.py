@@ -248,7 +248,7 @@ def test_learning_dpo_fixes_what_sft_left_ambiguous(tmp_path, one_thread):
     # must then raise, on words neither stage saw, (a) how often the policy puts more
     # probability on the right answer than on the wrong one and (b) greedy answers that are
     # right. When written: (a) 0.40 → 1.00, (b) 0.45 → 1.00, eval/rewards/accuracy 1.00 (≈11 s).
-    from posttrain.models.generate import chat_generate
+    from posttrain.sampling import SamplingParams, chat_replies
 
     rng = random.Random(0)
     words = sorted({"".join(rng.choice("abcdefgh") for _ in range(rng.randint(3, 6))) for _ in range(6000)})
@@ -276,7 +276,7 @@ def test_learning_dpo_fixes_what_sft_left_ambiguous(tmp_path, one_thread):
         with torch.no_grad():
             chosen, rejected = sequence_logps(TokenLogprobs(model), collate_pairs(pairs, tok.pad_token_id,
                                                                                   prefix_sharing=True), "cpu")
-        answers = chat_generate(model, tok, held, max_new_tokens=4)
+        answers = chat_replies(model, tok, held, SamplingParams(temperature=0, max_new_tokens=4))
         return (chosen > rejected).float().mean().item(), sum(a == w[0] for a, w in zip(answers, held)) / len(held)
 
     (pref_before, task_before), (pref_after, task_after) = scores(start), scores(out)

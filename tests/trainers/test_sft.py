@@ -150,7 +150,7 @@ def test_learning_reverses_held_out_strings(tmp_path):
     import random
 
     from posttrain.models import load_causal_lm, load_tokenizer
-    from posttrain.models.generate import chat_generate
+    from posttrain.sampling import SamplingParams, chat_replies
 
     rng = random.Random(0)
     train = reverse_records(3000, rng)
@@ -160,7 +160,7 @@ def test_learning_reverses_held_out_strings(tmp_path):
 
     def accuracy(model_path) -> float:
         model, tok = load_causal_lm(str(model_path)), load_tokenizer(str(model_path))
-        answers = chat_generate(model, tok, [r["prompt"] for r in held], max_new_tokens=10)
+        answers = chat_replies(model, tok, [r["prompt"] for r in held], SamplingParams(temperature=0, max_new_tokens=10))
         return sum(a == r["completion"] for a, r in zip(answers, held)) / len(held)
 
     out = sft.train(config(tmp_path, "run", data, max_steps=300, batch_size=32, lr=3e-3, warmup_ratio=0.05,
