@@ -26,7 +26,8 @@ Prompt records (`prompt_messages`): `{"prompt": str | conversation}` or `{"messa
 ending in a user turn.
 
 Sample records (`sampled_responses`, what `posttrain sample` writes and `posttrain judge`
-reads): a prompt record plus `"responses": [str, ...]` and optional `"finish_reasons"`.
+reads): a prompt record plus `"responses": [str, ...]` (empty strings included: a model may
+emit EOS at once) and optional `"finish_reasons"`.
 Records to score (`scoring_conversation`, `posttrain score`): `{"prompt", "response"}` or
 `{"messages": [...]}` ending in an assistant turn.
 
@@ -352,15 +353,16 @@ def _scored_pairs(rec: _Record, index: int, pairing: str, min_score_gap: float) 
 
 
 FINISH_REASONS = ("eos", "stop", "length")
-"""Why a sampled response ended: its EOS token, a stop string, or max_new_tokens. The same
-tuple as `posttrain.sampling.generation.FINISH_REASONS` (data/ sits below sampling/)."""
+"""Why a sampled response ended: its EOS token, a stop string, or max_new_tokens. Defined here,
+below sampling/, which imports it."""
 
 
 @dataclass(frozen=True)
 class SampledResponses:
     """The responses sampled for one prompt. prompt: conversation ending in a user turn.
-    responses: N non-empty reply texts. finish_reasons: N values of FINISH_REASONS, all
-    "eos" when the record gives none (every reply finished)."""
+    responses: N reply texts, possibly empty or whitespace-only (a model may emit EOS at once).
+    finish_reasons: N values of FINISH_REASONS, all "eos" when the record gives none (every
+    reply finished)."""
 
     prompt: list[dict[str, str]]
     responses: list[str]
@@ -384,7 +386,11 @@ def sampled_responses(record: Any, *, source: str, index: int, min_responses: in
     if not isinstance(value, list):
         raise rec.fail("responses", f"expected a list of strings, got {type_name(value)} {short_repr(value)}",
                        reason="non-list responses")
-    responses = [_text(rec, response, f"responses[{i}]") for i, response in enumerate(value)]
+    for i, response in enumerate(value):
+        if not isinstance(response, str):
+            raise rec.fail(f"responses[{i}]", f"expected a string, got {type_name(response)} {short_repr(response)}",
+                           reason="non-string responses")
+    responses = list(value)
     if len(responses) < min_responses:
         raise rec.fail("responses", f"expected at least {min_responses} responses, got {len(responses)}",
                        reason=f"fewer than {min_responses} responses")

@@ -10,8 +10,7 @@ from dataclasses import dataclass, fields
 
 import torch
 
-FINISH_REASONS = ("eos", "stop", "length")
-"""Why a response ended: its EOS token, a stop string, or max_new_tokens."""
+from posttrain.data import FINISH_REASONS  # the values of finish_reasons; posttrain.sampling exports it from here
 
 
 @dataclass

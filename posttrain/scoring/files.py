@@ -13,6 +13,11 @@ failed run leaves no file that a re-run could mistake for a finished one.
 * `llm:` — pairs `{prompt, chosen, rejected, ...}`, chosen by `JUDGE_PAIRINGS`; ties and
   pairs within `min_score_gap` of 0.5 are left out and counted.
 
+An empty or whitespace-only response (a model that emitted EOS at once) is left out of scoring
+and pairing, and counted: neither tool accepts an empty reply. A scored list keeps the others
+with their finish_reasons; a pair's chosen_index / rejected_index still index the source
+record's "responses".
+
 The source record's other fields are kept (ids, "sampling" provenance), except the fields of
 a preference shape, which would change what the record means; each record gets a "judge"
 object (spec, rubric, probabilities), which posttrain's preference loader ignores.
@@ -90,10 +95,13 @@ class JudgeSummary:
     """An llm: judge (pairs written) rather than rm:/fn: (scored lists written)."""
     records: int = 0
     responses: int = 0
+    """Responses read, the empty ones included."""
+    empty: int = 0
+    """Empty or whitespace-only responses, left out of scoring and pairing."""
     written: int = 0
     """Records (rm/fn: scored lists) or pairs (llm) written."""
     left_out: int = 0
-    """rm/fn: records whose scores form no pair (one response, or all scores equal)."""
+    """rm/fn: records whose scores form no pair (under two non-empty responses, or all scores equal)."""
     compared: int = 0
     """llm: pairs judged in both orders."""
     ties: int = 0
@@ -104,7 +112,8 @@ class JudgeSummary:
     """llm: judged pairs where both orders picked the same position."""
 
     def line(self, output: str) -> str:
-        head = f"judged {self.records} records ({self.responses} responses) with {self.spec}: "
+        head = (f"judged {self.records} records ({self.responses} responses, {self.empty} empty responses left out) "
+                f"with {self.spec}: ")
         if not self.pairwise:
             return head + (f"wrote {self.written} scored lists to {output}; left out {self.left_out} records "
                            "with no two different scores")
@@ -122,10 +131,21 @@ def _carried(record: dict) -> dict:
     return {k: v for k, v in record.items() if k not in NOT_CARRIED}
 
 
+def without_empty(samples: list[SampledResponses]) -> tuple[list[SampledResponses], list[list[int]], int]:
+    """`samples` without their empty or whitespace-only responses (finish_reasons kept aligned),
+    each record's source indices of the responses kept, and how many were left out."""
+    kept = [[i for i, response in enumerate(s.responses) if response.strip()] for s in samples]
+    out = [SampledResponses(s.prompt, [s.responses[i] for i in k], [s.finish_reasons[i] for i in k])
+           for s, k in zip(samples, kept)]
+    return out, kept, sum(len(s.responses) - len(k) for s, k in zip(samples, kept))
+
+
 def score_samples(records: list[dict], samples: list[SampledResponses], scorer: Scorer, *, source: str,
                   batch_size: int = 8) -> tuple[list[dict], JudgeSummary]:
-    """Scored lists `{prompt, responses, scores, judge, ...}` of the records whose scores can form
-    a pair, and the summary. Responses are scored batch_size at a time across records."""
+    """Scored lists `{prompt, responses, scores, judge, ...}` of the records whose non-empty
+    responses' scores can form a pair, and the summary. Responses are scored batch_size at a
+    time across records."""
+    samples, kept, empty = without_empty(samples)
     rows = [(r, i) for r, sample in enumerate(samples) for i in range(len(sample.responses))]
     scores: list[float] = []
     bar = tqdm(total=len(rows), desc=f"scoring ({scorer.spec})", unit="response", disable=None, leave=False,
@@ -138,10 +158,10 @@ def score_samples(records: list[dict], samples: list[SampledResponses], scorer: 
                                    finished=[samples[r].finish_reasons[i] == "eos" for r, i in chunk])
         except ScoreError as err:
             r, i = chunk[err.row]
-            raise ValueError(f"{source}: record {r + 1}: field 'responses[{i}]': {err}") from None
+            raise ValueError(f"{source}: record {r + 1}: field 'responses[{kept[r][i]}]': {err}") from None
         bar.update(len(chunk))
     bar.close()
-    summary = JudgeSummary(scorer.spec, False, records=len(records), responses=len(rows))
+    summary = JudgeSummary(scorer.spec, False, records=len(records), responses=len(rows) + empty, empty=empty)
     out, start = [], 0
     for record, sample in zip(records, samples):
         mine = scores[start: start + len(sample.responses)]
@@ -158,9 +178,10 @@ def score_samples(records: list[dict], samples: list[SampledResponses], scorer: 
 def judge_samples(records: list[dict], samples: list[SampledResponses], judge: LLMJudge, *, pairing: str = "all",
                   min_score_gap: float = 0.0) -> tuple[list[dict], JudgeSummary]:
     """Preference pairs `{prompt, chosen, rejected, judge, ...}` from judging every pair of each
-    record's responses in both orders (one batched call for the whole file), and the summary.
-    Two identical responses are not judged: they are even (0.5), so never a pair."""
+    record's non-empty responses in both orders (one batched call for the whole file), and the
+    summary. Two identical responses are not judged: they are even (0.5), so never a pair."""
     check_pairing_options(pairing, min_score_gap, judge.tie_margin)
+    samples, kept, empty = without_empty(samples)
     keys = [(r, i, j) for r, s in enumerate(samples) for i in range(len(s.responses))
             for j in range(i + 1, len(s.responses)) if s.responses[i] != s.responses[j]]
     verdicts = judge.compare([samples[r].prompt for r, _, _ in keys], [samples[r].responses[i] for r, i, _ in keys],
@@ -170,17 +191,21 @@ def judge_samples(records: list[dict], samples: list[SampledResponses], judge: L
                  for s in samples]
     for (r, i, j), v in zip(keys, verdicts):
         by_record[r][(i, j)] = v
-    summary = JudgeSummary(judge.spec, True, records=len(records), responses=sum(len(s.responses) for s in samples),
+    summary = JudgeSummary(judge.spec, True, records=len(records),
+                           responses=sum(len(s.responses) for s in samples) + empty, empty=empty,
                            compared=len(keys), ties=sum(v.tie for v in verdicts),
                            position_biased=sum(v.position_bias for v in verdicts))
     out = []
-    for record, sample, verdicts_here in zip(records, samples, by_record):
+    for record, sample, source_index, verdicts_here in zip(records, samples, kept, by_record):
+        if len(sample.responses) < 2:  # its other responses were empty: no pair, and nothing to rank
+            continue
         pairs, within_gap = select_pairs(len(sample.responses), verdicts_here, pairing=pairing,
                                          min_score_gap=min_score_gap)
         summary.within_gap += within_gap
         for chosen, rejected, v in pairs:
             chosen_first = chosen < rejected  # v is the verdict with the lower index shown first
-            meta = {**judge.metadata(), "pairing": pairing, "chosen_index": chosen, "rejected_index": rejected,
+            meta = {**judge.metadata(), "pairing": pairing, "chosen_index": source_index[chosen],
+                    "rejected_index": source_index[rejected],
                     "p_chosen": v.p_first if chosen_first else 1 - v.p_first,
                     "p_a_chosen_first": v.p_ab if chosen_first else v.p_ba,
                     "p_a_rejected_first": v.p_ba if chosen_first else v.p_ab,

@@ -1,10 +1,12 @@
 """`posttrain judge` and `posttrain score` end to end on the tiny model: outputs that `posttrain
-rm` / `dpo` load unchanged, and every bad input of the issue stopping with one line, exit code
-2 and no output file."""
+rm` / `dpo` load unchanged, judging what `posttrain sample` wrote (empty replies included), and
+every bad input of the issue stopping with one line, exit code 2 and no output file."""
 
 from __future__ import annotations
 
 import math
+from itertools import combinations
+from pathlib import Path
 
 import pytest
 from scoring_helpers import SAMPLES, read_jsonl, write_jsonl
@@ -77,6 +79,107 @@ def test_judge_with_the_tiny_llm_writes_pairs_dpo_loads(tmp_path, samples_file, 
         assert row["chosen"] != row["rejected"] and 0.5 < row["judge"]["p_chosen"] < 1
     pairs, _ = load_preference_pairs(out, build_tiny_tokenizer(), max_length=512)
     assert len(pairs) == len(rows)
+
+
+SAMPLE_ARGS = ["--model", "tiny-random", "--n", "4", "--max-new-tokens", "8", "--precision", "fp32", "--seed", "23"]
+
+
+@pytest.fixture
+def sampled_file(tmp_path) -> Path:
+    """What `posttrain sample` writes for 10 prompts × 4. The tiny model now and then emits EOS
+    at once; seed 23 was picked for its one empty and one newline-only reply."""
+    prompts = [{"prompt": f"question number {i}", "id": i} for i in range(10)]
+    out = tmp_path / "samples.jsonl"
+    assert main(["sample", "--data", str(write_jsonl(tmp_path / "prompts.jsonl", prompts)), "--output", str(out),
+                 *SAMPLE_ARGS]) == 0
+    samples = read_jsonl(out)
+    assert sum(not r.strip() for s in samples for r in s["responses"]) >= 1, "no empty reply: pick another seed"
+    return out
+
+
+def non_empty(responses: list[str]) -> list[int]:
+    return [i for i, r in enumerate(responses) if r.strip()]
+
+
+def test_judge_with_a_function_scores_what_sample_wrote_without_its_empty_replies(tmp_path, sampled_file, capsys):
+    samples = {s["prompt_index"]: s for s in read_jsonl(sampled_file)}
+    empty = sum(len(s["responses"]) - len(non_empty(s["responses"])) for s in samples.values())
+    out = tmp_path / "scored.jsonl"
+    assert main(["judge", "--data", str(sampled_file), "--judge", f"fn:{HERE}:lengths", "--output", str(out)]) == 0
+    rows = read_jsonl(out)
+    summary = capsys.readouterr().out.strip().splitlines()[-1]
+    assert f"judged 10 records (40 responses, {empty} empty responses left out)" in summary
+    assert f"left out {10 - len(rows)} records" in summary and rows
+    for row in rows:
+        source = samples[row["prompt_index"]]
+        kept = non_empty(source["responses"])
+        assert row["responses"] == [source["responses"][i] for i in kept]
+        assert row["finish_reasons"] == [source["finish_reasons"][i] for i in kept]
+        assert row["scores"] == [float(len(r)) for r in row["responses"]]
+    _, report = load_preference_pairs(out, build_tiny_tokenizer(), max_length=512)
+    assert report.records == len(rows)
+
+
+def test_judge_with_the_tiny_llm_pairs_what_sample_wrote_without_its_empty_replies(tmp_path, sampled_file, capsys):
+    samples = {s["prompt_index"]: s for s in read_jsonl(sampled_file)}
+    empty = sum(len(s["responses"]) - len(non_empty(s["responses"])) for s in samples.values())
+    compared = sum(s["responses"][i] != s["responses"][j] for s in samples.values()
+                   for i, j in combinations(non_empty(s["responses"]), 2))
+    out = tmp_path / "prefs.jsonl"
+    assert main(["judge", "--data", str(sampled_file), "--judge", "llm:tiny-random", "--output", str(out),
+                 "--precision", "fp32"]) == 0
+    summary = capsys.readouterr().out.strip().splitlines()[-1]
+    assert f"(40 responses, {empty} empty responses left out)" in summary
+    assert f"{compared} pairs compared in both orders" in summary
+    rows = read_jsonl(out)
+    for row in rows:  # chosen_index / rejected_index name the samples file's responses
+        responses = samples[row["prompt_index"]]["responses"]
+        assert (row["chosen"], row["rejected"]) == (responses[row["judge"]["chosen_index"]],
+                                                    responses[row["judge"]["rejected_index"]])
+    pairs, _ = load_preference_pairs(out, build_tiny_tokenizer(), max_length=512)
+    assert len(pairs) == len(rows) > 0
+
+
+def test_judge_counts_the_empty_replies_it_leaves_out(tmp_path, capsys):
+    data = write_jsonl(tmp_path / "s.jsonl", [
+        {"prompt": "a", "responses": ["xy", "", "z"], "finish_reasons": ["length", "eos", "stop"]},
+        {"prompt": "b", "responses": [" \n", "only"]},   # one reply left: no pair
+        {"prompt": "c", "responses": ["", "\t"]},         # none left
+    ])
+    out = tmp_path / "scored.jsonl"
+    assert main(["judge", "--data", str(data), "--judge", f"fn:{HERE}:lengths", "--output", str(out)]) == 0
+    assert [(r["responses"], r["finish_reasons"], r["scores"]) for r in read_jsonl(out)] == [
+        (["xy", "z"], ["length", "stop"], [2.0, 1.0])]
+    summary = capsys.readouterr().out
+    assert "judged 3 records (7 responses, 4 empty responses left out)" in summary
+    assert "left out 2 records with no two different scores" in summary
+    # The LLM judge compares "xy" with "z" only; a tie margin of 1 makes every verdict a pair.
+    out = tmp_path / "prefs.jsonl"
+    assert main(["judge", "--data", str(data), "--judge", "llm:tiny-random", "--output", str(out),
+                 "--precision", "fp32", "--tie-margin", "1"]) == 0
+    summary = capsys.readouterr().out
+    assert "judged 3 records (7 responses, 4 empty responses left out)" in summary
+    assert "1 pairs compared in both orders, 1 pairs written" in summary
+    [row] = read_jsonl(out)
+    assert {row["judge"]["chosen_index"], row["judge"]["rejected_index"]} == {0, 2}
+
+
+def test_score_command_writes_one_score_per_record(tmp_path, rm_folder, capsys):
+    records = [{"prompt": "upper: abc", "response": "ABC", "id": 1},
+               {"messages": [{"role": "user", "content": "upper: abc"}, {"role": "assistant", "content": "abc"}]}]
+    data = write_jsonl(tmp_path / "s.jsonl", records)
+    out = tmp_path / "scored.jsonl"
+    args = ["score", "--model", str(rm_folder), "--data", str(data), "--output", str(out), "--precision", "fp32"]
+    assert main(args) == 0
+    rows = read_jsonl(out)
+    assert [{k: v for k, v in r.items() if k != "score"} for r in rows] == records
+    expected = RewardModel.from_pretrained(rm_folder).score(["upper: abc"] * 2, ["ABC", "abc"])
+    assert [r["score"] for r in rows] == pytest.approx(expected.tolist(), abs=1e-5)
+
+    bad = write_jsonl(tmp_path / "bad.jsonl", [records[0], {"prompt": "x", "response": 3}])
+    assert main(["score", "--model", str(rm_folder), "--data", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "bad.jsonl: record 2: field 'response': expected a non-empty string, got number 3" in err
 
 
 def test_score_command_takes_a_spec(tmp_path, rm_folder, capsys):

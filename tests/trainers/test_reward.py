@@ -1,5 +1,5 @@
 """Reward-model trainer: few steps, accumulation = one big batch, exact resume, LoRA, a
-learning test, `posttrain score`, and bad data stopping the run."""
+learning test, and bad data stopping the run."""
 
 from __future__ import annotations
 
@@ -14,7 +14,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from posttrain.cli import main
 from posttrain.config import RMConfig, build_config
 from posttrain.models.reward import RewardModel
 from posttrain.trainers import reward
@@ -167,26 +166,6 @@ def test_learning_prefers_the_reply_that_follows_the_instruction(tmp_path):
 
     assert accuracy(RewardModel.from_causal_lm("tiny-random")) < 0.8
     assert accuracy(RewardModel.from_pretrained(out)) == pytest.approx(final["eval/accuracy"])
-
-
-def test_score_command_writes_one_score_per_record(tmp_path, tiny_path, capsys):
-    rm = RewardModel.from_causal_lm("tiny-random", seed=1)
-    folder = rm.save_pretrained(tmp_path / "rm")
-    records = [{"prompt": "upper: abc", "response": "ABC", "id": 1},
-               {"messages": [{"role": "user", "content": "upper: abc"}, {"role": "assistant", "content": "abc"}]}]
-    data = write_jsonl(tmp_path / "s.jsonl", records)
-    out = tmp_path / "scored.jsonl"
-    args = ["score", "--model", str(folder), "--data", str(data), "--output", str(out), "--precision", "fp32"]
-    assert main(args) == 0
-    rows = [json.loads(line) for line in out.read_text().splitlines()]
-    assert [{k: v for k, v in r.items() if k != "score"} for r in rows] == records
-    expected = RewardModel.from_pretrained(folder).score(["upper: abc"] * 2, ["ABC", "abc"])
-    assert [r["score"] for r in rows] == pytest.approx(expected.tolist(), abs=1e-5)
-
-    bad = write_jsonl(tmp_path / "bad.jsonl", [records[0], {"prompt": "x", "response": 3}])
-    assert main(["score", "--model", str(folder), "--data", str(bad)]) == 2
-    err = capsys.readouterr().err
-    assert "bad.jsonl: record 2: field 'response': expected a non-empty string, got number 3" in err
 
 
 def test_bad_record_stops_before_training_or_is_skipped_and_counted(tmp_path, capsys):
