@@ -63,21 +63,32 @@ def _weight(linear: torch.nn.Module) -> torch.Tensor:
     return linear.weight
 
 
-def grouped_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """softmax(q·kᵀ/√D, masked)·v for grouped-query attention: q [B, N, T, D], keys and values
-    [B, K, S, D] (each of the K heads serves G = N/K query heads), mask [B, 1, T, S] bool.
-    Returns [B, T, N·D].
+def attention_bias(key_mask: torch.Tensor, start: int, width: int, kv_heads: int, groups: int,
+                   dtype: torch.dtype) -> torch.Tensor:
+    """`attention_mask` as an additive bias [B·K, G·T, S] (0 seen, −inf hidden), laid out for
+    `grouped_attention` once per forward and shared by every layer."""
+    mask = attention_mask(key_mask, start, width)                                # [B, 1, T, S]
+    bias = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
+    batch, _, _, end = mask.shape
+    return bias[:, :, None].expand(batch, kv_heads, groups, width, end).reshape(batch * kv_heads, groups * width, end)
 
-    Two batched matmuls over [B·K] with the G query heads stacked: for one query token this is
-    several times faster on a CPU than torch's fused attention kernel, and never repeats k/v.
+
+def grouped_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """softmax(q·kᵀ/√D + bias)·v for grouped-query attention: q [B, N, T, D], keys and values
+    [B, K, S, D] (each of the K heads serves G = N/K query heads), bias [B·K, G·T, S] from
+    `attention_bias`. Returns [B, T, N·D].
+
+    Two batched matmuls over B·K with the G query heads stacked, as transformers' eager
+    attention computes it (scores in the compute dtype, softmax in fp32): for one query token
+    this is several times faster on a CPU than torch's fused attention kernel, and it never
+    repeats k/v.
     """
     batch, heads, width, dim = q.shape
-    groups = heads // keys.shape[1]
-    q = q.reshape(batch, keys.shape[1], groups * width, dim)                     # [B, K, G·T, D]
-    scores = (q @ keys.transpose(-1, -2)).float() * dim ** -0.5                  # [B, K, G·T, S]
-    scores = scores.view(batch, keys.shape[1], groups, width, -1).masked_fill(~mask[:, :, None], float("-inf"))
-    weights = scores.softmax(-1).to(values.dtype).view(batch, keys.shape[1], groups * width, -1)
-    out = (weights @ values).view(batch, heads, width, dim)                      # [B, N, T, D]
+    kv = keys.shape[1]
+    q = q.reshape(batch * kv, heads // kv * width, dim)                            # [B·K, G·T, D]
+    scores = torch.baddbmm(bias, q, keys.flatten(0, 1).transpose(1, 2), alpha=dim ** -0.5)  # [B·K, G·T, S]
+    weights = scores.softmax(-1, dtype=torch.float32).to(values.dtype)
+    out = torch.bmm(weights, values.flatten(0, 1)).view(batch, heads, width, dim)  # [B, N, T, D]
     return out.transpose(1, 2).reshape(batch, width, heads * dim)
 
 
@@ -154,14 +165,14 @@ class LlamaDecoder:
         x = F.embedding(ids, self.embed)                                                   # [B, T, H]
         cos, sin = self.rotary(x, positions)                                               # [B, T, D]
         cos, sin = cos[:, None], sin[:, None]
-        mask = attention_mask(key_mask, start, width)
+        bias = attention_bias(key_mask, start, width, k, n // k, self.dtype)
         for layer, (keys, values) in zip(self.layers, self.cache):
             qkv = self._linear(self._norm(x, layer["attn_norm"]), layer["qkv"])                # [B, T, (N+2K)·D]
             qk = qkv[..., : (n + k) * d].view(batch, width, n + k, d).transpose(1, 2)      # [B, N+K, T, D]
             qk = qk * cos + _rotate_half(qk) * sin
             keys[:, :, start:end] = qk[:, n:]
             values[:, :, start:end] = qkv[..., (n + k) * d:].view(batch, width, k, d).transpose(1, 2)
-            attn = grouped_attention(qk[:, :n], keys[:, :, :end], values[:, :, :end], mask)  # [B, T, N·D]
+            attn = grouped_attention(qk[:, :n], keys[:, :, :end], values[:, :, :end], bias)  # [B, T, N·D]
             x = x + self._linear(attn, layer["o"])
             gate, up = self._linear(self._norm(x, layer["mlp_norm"]), layer["gate_up"]).chunk(2, dim=-1)
             x = x + self._linear(F.silu(gate) * up, layer["down"])
