@@ -73,20 +73,21 @@ def attention_bias(key_mask: torch.Tensor, start: int, width: int, kv_heads: int
     return bias[:, :, None].expand(batch, kv_heads, groups, width, end).reshape(batch * kv_heads, groups * width, end)
 
 
-def grouped_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """softmax(q·kᵀ/√D + bias)·v for grouped-query attention: q [B, N, T, D], keys and values
-    [B, K, S, D] (each of the K heads serves G = N/K query heads), bias [B·K, G·T, S] from
-    `attention_bias`. Returns [B, T, N·D].
+def grouped_attention(q: torch.Tensor, keys_t: torch.Tensor, values: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """softmax(q·kᵀ/√D + bias)·v for grouped-query attention: q [B, N, T, D], keys_t
+    [B, K, D, S] (keys transposed), values [B, K, S, D] (each of the K heads serves G = N/K
+    query heads), bias [B·K, G·T, S] from `attention_bias`. Returns [B, T, N·D].
 
     Two batched matmuls over B·K with the G query heads stacked, as transformers' eager
     attention computes it (scores in the compute dtype, softmax in fp32): for one query token
     this is several times faster on a CPU than torch's fused attention kernel, and it never
-    repeats k/v.
+    repeats k/v. Keys are cached transposed because a slice [:S] of that layout multiplies
+    without a copy (bf16 here: 0.14 ms instead of 0.35 ms a layer at B=32, S=180).
     """
     batch, heads, width, dim = q.shape
-    kv = keys.shape[1]
+    kv = keys_t.shape[1]
     q = q.reshape(batch * kv, heads // kv * width, dim)                            # [B·K, G·T, D]
-    scores = torch.baddbmm(bias, q, keys.flatten(0, 1).transpose(1, 2), alpha=dim ** -0.5)  # [B·K, G·T, S]
+    scores = torch.baddbmm(bias, q, keys_t.flatten(0, 1), alpha=dim ** -0.5)       # [B·K, G·T, S]
     weights = scores.softmax(-1, dtype=torch.float32).to(values.dtype)
     out = torch.bmm(weights, values.flatten(0, 1)).view(batch, heads, width, dim)  # [B, N, T, D]
     return out.transpose(1, 2).reshape(batch, width, heads * dim)
@@ -148,9 +149,10 @@ class LlamaDecoder:
             })
 
     def start(self, batch: int, width: int) -> None:
-        """Allocate keys and values [B, K, S, D] for every layer."""
-        shape = (batch, self.kv_heads, width, self.head_dim)
-        self.cache = [(self.embed.new_empty(shape), self.embed.new_empty(shape)) for _ in self.layers]
+        """Allocate keys [B, K, D, S] (transposed, see grouped_attention) and values [B, K, S, D]
+        for every layer."""
+        keys, values = (batch, self.kv_heads, self.head_dim, width), (batch, self.kv_heads, width, self.head_dim)
+        self.cache = [(self.embed.new_empty(keys), self.embed.new_empty(values)) for _ in self.layers]
 
     def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return F.rms_norm(x, weight.shape, weight, self.eps)
@@ -170,9 +172,9 @@ class LlamaDecoder:
             qkv = self._linear(self._norm(x, layer["attn_norm"]), layer["qkv"])                # [B, T, (N+2K)·D]
             qk = qkv[..., : (n + k) * d].view(batch, width, n + k, d).transpose(1, 2)      # [B, N+K, T, D]
             qk = qk * cos + _rotate_half(qk) * sin
-            keys[:, :, start:end] = qk[:, n:]
+            keys[:, :, :, start:end] = qk[:, n:].transpose(-1, -2)
             values[:, :, start:end] = qkv[..., (n + k) * d:].view(batch, width, k, d).transpose(1, 2)
-            attn = grouped_attention(qk[:, :n], keys[:, :, :end], values[:, :, :end], bias)  # [B, T, N·D]
+            attn = grouped_attention(qk[:, :n], keys[:, :, :, :end], values[:, :, :end], bias)  # [B, T, N·D]
             x = x + self._linear(attn, layer["o"])
             gate, up = self._linear(self._norm(x, layer["mlp_norm"]), layer["gate_up"]).chunk(2, dim=-1)
             x = x + self._linear(F.silu(gate) * up, layer["down"])
