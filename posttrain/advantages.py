@@ -1,4 +1,5 @@
-"""Per-token rewards and advantages for PPO. Torch only.
+"""Per-token rewards and advantages: PPO (KL-shaped rewards, GAE) and the critic-free GRPO and
+RLOO (group-relative, sequence-level). Torch only.
 
 Shapes: B batch, A response tokens. ``response_mask`` [B, A] bool is True on the generated
 tokens up to and including the stop token, a prefix of each row (responses are
@@ -86,3 +87,67 @@ def gae(
         running = deltas[:, t] + gamma * lam * running
         advantages[:, t] = running
     return advantages, _zero_outside(advantages + values, response_mask)
+
+
+def group_normalized_advantages(rewards: torch.Tensor, *, group_size: int, scale: bool = True,
+                                eps: float = 1e-4) -> torch.Tensor:
+    """GRPO's advantages: each response's reward minus its group's mean, divided by the
+    group's standard deviation when `scale` (Shao et al. 2024, "DeepSeekMath", §4.1.2, outcome
+    supervision: Â = (r − mean(r)) / std(r)). scale=False is Dr. GRPO (Liu et al. 2025,
+    "Understanding R1-Zero-Like Training", §3.2): the std division biases updates towards
+    groups that are nearly all right or all wrong.
+
+    rewards: [B] with B = G·group_size, the group_size samples of a prompt adjacent (the
+    sampler's order). std is the unbiased sample std (torch.std, as TRL); eps keeps a group of
+    equal rewards at exactly 0 instead of 0/0. Returns [B], sequence-level (see `per_token`).
+    """
+    groups = _groups(rewards, group_size)
+    centred = groups - groups.mean(-1, keepdim=True)
+    if scale:
+        std = groups.std(-1, keepdim=True) if group_size > 1 else torch.zeros_like(groups[:, :1])
+        centred = centred / (std + eps)
+    return centred.reshape(-1)
+
+
+def leave_one_out_advantages(rewards: torch.Tensor, *, group_size: int, scale: bool = False,
+                             eps: float = 1e-4) -> torch.Tensor:
+    """RLOO's advantages: each response's reward minus the mean reward of the other K − 1
+    samples of its prompt (Ahmadian et al. 2024, "Back to Basics", Eq. 5; Kool et al. 2019):
+
+    Â_i = r_i − 1/(K−1) Σ_{j≠i} r_j = K/(K−1) · (r_i − mean(r)).
+
+    rewards: [B] with B = G·K, the K samples of a prompt adjacent; K ≥ 2. scale: also divide
+    by the group's std (+ eps), as GRPO does; off in the RLOO paper. Returns [B].
+    """
+    if group_size < 2:
+        raise ValueError(f"leave_one_out_advantages: group_size={group_size}; the baseline needs K ≥ 2")
+    groups = _groups(rewards, group_size)
+    baseline = (groups.sum(-1, keepdim=True) - groups) / (group_size - 1)
+    advantages = groups - baseline
+    if scale:
+        advantages = advantages / (groups.std(-1, keepdim=True) + eps)
+    return advantages.reshape(-1)
+
+
+def per_token(advantages: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
+    """Sequence-level advantages [B] broadcast to every response token: [B, A], 0 off the mask
+    (outcome supervision gives every token of a response the same advantage)."""
+    return _zero_outside(advantages.unsqueeze(-1).expand(response_mask.shape).to(torch.float32), response_mask)
+
+
+def zero_variance_groups(rewards: torch.Tensor, *, group_size: int) -> torch.Tensor:
+    """[B] bool: True for responses whose group's rewards are all equal (no learning signal;
+    DAPO's dynamic sampling, Yu et al. 2025 §3.2, drops such groups)."""
+    groups = _groups(rewards, group_size)
+    same = (groups == groups[:, :1]).all(-1, keepdim=True)
+    return same.expand_as(groups).reshape(-1)
+
+
+ADVANTAGES = {"grpo": group_normalized_advantages, "rloo": leave_one_out_advantages}
+"""Critic-free advantage estimators by name: f(rewards [B], *, group_size, scale) -> [B]."""
+
+
+def _groups(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    if rewards.dim() != 1 or group_size < 1 or rewards.numel() % group_size:
+        raise ValueError(f"rewards of shape {tuple(rewards.shape)} do not split into groups of {group_size}")
+    return rewards.float().view(-1, group_size)

@@ -309,6 +309,134 @@ class PPOConfig(TrainConfig):
         return self.rollout_batch_size // self.num_minibatches
 
 
+@dataclass
+class GRPOConfig(TrainConfig):
+    """Online RL without a critic (GRPO): K samples per prompt, advantages relative to the group."""
+
+    lr: float = 1e-6
+    """Peak learning rate of AdamW."""
+    max_length: int = 256
+    """Longest prompt in tokens; longer prompts are left out and counted (never cut)."""
+    overlong: str = "drop"
+    """Prompts longer than max_length are dropped (the only choice for prompts)."""
+    max_steps: int = 0
+    """Iterations (rollout batch → updates) to run; 0 means derive from epochs."""
+    grad_accum: int = 1
+    """Must stay 1: derived as rollout_batch_size · num_generations / num_minibatches / processes / batch_size."""
+    judges: str = ""
+    """Comma-separated scorer specs summed into the reward: rm:PATH and/or fn:module:function."""
+    judge_weights: str = ""
+    """Comma-separated weights, one per judge (empty: every judge weighs 1)."""
+    num_generations: int = 4
+    """K: responses sampled per prompt (one group)."""
+    rollout_batch_size: int = 8
+    """Prompts per iteration across all processes; each is sampled num_generations times."""
+    num_minibatches: int = 1
+    """Optimizer steps per pass over the iteration's responses."""
+    num_iterations: int = 1
+    """μ: passes over each batch of responses (μ > 1 reuses them with the importance ratio)."""
+    max_new_tokens: int = 64
+    """Response tokens to sample at most."""
+    temperature: float = 1.0
+    """Sampling temperature; log-probs are computed from logits / temperature to match."""
+    top_p: float = 1.0
+    """Nucleus sampling mass (1 samples from the full distribution)."""
+    stop_strings: str = ""
+    """Also stop a response at any of these strings, separated by '|' (EOS always stops)."""
+    advantage: str = "grpo"
+    """Advantage estimator: grpo (minus the group mean) or rloo (minus the mean of the other K − 1)."""
+    scale_rewards: bool = True
+    """Divide advantages by the group's reward std (GRPO); False is Dr. GRPO."""
+    loss_type: str = "grpo"
+    """Loss reduction: grpo (token mean per response, then mean), dapo (token mean over the batch) or dr_grpo (sum / (responses · max_new_tokens))."""
+    clip_eps_low: float = 0.2
+    """Lower clip ε of the ratio: 1 − ε."""
+    clip_eps_high: float = 0.2
+    """Upper clip ε of the ratio: 1 + ε (DAPO's clip-higher uses 0.28)."""
+    beta: float = 0.0
+    """KL coefficient; 0 loads no reference model."""
+    kl_in_reward: bool = False
+    """Subtract β · Σ_t log π/π_ref from each response's reward (RLOO) instead of adding β · k3 to the loss (GRPO)."""
+    drop_zero_variance: bool = False
+    """Give no loss to groups whose rewards are all equal (they carry no signal; DAPO's dynamic sampling)."""
+    missing_eos_penalty: float = 0.0
+    """Subtracted from the reward of a response cut off at max_new_tokens."""
+    samples_steps: int = 10
+    """Append some prompts, responses and rewards to samples.jsonl every this many iterations (0: never)."""
+
+    def validate(self) -> None:
+        from posttrain.advantages import ADVANTAGES
+        from posttrain.ops import LOSS_TYPES
+
+        super().validate()
+        _check(self, "overlong", self.overlong == "drop", "must be drop: prompts are never truncated")
+        _check(self, "grad_accum", self.grad_accum == 1, "must be 1: it is derived from the batch sizes")
+        _check(self, "judges", bool(self.judge_specs()), "must name at least one scorer (rm:PATH or fn:module:function)")
+        _check(self, "judge_weights", len(self.weights()) == len(self.judge_specs()),
+               f"must give one weight per judge ({len(self.judge_specs())})")
+        _check_choice(self, "advantage", tuple(ADVANTAGES))
+        _check_choice(self, "loss_type", tuple(LOSS_TYPES))
+        minimum = 2 if self.advantage == "rloo" else 1
+        _check(self, "num_generations", self.num_generations >= minimum, f"must be ≥ {minimum}")
+        for name in ("max_new_tokens", "rollout_batch_size", "num_minibatches", "num_iterations"):
+            _check(self, name, getattr(self, name) >= 1, "must be ≥ 1")
+        _check(self, "temperature", self.temperature > 0, "must be > 0")
+        _check(self, "top_p", 0 < self.top_p <= 1, "must be in (0, 1]")
+        for name in ("clip_eps_low", "clip_eps_high"):
+            _check(self, name, 0 < getattr(self, name) < 10, "must be in (0, 10)")
+        for name in ("beta", "missing_eos_penalty", "samples_steps"):
+            _check(self, name, getattr(self, name) >= 0, "must be ≥ 0")
+        _check(self, "kl_in_reward", not (self.kl_in_reward and self.beta == 0), "needs beta > 0")
+        self.sizes(1)
+
+    def judge_specs(self) -> list[str]:
+        """The judges' specs, in order."""
+        return [spec.strip() for spec in self.judges.split(",") if spec.strip()]
+
+    def weights(self) -> list[float]:
+        """One weight per judge."""
+        if not self.judge_weights.strip():
+            return [1.0] * len(self.judge_specs())
+        try:
+            return [float(w) for w in self.judge_weights.split(",")]
+        except ValueError:
+            raise ConfigError(f"config: judge_weights={self.judge_weights!r} must be comma-separated numbers") from None
+
+    def sizes(self, world_size: int) -> tuple[int, int, int]:
+        """(prompts per process, responses per process per minibatch, micro-batches per minibatch)."""
+        if self.rollout_batch_size % world_size:
+            raise ConfigError(f"config: rollout_batch_size={self.rollout_batch_size} prompts do not divide over "
+                              f"{world_size} processes (each process samples whole groups)")
+        local_prompts = self.rollout_batch_size // world_size
+        responses = local_prompts * self.num_generations
+        if responses % self.num_minibatches:
+            raise ConfigError(f"config: {responses} responses per process do not divide into "
+                              f"num_minibatches={self.num_minibatches}")
+        minibatch = responses // self.num_minibatches
+        if minibatch % self.batch_size:
+            raise ConfigError(f"config: a minibatch of {minibatch} responses does not divide into micro-batches "
+                              f"of batch_size={self.batch_size}")
+        return local_prompts, minibatch, minibatch // self.batch_size
+
+    def global_batch(self, world_size: int) -> int:
+        """Responses per optimizer step across all processes (one minibatch)."""
+        return self.rollout_batch_size * self.num_generations // self.num_minibatches
+
+
+@dataclass
+class RLOOConfig(GRPOConfig):
+    """Online RL without a critic (RLOO): K samples per prompt, a leave-one-out baseline, KL in the reward."""
+
+    advantage: str = "rloo"
+    """Advantage estimator: rloo (minus the mean of the other K − 1) or grpo (minus the group mean)."""
+    scale_rewards: bool = False
+    """Divide advantages by the group's reward std (off in the RLOO paper)."""
+    beta: float = 0.05
+    """KL coefficient of the KL-shaped reward r − β · Σ_t log π/π_ref."""
+    kl_in_reward: bool = True
+    """Subtract β · Σ_t log π/π_ref from each response's reward (RLOO) instead of adding β · k3 to the loss."""
+
+
 def _check(cfg, name: str, ok: bool, why: str) -> None:
     if not ok:
         raise ConfigError(f"config: {name}={getattr(cfg, name)!r} {why}")
@@ -390,8 +518,10 @@ def to_yaml(cfg) -> str:
     return yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False)
 
 
-CONFIGS = {"sft": SFTConfig, "rm": RMConfig, "dpo": DPOConfig, "ppo": PPOConfig}
+CONFIGS = {"sft": SFTConfig, "rm": RMConfig, "dpo": DPOConfig, "ppo": PPOConfig, "grpo": GRPOConfig,
+           "rloo": RLOOConfig}
 """Command name → its config class; trainers add themselves here."""
 
-__all__ = ["ConfigError", "TrainConfig", "SFTConfig", "RMConfig", "DPOConfig", "PPOConfig", "CONFIGS", "build_config", "field_docs",
+__all__ = ["ConfigError", "TrainConfig", "SFTConfig", "RMConfig", "DPOConfig", "PPOConfig", "GRPOConfig",
+           "RLOOConfig", "CONFIGS", "build_config", "field_docs",
            "field_types", "load_yaml", "to_yaml"]

@@ -194,6 +194,13 @@ def _aggregation(mode: str):
     return _AGGREGATIONS[mode]
 
 
+LOSS_TYPES = {"grpo": "sequence", "dapo": "token", "dr_grpo": "token"}
+"""Critic-free loss reductions by name -> `aggregate` mode. grpo: each response's token mean,
+averaged over responses (Shao et al. 2024, Eq. 3); dapo: one mean over every token of the
+batch (Yu et al. 2025, Eq. 8); dr_grpo: the token sum over responses × max_new_tokens, a
+constant (Liu et al. 2025, §3.2) — the caller passes that normaliser."""
+
+
 def aggregate_count(mask: torch.Tensor, mode: str = "token") -> torch.Tensor:
     """The count ``aggregate`` divides by in ``mode`` for this mask (a long scalar).
 

@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from posttrain.advantages import gae, kl_shaped_rewards
+from posttrain.advantages import (ADVANTAGES, gae, group_normalized_advantages, kl_shaped_rewards,
+                                  leave_one_out_advantages, per_token, zero_variance_groups)
 
 
 def test_kl_shaped_rewards_hand_numbers():
@@ -73,3 +74,50 @@ def test_gae_matches_slow_loop_on_ragged_rows():
 def test_gae_rejects_a_mask_with_holes():
     with pytest.raises(ValueError, match="prefix"):
         gae(torch.zeros(1, 3), torch.zeros(1, 3), torch.tensor([[True, False, True]]), gamma=1.0, lam=1.0)
+
+
+def test_group_normalised_advantages_hand_numbers():
+    # Group 1: r = (1, 2, 3): mean 2, sample std 1 → (−1, 0, 1) / (1 + 1e-4).
+    # Group 2: r = (0, 0, 6): mean 2, std √12 = 3.4641 → (−2, −2, 4) / 3.4642.
+    rewards = torch.tensor([1.0, 2.0, 3.0, 0.0, 0.0, 6.0])
+    scaled = group_normalized_advantages(rewards, group_size=3)
+    expected = torch.tensor([-1.0, 0.0, 1.0, 0.0, 0.0, 0.0])
+    expected[:3] /= 1 + 1e-4
+    expected[3:] = torch.tensor([-2.0, -2.0, 4.0]) / (12 ** 0.5 + 1e-4)
+    torch.testing.assert_close(scaled, expected)
+    # Dr. GRPO: no division by the std.
+    torch.testing.assert_close(group_normalized_advantages(rewards, group_size=3, scale=False),
+                               torch.tensor([-1.0, 0.0, 1.0, -2.0, -2.0, 4.0]))
+
+
+def test_a_group_of_equal_rewards_gives_zeros_not_nan():
+    rewards = torch.tensor([0.5, 0.5, 0.5, 0.5, 1.0, 0.0, 1.0, 0.0])
+    for scale in (True, False):
+        out = group_normalized_advantages(rewards, group_size=4, scale=scale)
+        assert torch.isfinite(out).all() and (out[:4] == 0).all()
+    assert zero_variance_groups(rewards, group_size=4).tolist() == [True] * 4 + [False] * 4
+    assert (leave_one_out_advantages(rewards, group_size=4, scale=True)[:4] == 0).all()
+    assert group_normalized_advantages(torch.tensor([3.0, 1.0]), group_size=1).tolist() == [0.0, 0.0]
+
+
+def test_rloo_baseline_is_the_mean_of_the_other_samples():
+    # r = (1, 2, 6): baselines (2+6)/2 = 4, (1+6)/2 = 3.5, (1+2)/2 = 1.5 → (−3, −1.5, 4.5),
+    # which is K/(K−1)·(r − mean) = 1.5·(−2, −1, 3).
+    rewards = torch.tensor([1.0, 2.0, 6.0, 5.0, 5.0, 2.0])
+    out = leave_one_out_advantages(rewards, group_size=3)
+    torch.testing.assert_close(out[:3], torch.tensor([-3.0, -1.5, 4.5]))
+    for i in range(6):
+        group = rewards[(i // 3) * 3: (i // 3) * 3 + 3]
+        others = torch.cat([group[: i % 3], group[i % 3 + 1:]])
+        assert out[i].item() == pytest.approx(rewards[i].item() - others.mean().item())
+    with pytest.raises(ValueError, match="K ≥ 2"):
+        leave_one_out_advantages(rewards, group_size=1)
+    with pytest.raises(ValueError, match="do not split into groups of 4"):
+        group_normalized_advantages(rewards, group_size=4)
+
+
+def test_sequence_advantages_reach_every_response_token_only():
+    mask = torch.tensor([[True, True, False], [True, False, False]])
+    out = per_token(torch.tensor([2.0, -1.0]), mask)
+    assert out.tolist() == [[2.0, 2.0, 0.0], [-1.0, 0.0, 0.0]]
+    assert set(ADVANTAGES) == {"grpo", "rloo"}

@@ -19,10 +19,14 @@ def ppo_policy_loss(
     mask: torch.Tensor,
     *,
     clip_eps: float,
+    clip_eps_high: float | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Negative clipped surrogate, Schulman et al. 2017 ("Proximal Policy Optimization"), Eq. 7:
 
-    loss_t = max(−A_t·ρ_t, −A_t·clip(ρ_t, 1 − ε, 1 + ε)),  ρ_t = π_θ(a_t)/π_old(a_t).
+    loss_t = max(−A_t·ρ_t, −A_t·clip(ρ_t, 1 − ε, 1 + ε_high)),  ρ_t = π_θ(a_t)/π_old(a_t).
+
+    ε_high = clip_eps_high, or clip_eps when None (PPO's symmetric clip); a larger ε_high is
+    DAPO's clip-higher (Yu et al. 2025, Eq. 10), which lets unlikely tokens gain probability.
 
     logprobs [B, A] (with grad), old_logprobs [B, A] (rollout time), advantages [B, A],
     mask [B, A] bool, True = response token. Returns (loss [B, A], zero where mask is False;
@@ -35,7 +39,8 @@ def ppo_policy_loss(
     log_ratio = _zero_outside(logprobs - old_logprobs, mask)
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
-    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_eps, 1.0 + clip_eps)
+    high = clip_eps if clip_eps_high is None else clip_eps_high
+    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_eps, 1.0 + high)
     loss = _zero_outside(torch.maximum(unclipped, clipped), mask)
     with torch.no_grad():
         stats = {

@@ -71,19 +71,19 @@ class PolicyAndValue(torch.nn.Module):
     parameter used inside one forward.
 
     forward(input_ids [B,T], attention_mask [B,T], position_ids [B,T], response_mask [B,A] bool,
-            with_entropy) -> (logprobs [B,A], entropy [B,A] or None, values [B,A])
+            with_entropy) -> (logprobs [B,A], entropy [B,A] or None, values [B,A] or None)
 
     values[:, t] = V(s_t), read at the column before response token t (the state it is
     chosen in), like the log-prob. The critic is either a separate `ValueModel` or a
     `value_head` Linear(H, 1) on the policy's own hidden states (one decoder pass for both);
-    exactly one is given.
+    at most one is given. Without either (GRPO, RLOO: no critic) values is None.
     """
 
     def __init__(self, policy: torch.nn.Module, *, critic: ValueModel | None = None,
                  value_head: torch.nn.Linear | None = None, temperature: float = 1.0):
         super().__init__()
-        if (critic is None) == (value_head is None):
-            raise ValueError("PolicyAndValue: give exactly one of critic and value_head")
+        if critic is not None and value_head is not None:
+            raise ValueError("PolicyAndValue: give at most one of critic and value_head")
         check_supported(base_causal_lm(policy))
         self.policy, self.critic, self.value_head = policy, critic, value_head
         self.temperature = temperature
@@ -93,6 +93,8 @@ class PolicyAndValue(torch.nn.Module):
                                                       response_mask, temperature=self.temperature,
                                                       with_entropy=with_entropy)
         n_query = input_ids.shape[1] - response_mask.shape[1]
+        if self.critic is None and self.value_head is None:
+            return logprobs, entropy, None
         if self.critic is not None:
             all_values = self.critic(input_ids, attention_mask, position_ids)
         else:

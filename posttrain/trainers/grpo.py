@@ -1,0 +1,264 @@
+"""Online RL without a critic: GRPO (Shao et al. 2024, "DeepSeekMath" §4) and RLOO (Ahmadian et
+al. 2024, "Back to Basics"), one iteration at a time:
+
+  1. generate: sample K = num_generations responses to each prompt of the rollout batch;
+  2. score: the weighted sum of the judges' scores (reward models, reward functions);
+  3. reference & old policy: log π_ref (β > 0) and log π_old (μ > 1 or several minibatches);
+  4. rewards: minus the missing-EOS penalty, minus β · Σ_t log π/π_ref with kl_in_reward (RLOO);
+  5. advantages: relative to the group — minus its mean (GRPO, ÷ std unless Dr. GRPO) or
+     minus the mean of the other K − 1 (RLOO) — the same for every token of a response;
+  6. policy epochs: num_iterations passes of the clipped surrogate (+ β · k3 per token when the
+     KL is a loss term), in minibatches, reduced as loss_type says.
+
+No value model and no GAE: PPO differs from this loop in stages 3 and 5 only. Shapes: B
+responses (prompts × K, a prompt's K adjacent), A response tokens. `posttrain rloo` runs this
+loop with RLOOConfig's defaults.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from collections import defaultdict
+from contextlib import nullcontext
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from posttrain.advantages import ADVANTAGES, per_token, zero_variance_groups
+from posttrain.config import GRPOConfig, RLOOConfig
+from posttrain.data import TokenizedPrompt, load_prompts
+from posttrain.losses import kl_k1, kl_k3, ppo_policy_loss
+from posttrain.models import load_causal_lm, load_tokenizer
+from posttrain.models.lora import apply_lora, disabled_adapters, save_model
+from posttrain.models.value import PolicyAndValue, disable_dropout, response_logprobs
+from posttrain.ops import LOSS_TYPES, aggregate, aggregate_count, masked_sum
+from posttrain.sampling import Generation, Sampler, SamplingParams
+from posttrain.scoring import load_scorer, score_generation
+from posttrain.trainers.common import (RunLog, StopRequest, build_optimizer, build_scheduler, checkpoint_and_exit,
+                                       finish_run, global_sum, make_accelerator, prepare_output_dir,
+                                       resume_from_checkpoint, save_checkpoint, seed_everything, step_items)
+
+SAMPLES_PER_LOG = 8
+"""Responses of the main process written to samples.jsonl each samples_steps iterations."""
+
+
+def build_networks(cfg: GRPOConfig) -> tuple[PolicyAndValue, torch.nn.Module | None]:
+    """The trained policy (no critic), and the frozen reference: None when β = 0, or with LoRA
+    (the policy with adapters off is the reference)."""
+    policy = load_causal_lm(cfg.model)
+    disable_dropout(policy)
+    reference = (copy.deepcopy(policy).eval().requires_grad_(False) if cfg.beta > 0 and not cfg.lora_r
+                 else None)
+    if cfg.gradient_checkpointing:
+        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.lora_r:
+        policy = apply_lora(policy, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
+                            target_modules=cfg.lora_target_modules)
+        disable_dropout(policy)
+    return PolicyAndValue(policy, temperature=cfg.temperature), reference
+
+
+def build_reward(cfg: GRPOConfig, tokenizer, accelerator):
+    """(generation, prompts) -> (rewards [B] float32, per-judge mean scores): Σ_j w_j · score_j."""
+    scorers = [load_scorer(spec, batch_size=cfg.batch_size, precision=cfg.precision, device=accelerator.device)
+               for spec in cfg.judge_specs()]
+
+    def reward(gen: Generation, prompts: list[TokenizedPrompt]) -> tuple[torch.Tensor, dict[str, float]]:
+        total, means = torch.zeros(len(gen.responses)), {}
+        for spec, weight, scorer in zip(cfg.judge_specs(), cfg.weights(), scorers):
+            scores = score_generation(scorer, gen, [p.messages for p in prompts], [p.record for p in prompts],
+                                      tokenizer=tokenizer)
+            total += weight * scores
+            means[f"rewards/{spec}"] = float(scores.mean())
+        return total, means
+    return reward
+
+
+def sampling_params(cfg: GRPOConfig, iteration: int) -> SamplingParams:
+    """K responses per prompt; the seed depends on the iteration only, so a resumed run draws the
+    samples it would have drawn (iteration −1 is the held-out evaluation's fixed stream)."""
+    return SamplingParams(n=cfg.num_generations, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                          top_p=cfg.top_p, stop_strings=tuple(s for s in cfg.stop_strings.split("|") if s),
+                          seed=cfg.seed * 1_000_003 + iteration)
+
+
+def generate(sampler: Sampler, prompts: list[TokenizedPrompt], indices: list[int],
+             params: SamplingParams) -> Generation:
+    """Stage 1: params.n responses to each prompts[i], i in indices (a prompt's adjacent);
+    prompt_index counts positions in `prompts`."""
+    gen = sampler.generate([prompts[i] for i in indices], params)
+    return replace(gen, prompt_index=torch.tensor(indices)[gen.prompt_index])
+
+
+@torch.no_grad()
+def logprobs_of(net: PolicyAndValue, reference, gen: Generation, cfg: GRPOConfig, accelerator, *,
+                old: bool) -> dict[str, torch.Tensor]:
+    """Stage 3: "old" log π_old [B, A] (if old) and "ref" log π_ref [B, A] (if there is a
+    reference: β > 0), on the CPU, in micro-batches of batch_size."""
+    input_ids, attention, positions = gen.sequences()
+    parts = defaultdict(list)
+    for start in range(0, input_ids.shape[0], cfg.batch_size):
+        rows = slice(start, start + cfg.batch_size)
+        batch = [t[rows].to(accelerator.device) for t in (input_ids, attention, positions, gen.response_mask)]
+        with accelerator.autocast():
+            if old:
+                parts["old"].append(net(*batch)[0].cpu())
+            if cfg.beta > 0:
+                ref_net = reference if reference is not None else net.policy
+                with nullcontext() if reference is not None else disabled_adapters(net.policy):
+                    parts["ref"].append(response_logprobs(ref_net, *batch, temperature=cfg.temperature,
+                                                          with_entropy=False)[0].cpu())
+    return {name: torch.cat(chunks) for name, chunks in parts.items()}
+
+
+def policy_epochs(model, optimizer, accelerator, gen: Generation, advantages, old, ref, cfg: GRPOConfig) -> dict:
+    """Stage 6: num_iterations passes over the responses in minibatches, one optimizer step
+    each, accumulated over micro-batches with one global normaliser (ops.aggregate). old / ref:
+    [B, A] log-probs or None (then the ratio is taken against the detached current log-probs,
+    which is exactly 1 on the first pass: TRL's shortcut for μ = 1)."""
+    world, device = accelerator.num_processes, accelerator.device
+    _, per_minibatch, _ = cfg.sizes(world)
+    mode = LOSS_TYPES[cfg.loss_type]
+    sums = defaultdict(float)
+    for _ in range(cfg.num_iterations):
+        order = torch.randperm(len(gen.responses))
+        for start in range(0, len(order), per_minibatch):
+            rows_of_minibatch = order[start: start + per_minibatch]
+            mask_all = gen.response_mask[rows_of_minibatch]
+            count = int(aggregate_count(mask_all, mode))
+            if cfg.loss_type == "dr_grpo":
+                count = len(rows_of_minibatch) * cfg.max_new_tokens
+            normalizer = max(global_sum(accelerator, count), 1) / world
+            micro = rows_of_minibatch.split(cfg.batch_size)
+            for i, rows in enumerate(micro):
+                part = gen.select(rows)
+                mask = part.response_mask.to(device)
+                with nullcontext() if i == len(micro) - 1 else accelerator.no_sync(model):
+                    logprobs, _, _ = model(*(t.to(device) for t in part.sequences()), mask)
+                    old_rows = logprobs.detach() if old is None else old[rows].to(device)
+                    loss, stats = ppo_policy_loss(logprobs, old_rows, advantages[rows].to(device), mask,
+                                                  clip_eps=cfg.clip_eps_low, clip_eps_high=cfg.clip_eps_high)
+                    if cfg.beta > 0 and not cfg.kl_in_reward:
+                        # GRPO's KL term: k3, unbiased and non-negative under π's samples (Eq. 4).
+                        kl = kl_k3(logprobs, ref[rows].to(device))
+                        loss = loss + cfg.beta * torch.where(mask, kl, 0.0)
+                        sums["policy/kl_k3"] += float(masked_sum(kl.detach(), mask))
+                    accelerator.backward(aggregate(loss, mask, mode, normalizer=normalizer))
+                n = int(mask.sum())
+                sums["loss/policy"] += float(masked_sum(loss.detach(), mask))
+                sums["policy/clipfrac"] += float(stats["policy/clipfrac"]) * n
+                sums["policy/approxkl"] += float(stats["policy/approx_kl"]) * n
+                sums["tokens"] += n
+            if cfg.max_grad_norm > 0:
+                sums["optim/grad_norm"] += float(accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm))
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            sums["steps"] += 1
+    totals = {key: global_sum(accelerator, value) for key, value in sums.items()}
+    stats = {key: value / max(totals["tokens"], 1) for key, value in totals.items()
+             if key not in ("tokens", "steps", "optim/grad_norm")}
+    if cfg.max_grad_norm > 0:
+        # Every process holds the same (all-reduced) norm, so the global sum counts it world times.
+        stats["optim/grad_norm"] = totals["optim/grad_norm"] / world / totals["steps"]
+    return stats
+
+
+def write_samples(path: Path, step: int, gen: Generation, rewards: torch.Tensor) -> None:
+    with path.open("a") as f:
+        for i in range(min(SAMPLES_PER_LOG, len(gen.responses))):
+            f.write(json.dumps({"step": step, "prompt": gen.prompts[i], "response": gen.responses[i],
+                                "reward": float(rewards[i]), "finish_reason": gen.finish_reasons[i]}) + "\n")
+
+
+def train(cfg: GRPOConfig) -> Path:
+    """Run GRPO / RLOO as configured; returns the folder holding the final policy."""
+    accelerator = make_accelerator(cfg)
+    world, rank = accelerator.num_processes, accelerator.process_index
+    local_prompts = cfg.sizes(world)[0]
+    seed_everything(cfg.seed)
+    tokenizer = load_tokenizer(cfg.model)
+    # Data and judges are checked before the output folder is touched.
+    prompts, report = load_prompts(cfg.data, tokenizer, max_prompt_length=cfg.max_length,
+                                   skip_invalid=cfg.skip_invalid)
+    accelerator.print(report.summary())
+    reward = build_reward(cfg, tokenizer, accelerator)
+    prepare_output_dir(accelerator, cfg)
+    net, reference = build_networks(cfg)
+    if reference is not None:
+        reference.to(accelerator.device)
+    iterations = cfg.max_steps or max(1, -(-int(cfg.epochs * len(prompts)) // cfg.rollout_batch_size))
+    optimizer = build_optimizer(net, cfg)
+    scheduler = build_scheduler(optimizer, cfg, iterations)
+    model, optimizer, scheduler = accelerator.prepare(net, optimizer, scheduler)
+    net = accelerator.unwrap_model(model)
+    start = resume_from_checkpoint(accelerator, cfg)["step"] if cfg.resume else 0
+    sampler = Sampler(net.policy, tokenizer, precision=cfg.precision,
+                      batch_size=local_prompts * cfg.num_generations)
+    estimator = ADVANTAGES[cfg.advantage]
+    # log π_old is needed to reuse responses (the ratio) and for the KL-shaped reward; else the
+    # first pass's ratio is 1 by construction and the forward is skipped.
+    needs_old = cfg.num_iterations > 1 or cfg.num_minibatches > 1 or cfg.kl_in_reward
+    command = "rloo" if isinstance(cfg, RLOOConfig) else "grpo"
+    log = RunLog(accelerator, cfg, iterations, start, command)
+    samples_path = Path(cfg.output_dir) / "samples.jsonl"
+    stop = StopRequest()
+    with stop.installed():
+        for it in range(start, iterations):
+            began = time.perf_counter()
+            indices = step_items(it, len(prompts), cfg.rollout_batch_size, cfg.seed)[rank * local_prompts:
+                                                                                     (rank + 1) * local_prompts]
+            # 1. Generate K responses per prompt.
+            gen = generate(sampler, prompts, indices, sampling_params(cfg, it))
+            # 2. Score.
+            scores, judge_means = reward(gen, prompts)
+            # 3. Old policy and reference log-probs.
+            forward = logprobs_of(net, reference, gen, cfg, accelerator, old=needs_old)
+            # 4. Rewards: missing-EOS penalty, and the KL-shaped sequence reward (RLOO):
+            #    r − β · Σ_t log π_old/π_ref (k1, unbiased per response under π_old's samples).
+            rewards = scores - cfg.missing_eos_penalty * (~gen.ended).float()
+            kl = None
+            if cfg.kl_in_reward:
+                kl = masked_sum(kl_k1(forward["old"], forward["ref"]), gen.response_mask, dim=-1)
+                rewards = rewards - cfg.beta * kl
+            # 5. Group-relative advantages, the same for every token of a response.
+            advantages = estimator(rewards, group_size=cfg.num_generations, scale=cfg.scale_rewards)
+            flat = zero_variance_groups(rewards, group_size=cfg.num_generations)
+            if cfg.drop_zero_variance:
+                advantages = torch.where(flat, 0.0, advantages)
+            token_advantages = per_token(advantages, gen.response_mask)
+            rolled = time.perf_counter()
+            # 6. Policy epochs.
+            stats = policy_epochs(model, optimizer, accelerator, gen, token_advantages, forward.get("old"),
+                                  forward.get("ref"), cfg)
+            scheduler.step()
+            sampler.sync()
+            done, now = it + 1, time.perf_counter()
+            n = global_sum(accelerator, len(gen.responses))
+            metrics = {"objective/scores": global_sum(accelerator, float(scores.sum())) / n,
+                       "objective/rewards": global_sum(accelerator, float(rewards.sum())) / n,
+                       "objective/missing_eos": global_sum(accelerator, float((~gen.ended).sum())) / n,
+                       "objective/zero_variance_groups": global_sum(accelerator, float(flat.sum())) / n,
+                       "rollout/response_length": global_sum(accelerator, float(gen.response_mask.sum())) / n,
+                       **{key: global_sum(accelerator, value) / world for key, value in judge_means.items()},
+                       **stats, "time/rollout": rolled - began, "time/update": now - rolled,
+                       "perf/episodes_per_s": cfg.rollout_batch_size * cfg.num_generations / (now - began),
+                       "optim/lr": scheduler.get_last_lr()[0]}
+            if kl is not None:
+                metrics["objective/kl"] = global_sum(accelerator, float(kl.sum())) / n
+            if done % cfg.logging_steps == 0 or done == iterations:
+                log.log(done, metrics)
+            log.progress(1, {"reward": f"{metrics['objective/rewards']:.3f}"})
+            if accelerator.is_main_process and cfg.samples_steps and done % cfg.samples_steps == 0:
+                write_samples(samples_path, done, gen, rewards)
+            if cfg.save_steps and done % cfg.save_steps == 0 and done < iterations:
+                save_checkpoint(accelerator, cfg, done)
+            if stop.signum is not None:
+                checkpoint_and_exit(accelerator, cfg, log, done, command, stop.signum)
+
+    def save(out: Path) -> None:
+        save_model(net.policy, tokenizer, out, merge_lora=cfg.merge_lora)
+
+    return finish_run(accelerator, cfg, log, save, "policy")

@@ -1,0 +1,183 @@
+"""GRPO / RLOO trainer: few steps (reward functions, a reward model, LoRA + KL), learning on a
+verifiable toy task, exact resume after SIGTERM, config errors."""
+
+from __future__ import annotations
+
+import json
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from posttrain.config import ConfigError, GRPOConfig, RLOOConfig, build_config, to_yaml
+from posttrain.models.reward import RewardModel
+from posttrain.trainers import grpo
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parents[1]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The tiny model's matmuls are too small to share between threads (see test_ppo.py)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def digit_fraction(prompts, responses):
+    """Verifiable toy reward: share of response characters that are digits (≈ 0.1 at random)."""
+    return [sum(c.isdigit() for c in r) / max(len(r), 1) for r in responses]
+
+
+def length_bonus(prompts, responses):
+    return [min(len(r), 8) / 8 for r in responses]
+
+
+def write_prompts(path: Path, n: int, seed: int = 0) -> Path:
+    rng = random.Random(seed)
+    words = ["".join(rng.choice("bcdefghijk") for _ in range(rng.randint(2, 6))) for _ in range(n)]
+    path.write_text("".join(json.dumps({"prompt": w}) + "\n" for w in words))
+    return path
+
+
+def config(tmp_path: Path, name: str, cls=GRPOConfig, **kw):
+    base = dict(model="tiny-random", judges=f"fn:{__name__}:digit_fraction",
+                data=str(write_prompts(tmp_path / "prompts.jsonl", 16)), output_dir=str(tmp_path / name),
+                precision="fp32", lr=3e-3, warmup_ratio=0.0, lr_scheduler="constant", max_new_tokens=8,
+                rollout_batch_size=4, num_generations=4, batch_size=4, samples_steps=1)
+    base.update(kw)
+    return build_config(cls, None, base)
+
+
+def metrics(folder: Path) -> list[dict]:
+    return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture
+def captured(monkeypatch):
+    """The (policy, reference) networks a run builds, to inspect after training."""
+    built = []
+    original = grpo.build_networks
+    monkeypatch.setattr(grpo, "build_networks", lambda cfg: built.append(original(cfg)) or built[-1])
+    return built
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "dapo", "dr_grpo"])
+def test_few_steps_with_two_weighted_reward_functions(tmp_path, captured, loss_type):
+    # μ = 1 and one minibatch: the update's ratio is exactly 1, so nothing is clipped.
+    start = {k: v.clone() for k, v in grpo.load_causal_lm("tiny-random").state_dict().items()}
+    cfg = config(tmp_path, loss_type, max_steps=3, loss_type=loss_type, drop_zero_variance=True,
+                 judges=f"fn:{__name__}:digit_fraction, fn:{__name__}:length_bonus", judge_weights="1,0.5")
+    out = grpo.train(cfg)
+    rows = metrics(out)
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    for row in rows:
+        assert all(isinstance(v, (int, float)) and v == v for v in row.values())
+        assert row["policy/clipfrac"] == 0 and row["policy/approxkl"] == pytest.approx(0, abs=1e-6)
+        # objective/scores is the weighted sum of the two judges' means.
+        assert row["objective/scores"] == pytest.approx(
+            row[f"rewards/fn:{__name__}:digit_fraction"] + 0.5 * row[f"rewards/fn:{__name__}:length_bonus"], abs=1e-5)
+        assert 0 <= row["objective/zero_variance_groups"] <= 1
+    policy, reference = captured[0]
+    assert reference is None                                              # β = 0 loads none
+    changed = [k for k, v in policy.policy.state_dict().items() if not torch.equal(v, start[k])]
+    assert changed
+    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert {"step", "prompt", "response", "reward", "finish_reason"} <= set(samples[0])
+
+
+def test_rloo_with_a_reward_model_lora_and_several_minibatches(tmp_path, tiny_path, captured):
+    rm_dir = tmp_path / "rm"
+    RewardModel.from_causal_lm(str(tiny_path), seed=1).save_pretrained(rm_dir)
+    cfg = config(tmp_path, "rloo", cls=RLOOConfig, judges=f"rm:{rm_dir}", max_steps=2, lora_r=4, lora_alpha=8,
+                 num_minibatches=2, batch_size=4, num_iterations=2)
+    assert (cfg.advantage, cfg.kl_in_reward, cfg.beta) == ("rloo", True, 0.05)
+    out = grpo.train(cfg)
+    rows = metrics(out)
+    assert len(rows) == 2 and all(r["objective/kl"] == r["objective/kl"] for r in rows)
+    # The reward is the score minus β times the per-response KL (k1 under π_old).
+    for row in rows:
+        assert row["objective/rewards"] == pytest.approx(row["objective/scores"] - 0.05 * row["objective/kl"],
+                                                         abs=1e-5)
+    assert rows[0]["objective/kl"] == pytest.approx(0, abs=1e-6)         # the first batch: π = π_ref
+    assert captured[0][1] is None                                         # LoRA: adapters off = π_ref
+    assert (out / "model.safetensors").is_file()
+
+
+def test_kl_as_a_loss_term_keeps_the_reference_frozen(tmp_path, captured):
+    grpo.train(config(tmp_path, "kl", max_steps=2, beta=0.1, num_iterations=2))
+    policy, reference = captured[0]
+    fresh = grpo.load_causal_lm("tiny-random").state_dict()
+    assert all(torch.equal(v, fresh[k]) for k, v in reference.state_dict().items())
+    rows = metrics(Path(tmp_path / "kl"))
+    # k3 ≥ 0 always; the second pass of the first batch already differs from π_ref.
+    assert all(r["policy/kl_k3"] >= 0 for r in rows) and rows[-1]["policy/kl_k3"] > 0
+
+
+def test_grpo_learns_a_verifiable_toy_task(tmp_path):
+    # Reward = share of digits in the reply (≈ 0.1 for the random model). 12 iterations of
+    # 8 prompts × 8 samples must raise the mean reward clearly; the response-level KL to the
+    # starting model (β = 0.02 in the loss) is reported by the RLOO variant's test, here the
+    # trend is the proof. Measured when written: 0.09 → 0.5+ in about 5 s.
+    cfg = config(tmp_path, "learn", data=str(write_prompts(tmp_path / "train.jsonl", 64)), max_steps=12,
+                 rollout_batch_size=8, num_generations=8, batch_size=16, num_iterations=2, num_minibatches=2,
+                 beta=0.02, samples_steps=0)
+    rows = metrics(grpo.train(cfg))
+    first, last = rows[0]["objective/scores"], sum(r["objective/scores"] for r in rows[-3:]) / 3
+    assert first < 0.2
+    assert last > first + 0.25, [round(r["objective/scores"], 3) for r in rows]
+
+
+def test_resume_after_sigterm_reproduces_the_uninterrupted_run(tmp_path):
+    steps = 6
+    kw = dict(max_steps=steps, judges="fn:test_grpo:digit_fraction", num_iterations=2, beta=0.05)
+    whole = grpo.train(config(tmp_path, "whole", **kw))
+    cut = config(tmp_path, "cut", **kw)
+    (tmp_path / "cut.yaml").write_text(to_yaml(cut))
+    cmd = [sys.executable, "-m", "posttrain.cli", "grpo", "--config", str(tmp_path / "cut.yaml")]
+    env = {"PYTHONPATH": str(HERE), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=REPO)
+    log = Path(cut.output_dir) / "metrics.jsonl"
+    deadline = time.time() + 120
+    while not (log.is_file() and len(log.read_text().splitlines()) >= 2):
+        assert proc.poll() is None and time.time() < deadline, proc.stdout.read() if proc.poll() else "timeout"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, output
+    assert "Resume with: posttrain grpo" in output
+    assert len(log.read_text().splitlines()) < steps, "the run finished before the signal arrived"
+    sys.path.insert(0, str(HERE))
+    resumed = grpo.train(build_config(GRPOConfig, str(Path(cut.output_dir) / "config.yaml"), {"resume": True}))
+    a, b = metrics(whole), metrics(resumed)
+    assert [r["step"] for r in b] == list(range(1, steps + 1))
+    for x, y in zip(a, b):
+        for key, value in x.items():
+            if not key.startswith(("time/", "perf/")):
+                assert y[key] == pytest.approx(value, rel=1e-5, abs=1e-6), (x["step"], key)
+
+
+def test_bad_settings_are_one_line_config_errors(tmp_path):
+    for kw, message in ((dict(judges=""), "judges='' must name at least one scorer"),
+                        (dict(judge_weights="1,2"), "must give one weight per judge \\(1\\)"),
+                        (dict(judge_weights="x"), "must be comma-separated numbers"),
+                        (dict(loss_type="sum"), "loss_type='sum' is not one of grpo, dapo, dr_grpo"),
+                        (dict(advantage="ppo"), "advantage='ppo' is not one of grpo, rloo"),
+                        (dict(advantage="rloo", num_generations=1), "num_generations=1 must be ≥ 2"),
+                        (dict(kl_in_reward=True), "kl_in_reward=True needs beta > 0"),
+                        (dict(rollout_batch_size=3, num_minibatches=5), "12 responses per process do not "
+                         "divide into num_minibatches=5"),
+                        (dict(batch_size=3), "minibatch of 16 responses does not divide into micro-batches")):
+        with pytest.raises(ConfigError, match=message):
+            config(tmp_path, "x", **kw)
+    with pytest.raises(ConfigError, match="do not divide over 3 processes"):
+        config(tmp_path, "x").sizes(3)
+    assert config(tmp_path, "x", rollout_batch_size=4, num_generations=4, num_minibatches=2, batch_size=4).sizes(2) \
+        == (2, 4, 1)
