@@ -23,6 +23,7 @@ import time
 from collections import defaultdict
 from contextlib import nullcontext
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -46,12 +47,13 @@ SAMPLES_PER_LOG = 8
 
 
 def build_networks(cfg: GRPOConfig) -> tuple[PolicyAndValue, torch.nn.Module | None]:
-    """The trained policy (no critic), and the frozen reference: None when β = 0, or with LoRA
-    (the policy with adapters off is the reference)."""
+    """The trained policy (no critic), and the frozen reference when β > 0 or held-out data
+    asks for the KL to it; None otherwise, and with LoRA (the policy with adapters off is the
+    reference)."""
     policy = load_causal_lm(cfg.model)
     disable_dropout(policy)
-    reference = (copy.deepcopy(policy).eval().requires_grad_(False) if cfg.beta > 0 and not cfg.lora_r
-                 else None)
+    wanted = cfg.beta > 0 or bool(cfg.eval_data)
+    reference = copy.deepcopy(policy).eval().requires_grad_(False) if wanted and not cfg.lora_r else None
     if cfg.gradient_checkpointing:
         policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.lora_r:
@@ -106,7 +108,7 @@ def logprobs_of(net: PolicyAndValue, reference, gen: Generation, cfg: GRPOConfig
         with accelerator.autocast():
             if old:
                 parts["old"].append(net(*batch)[0].cpu())
-            if cfg.beta > 0:
+            if cfg.beta > 0 or cfg.eval_data:
                 ref_net = reference if reference is not None else net.policy
                 with nullcontext() if reference is not None else disabled_adapters(net.policy):
                     parts["ref"].append(response_logprobs(ref_net, *batch, temperature=cfg.temperature,
@@ -166,6 +168,24 @@ def policy_epochs(model, optimizer, accelerator, gen: Generation, advantages, ol
     return stats
 
 
+@torch.no_grad()
+def evaluate(net, reference, sampler, prompts, reward, cfg: GRPOConfig, accelerator) -> dict:
+    """Mean reward, KL to the reference (Σ_t log π/π_ref per response, k1: unbiased under π)
+    and response length of one response per held-out prompt, sampled as in training from a
+    fixed seed so evaluations differ only by the policy."""
+    rank, world = accelerator.process_index, accelerator.num_processes
+    mine = list(range(len(prompts)))[rank::world]
+    params = replace(sampling_params(cfg, -1), n=1)
+    totals = defaultdict(float)
+    for start in range(0, len(mine), cfg.rollout_batch_size):
+        gen = generate(sampler, prompts, mine[start: start + cfg.rollout_batch_size], params)
+        forward = logprobs_of(net, reference, gen, cfg, accelerator, old=True)
+        totals["eval/scores"] += float(reward(gen, prompts)[0].sum())
+        totals["eval/kl"] += float(masked_sum(forward["old"] - forward["ref"], gen.response_mask))
+        totals["eval/response_length"] += float(gen.response_mask.sum())
+    return {key: global_sum(accelerator, value) / len(prompts) for key, value in totals.items()}
+
+
 def write_samples(path: Path, step: int, gen: Generation, rewards: torch.Tensor) -> None:
     with path.open("a") as f:
         for i in range(min(SAMPLES_PER_LOG, len(gen.responses))):
@@ -184,6 +204,11 @@ def train(cfg: GRPOConfig) -> Path:
     prompts, report = load_prompts(cfg.data, tokenizer, max_prompt_length=cfg.max_length,
                                    skip_invalid=cfg.skip_invalid)
     accelerator.print(report.summary())
+    eval_prompts = []
+    if cfg.eval_data:
+        eval_prompts, report = load_prompts(cfg.eval_data, tokenizer, max_prompt_length=cfg.max_length,
+                                            skip_invalid=cfg.skip_invalid)
+        accelerator.print(report.summary())
     reward = build_reward(cfg, tokenizer, accelerator)
     prepare_output_dir(accelerator, cfg)
     net, reference = build_networks(cfg)
@@ -204,6 +229,9 @@ def train(cfg: GRPOConfig) -> Path:
     command = "rloo" if isinstance(cfg, RLOOConfig) else "grpo"
     log = RunLog(accelerator, cfg, iterations, start, command)
     samples_path = Path(cfg.output_dir) / "samples.jsonl"
+    evaluate_now = partial(evaluate, net, reference, sampler, eval_prompts, reward, cfg, accelerator)
+    if eval_prompts and start == 0:
+        log.log(0, evaluate_now())
     stop = StopRequest()
     with stop.installed():
         for it in range(start, iterations):
@@ -253,10 +281,15 @@ def train(cfg: GRPOConfig) -> Path:
             log.progress(1, {"reward": f"{metrics['objective/rewards']:.3f}"})
             if accelerator.is_main_process and cfg.samples_steps and done % cfg.samples_steps == 0:
                 write_samples(samples_path, done, gen, rewards)
+            if eval_prompts and cfg.eval_steps and done % cfg.eval_steps == 0 and done < iterations:
+                log.log(done, evaluate_now())
             if cfg.save_steps and done % cfg.save_steps == 0 and done < iterations:
                 save_checkpoint(accelerator, cfg, done)
             if stop.signum is not None:
                 checkpoint_and_exit(accelerator, cfg, log, done, command, stop.signum)
+
+    if eval_prompts:
+        log.log(iterations, evaluate_now())
 
     def save(out: Path) -> None:
         save_model(net.policy, tokenizer, out, merge_lora=cfg.merge_lora)
