@@ -16,8 +16,6 @@ from posttrain.losses.dpo import (
 )
 from posttrain.losses.kl import (
     KL_ESTIMATORS,
-    AdaptiveKLController,
-    FixedKLController,
     kl_k1,
     kl_k2,
     kl_k3,
@@ -28,9 +26,7 @@ from posttrain.losses.reward import bradley_terry_loss
 __all__ = [
     "DPO_LOSSES",
     "KL_ESTIMATORS",
-    "AdaptiveKLController",
     "DPOLoss",
-    "FixedKLController",
     "bradley_terry_loss",
     "chunked_cross_entropy",
     "chunked_logprobs",

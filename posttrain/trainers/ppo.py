@@ -28,7 +28,7 @@ import torch
 from posttrain.advantages import gae, kl_shaped_rewards
 from posttrain.config import PPOConfig
 from posttrain.data import TokenizedPrompt, load_prompts
-from posttrain.losses import AdaptiveKLController, FixedKLController, ppo_policy_loss, value_loss
+from posttrain.losses import ppo_policy_loss, value_loss
 from posttrain.models import load_causal_lm, load_tokenizer
 from posttrain.models.lora import apply_lora, disabled_adapters, save_model
 from posttrain.models.reward import RewardModel
@@ -42,6 +42,7 @@ from posttrain.trainers.common import (RunLog, StopRequest, build_optimizer, bui
                                        checkpoint_and_exit, finish_run, global_sum, make_accelerator,
                                        prepare_output_dir, resume_from_checkpoint, save_checkpoint,
                                        seed_everything, step_items)
+from posttrain.trainers.kl_control import AdaptiveKLController, FixedKLController
 
 SAMPLES_PER_LOG = 8
 """Rollouts of the main process written to samples.jsonl each samples_steps iterations."""

@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from posttrain.losses import KL_ESTIMATORS, AdaptiveKLController, FixedKLController, kl_k1, kl_k2, kl_k3
+from posttrain.losses import KL_ESTIMATORS, kl_k1, kl_k2, kl_k3
+from posttrain.trainers.kl_control import AdaptiveKLController, FixedKLController
 
 
 def test_estimators_hand_numbers():
