@@ -1,8 +1,9 @@
 """Incremental decoders: prompt logits, then one token at a time, over a KV cache.
 
-Both decoders answer the same two calls for the sampler:
+Both decoders answer the same three calls for the sampler:
 
   start(B, S)                              allocate the cache for B rows of S columns;
+  select_rows(index [B'])                  keep (or repeat) cache rows: row i becomes old row index[i];
   forward(ids [B,T], positions [B,T], start, key_mask [B,S]) -> logits [B,V] float32
                                            of each row's last position, after writing the
                                            T new keys/values at columns start … start+T−1.
@@ -154,6 +155,10 @@ class LlamaDecoder:
         keys, values = (batch, self.kv_heads, self.head_dim, width), (batch, self.kv_heads, width, self.head_dim)
         self.cache = [(self.embed.new_empty(keys), self.embed.new_empty(values)) for _ in self.layers]
 
+    def select_rows(self, index: torch.Tensor) -> None:
+        index = index.to(self.embed.device)
+        self.cache = [(keys[index], values[index]) for keys, values in self.cache]
+
     def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return F.rms_norm(x, weight.shape, weight, self.eps)
 
@@ -194,6 +199,9 @@ class HFDecoder:
 
     def start(self, batch: int, width: int) -> None:
         self.cache = DynamicCache()
+
+    def select_rows(self, index: torch.Tensor) -> None:
+        self.cache.reorder_cache(index.to(next(self.model.parameters()).device))
 
     @torch.no_grad()
     def forward(self, ids: torch.Tensor, positions: torch.Tensor, start: int, key_mask: torch.Tensor) -> torch.Tensor:

@@ -142,14 +142,19 @@ class Sampler:
     def _generate_batch(self, prompts: list[TokenizedPrompt], rows: list[tuple[int, int]],
                         params: SamplingParams) -> Generation:
         pad, eos = self.tokenizer.pad_token_id, self.tokenizer.eos_token_id
-        prompt_ids, prompt_mask = left_pad([prompts[i].input_ids for i, _ in rows], pad)
+        # Each distinct prompt is computed once; its n samples then share its cache rows.
+        distinct = sorted({i for i, _ in rows})
+        unique_ids, unique_mask = left_pad([prompts[i].input_ids for i in distinct], pad)
+        repeat = torch.tensor([distinct.index(i) for i, _ in rows])
+        prompt_ids, prompt_mask = unique_ids[repeat], unique_mask[repeat]
         batch, width, steps = len(rows), prompt_ids.shape[1], params.max_new_tokens
         u = uniforms([sequence_seed(params.seed, prompts[i].source_index, j) for i, j in rows], steps)
-        key_mask = torch.zeros((batch, width + steps), dtype=torch.bool)
-        key_mask[:, :width] = prompt_mask
-        positions = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
-        self.decoder.start(batch, width + steps)
-        logits = self.decoder.forward(prompt_ids, positions, 0, key_mask)
+        self.decoder.start(len(distinct), width + steps)
+        unique_keys = torch.zeros((len(distinct), width + steps), dtype=torch.bool)
+        unique_keys[:, :width] = unique_mask
+        logits = self.decoder.forward(unique_ids, (unique_mask.cumsum(-1) - 1).clamp(min=0), 0, unique_keys)[repeat]
+        self.decoder.select_rows(repeat)
+        key_mask = unique_keys[repeat]
         next_position = prompt_mask.sum(-1, keepdim=True)                     # [B, 1]
         response_ids = torch.full((batch, steps), pad, dtype=torch.long)
         logprobs = torch.zeros((batch, steps))
