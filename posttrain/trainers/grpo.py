@@ -31,7 +31,8 @@ import torch
 from posttrain.advantages import ADVANTAGES, per_token, zero_variance_groups
 from posttrain.config import GRPOConfig, RLOOConfig
 from posttrain.data import TokenizedPrompt, load_prompts
-from posttrain.losses import kl_k1, kl_k3, ppo_policy_loss
+from posttrain.losses import kl_k1
+from posttrain.losses.grpo import grpo_loss
 from posttrain.models import load_causal_lm, load_tokenizer
 from posttrain.models.lora import apply_lora, disabled_adapters, save_model
 from posttrain.models.value import PolicyAndValue, disable_dropout, response_logprobs
@@ -124,6 +125,8 @@ def policy_epochs(model, optimizer, accelerator, gen: Generation, advantages, ol
     world, device = accelerator.num_processes, accelerator.device
     _, per_minibatch, _ = cfg.sizes(world)
     mode = LOSS_TYPES[cfg.loss_type]
+    # GRPO's KL is a loss term (k3, Eq. 4); with kl_in_reward it is already in the reward (stage 4).
+    kl_coef = 0.0 if cfg.kl_in_reward else cfg.beta
     sums = defaultdict(float)
     for _ in range(cfg.num_iterations):
         order = torch.randperm(len(gen.responses))
@@ -141,15 +144,13 @@ def policy_epochs(model, optimizer, accelerator, gen: Generation, advantages, ol
                 with nullcontext() if i == len(micro) - 1 else accelerator.no_sync(model):
                     logprobs, _, _ = model(*(t.to(device) for t in part.sequences()), mask)
                     old_rows = logprobs.detach() if old is None else old[rows].to(device)
-                    loss, stats = ppo_policy_loss(logprobs, old_rows, advantages[rows].to(device), mask,
-                                                  clip_eps=cfg.clip_eps_low, clip_eps_high=cfg.clip_eps_high)
-                    if cfg.beta > 0 and not cfg.kl_in_reward:
-                        # GRPO's KL term: k3, unbiased and non-negative under π's samples (Eq. 4).
-                        kl = kl_k3(logprobs, ref[rows].to(device))
-                        loss = loss + cfg.beta * torch.where(mask, kl, 0.0)
-                        sums["policy/kl_k3"] += float(masked_sum(kl.detach(), mask))
+                    loss, stats = grpo_loss(logprobs, old_rows, advantages[rows].to(device), mask,
+                                            ref[rows].to(device) if kl_coef > 0 else None, clip_eps=cfg.clip_eps_low,
+                                            clip_eps_high=cfg.clip_eps_high, beta=kl_coef)
                     accelerator.backward(aggregate(loss, mask, mode, normalizer=normalizer))
                 n = int(mask.sum())
+                if kl_coef > 0:
+                    sums["policy/kl_k3"] += float(stats["policy/kl_k3"]) * n
                 sums["loss/policy"] += float(masked_sum(loss.detach(), mask))
                 sums["policy/clipfrac"] += float(stats["policy/clipfrac"]) * n
                 sums["policy/approxkl"] += float(stats["policy/approx_kl"]) * n
