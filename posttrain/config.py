@@ -435,6 +435,8 @@ class RLOOConfig(GRPOConfig):
     """KL coefficient of the KL-shaped reward r − β · Σ_t log π/π_ref."""
     kl_in_reward: bool = True
     """Subtract β · Σ_t log π/π_ref from each response's reward (RLOO) instead of adding β · k3 to the loss."""
+    loss_type: str = "dr_grpo"
+    """Loss reduction: dr_grpo (token sum / (responses · max_new_tokens): every token of every response weighs the same, as RLOO's estimator), grpo or dapo."""
 
 
 def _check(cfg, name: str, ok: bool, why: str) -> None:
