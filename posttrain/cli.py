@@ -16,8 +16,7 @@ from importlib import import_module
 from posttrain.config import CONFIGS, build_config, field_docs, field_types
 
 TRAINERS = {"sft": "posttrain.trainers.sft", "rm": "posttrain.trainers.reward", "dpo": "posttrain.trainers.dpo",
-            "ppo": "posttrain.trainers.ppo", "grpo": "posttrain.trainers.grpo", "rloo": "posttrain.trainers.grpo",
-            "kto": "posttrain.trainers.kto"}
+            "ppo": "posttrain.trainers.ppo", "grpo": "posttrain.trainers.grpo", "rloo": "posttrain.trainers.grpo"}
 """Command → module whose `train(cfg)` runs it."""
 
 DEMO_PROMPT = "Explain the moon landing to a 6 year old in a few sentences."
@@ -120,8 +119,23 @@ def build_parser() -> argparse.ArgumentParser:
                        help="llm: drop pairs whose preference is within this of 0.5 (default: 0)")
     judge.add_argument("--tie-margin", type=float, default=None,
                        help="llm: a tie when the two orders' preferences differ by more (default: 0.5)")
+    judge.add_argument("--keep-all", action="store_true",
+                       help="rm/fn: also write records whose scores form no pair (one reply, all equal), for "
+                            "`posttrain best-of-n`; `posttrain rm` / `dpo` refuse them")
     judge.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass")
     judge.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"), help="compute precision")
+
+    best = sub.add_parser("best-of-n", help="SFT records from scored lists: the best reply per prompt, or every "
+                          "reply above a threshold.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    best.add_argument("--data", required=True,
+                      help="scored lists {prompt, responses, scores, finish_reasons?} (posttrain judge --keep-all)")
+    best.add_argument("--output", required=True, help="JSONL of {prompt, completion} records for `posttrain sft`")
+    best.add_argument("--threshold", type=float, default=None,
+                      help="keep every distinct reply scoring ≥ this instead of the best one per prompt")
+    best.add_argument("--min-gap", type=float, default=0.0,
+                      help="leave out prompts whose highest and lowest scores differ by less")
+    best.add_argument("--keep-cut-off", action="store_true",
+                      help="also select replies cut off at max_new_tokens (finish_reason 'length')")
 
     demo = sub.add_parser("demo", help="The main job on the embedded model: SFT, reward model, DPO, PPO, and a before/after comparison.",
                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -164,8 +178,12 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "judge":
             import_module("posttrain.scoring.files").judge_file(
                 args.data, args.judge, args.output, rubric=args.rubric, pairing=args.pairing,
-                min_score_gap=args.min_score_gap, tie_margin=args.tie_margin, batch_size=args.batch_size,
-                precision=args.precision)
+                min_score_gap=args.min_score_gap, tie_margin=args.tie_margin, keep_all=args.keep_all,
+                batch_size=args.batch_size, precision=args.precision)
+        elif args.command == "best-of-n":
+            import_module("posttrain.datagen.best_of_n").best_of_n_file(
+                args.data, args.output, threshold=args.threshold, min_gap=args.min_gap,
+                keep_cut_off=args.keep_cut_off)
         elif args.command == "demo":
             import_module("posttrain.demo").run(args)
         else:

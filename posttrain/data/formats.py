@@ -22,19 +22,15 @@ Preference records (`preference_pairs`), exactly one of:
 * `{"prompt", "responses": [...], "scores": [...]}` — expanded into pairs (see
   `preference_pairs`).
 
-Labelled completions (`labelled_completions`, KTO's unpaired feedback), exactly one of:
-
-* `{"prompt", "completion", "label"}` — prompt and completion as in SFT records; label a JSON
-  boolean, true for a desirable answer (thumbs up), false for an undesirable one.
-* any preference record: each pair it holds gives a desirable example (its chosen reply) and
-  an undesirable one (its rejected reply).
-
 Prompt records (`prompt_messages`): `{"prompt": str | conversation}` or `{"messages": [...]}`,
 ending in a user turn.
 
 Sample records (`sampled_responses`, what `posttrain sample` writes and `posttrain judge`
 reads): a prompt record plus `"responses": [str, ...]` (empty strings included: a model may
 emit EOS at once) and optional `"finish_reasons"`.
+Scored records (`scored_responses`, what `posttrain judge` writes with an rm: or fn: judge and
+`posttrain best-of-n` reads): `{"prompt", "responses", "scores", "finish_reasons"?}`, one or
+more responses.
 Records to score (`scoring_conversation`, `posttrain score`): `{"prompt", "response"}` or
 `{"messages": [...]}` ending in an assistant turn.
 
@@ -68,8 +64,6 @@ SFT_HELP = "{prompt, completion} | {instruction, input?, output} | {messages}"
 PREFERENCE_HELP = ("{prompt, chosen, rejected, margin?} | {chosen, rejected} as conversations"
                    " | {prompt, responses, scores}")
 PROMPT_HELP = "{prompt} | {messages}"
-LABELLED_SHAPES = {"unpaired": ("completion", "label"), **PREFERENCE_SHAPES}
-LABELLED_HELP = "{prompt, completion, label} | " + PREFERENCE_HELP
 
 
 @dataclass(frozen=True)
@@ -85,18 +79,6 @@ class PreferencePair:
     chosen: list[dict[str, str]]
     rejected: list[dict[str, str]]
     margin: float | None
-    source_index: int
-
-
-@dataclass(frozen=True)
-class LabelledCompletion:
-    """One completion with a thumbs up or down. prompt: conversation ending in a user turn.
-    completion: one or more assistant messages that continue it. label: True for desirable,
-    False for undesirable. source_index: 0-based record position."""
-
-    prompt: list[dict[str, str]]
-    completion: list[dict[str, str]]
-    label: bool
     source_index: int
 
 
@@ -373,26 +355,6 @@ def _scored_pairs(rec: _Record, index: int, pairing: str, min_score_gap: float) 
     return pairs
 
 
-def labelled_completions(
-    record: Any, *, source: str, index: int, pairing: str = "all", min_score_gap: float = 0.0
-) -> list[LabelledCompletion]:
-    """The labelled examples a record holds: one for a `{prompt, completion, label}` record; for
-    a preference record, two per pair (`preference_pairs` with `pairing` and `min_score_gap`):
-    the chosen reply labelled True and the rejected reply labelled False."""
-    rec = _Record(record, source, index)
-    if rec.shape(LABELLED_SHAPES, LABELLED_HELP) != "unpaired":
-        pairs = preference_pairs(record, source=source, index=index, pairing=pairing, min_score_gap=min_score_gap)
-        return [LabelledCompletion(pair.prompt, reply, label, index)
-                for pair in pairs for reply, label in ((pair.chosen, True), (pair.rejected, False))]
-    prompt = _prompt(rec, rec.get("prompt"), "prompt")
-    completion = _reply(rec, rec.get("completion"), "completion")
-    label = rec.get("label")
-    if not isinstance(label, bool):
-        raise rec.fail("label", f"expected true or false, got {type_name(label)} {short_repr(label)}",
-                       reason="non-boolean label")
-    return [LabelledCompletion(prompt, completion, label, index)]
-
-
 FINISH_REASONS = ("eos", "stop", "length")
 """Why a sampled response ended: its EOS token, a stop string, or max_new_tokens. Defined here,
 below sampling/, which imports it."""
@@ -435,17 +397,57 @@ def sampled_responses(record: Any, *, source: str, index: int, min_responses: in
     if len(responses) < min_responses:
         raise rec.fail("responses", f"expected at least {min_responses} responses, got {len(responses)}",
                        reason=f"fewer than {min_responses} responses")
+    return SampledResponses(prompt, responses, _finish_reasons(rec, len(responses)))
+
+
+def _finish_reasons(rec: _Record, count: int) -> list[str]:
+    """The record's "finish_reasons", one of FINISH_REASONS per response; all "eos" when absent."""
     if not rec.has("finish_reasons"):
-        return SampledResponses(prompt, responses, ["eos"] * len(responses))
+        return ["eos"] * count
     reasons = rec.get("finish_reasons")
-    if not isinstance(reasons, list) or len(reasons) != len(responses):
-        raise rec.fail("finish_reasons", f"expected a list of {len(responses)} values, one per response, got "
+    if not isinstance(reasons, list) or len(reasons) != count:
+        raise rec.fail("finish_reasons", f"expected a list of {count} values, one per response, got "
                        f"{type_name(reasons)} {short_repr(reasons)}", reason="bad finish_reasons")
     for i, reason in enumerate(reasons):
         if reason not in FINISH_REASONS:
             raise rec.fail(f"finish_reasons[{i}]", f"expected one of {list(FINISH_REASONS)}, got {short_repr(reason)}",
                            reason="unknown finish reason")
-    return SampledResponses(prompt, responses, list(reasons))
+    return list(reasons)
+
+
+@dataclass(frozen=True)
+class ScoredResponses:
+    """The scored responses to one prompt, as `posttrain judge` writes them with an rm: or fn:
+    judge. prompt: conversation ending in a user turn. responses: N non-empty replies as the
+    record gives them (strings, or lists of assistant messages). scores: N finite floats.
+    finish_reasons: N values of FINISH_REASONS, all "eos" when the record gives none."""
+
+    prompt: list[dict[str, str]]
+    responses: list[str | list[dict[str, str]]]
+    scores: list[float]
+    finish_reasons: list[str]
+
+
+def scored_responses(record: Any, *, source: str, index: int) -> ScoredResponses:
+    """A scored record `{"prompt", "responses", "scores", "finish_reasons"?}` with at least one
+    response (unlike a preference record, one response or equal scores are valid); RecordError
+    if invalid."""
+    rec = _Record(record, source, index)
+    prompt = _prompt(rec, rec.get("prompt"), "prompt")
+    responses_value, scores_value = rec.get("responses"), rec.get("scores")
+    for field, value in (("responses", responses_value), ("scores", scores_value)):
+        if not isinstance(value, list):
+            raise rec.fail(field, f"expected a list, got {type_name(value)} {short_repr(value)}",
+                           reason=f"non-list {field}")
+    if not responses_value:
+        raise rec.fail("responses", "expected at least 1 response, got 0", reason="no responses")
+    for i, response in enumerate(responses_value):
+        _reply(rec, response, f"responses[{i}]")
+    scores = [_number(rec, s, f"scores[{i}]", "non-numeric score") for i, s in enumerate(scores_value)]
+    if len(scores) != len(responses_value):
+        raise rec.fail("scores", f"expected {len(responses_value)} scores, one per response, got {len(scores)} "
+                       f"{short_repr(scores_value)}", reason="responses/scores length mismatch")
+    return ScoredResponses(prompt, list(responses_value), scores, _finish_reasons(rec, len(scores)))
 
 
 def scoring_conversation(record: Any, *, source: str, index: int) -> tuple[list[dict], list[dict]]:

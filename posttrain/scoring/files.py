@@ -9,7 +9,9 @@ failed run leaves no file that a re-run could mistake for a finished one.
 
 * `rm:` / `fn:` — one scored list per record, `{prompt, responses, scores, ...}`; those tools
   apply their own `--pairing` and `--min-score-gap`. A record whose scores can form no pair
-  (one response, or all scores equal) is left out and counted.
+  (one response, or all scores equal) is left out and counted, unless `keep_all`: then every
+  record with a non-empty response is written, for `posttrain best-of-n` (which also wants the
+  prompts every reply got right), and `posttrain rm` / `dpo` refuse the file.
 * `llm:` — pairs `{prompt, chosen, rejected, ...}`, chosen by `JUDGE_PAIRINGS`; ties and
   pairs within `min_score_gap` of 0.5 are left out and counted.
 
@@ -101,7 +103,12 @@ class JudgeSummary:
     written: int = 0
     """Records (rm/fn: scored lists) or pairs (llm) written."""
     left_out: int = 0
-    """rm/fn: records whose scores form no pair (under two non-empty responses, or all scores equal)."""
+    """rm/fn: records whose scores form no pair (under two non-empty responses, or all scores equal);
+    with keep_all, records with no non-empty response."""
+    keep_all: bool = False
+    """rm/fn: records whose scores form no pair were written too."""
+    mean_score: float = 0.0
+    """rm/fn: the mean score of the scored responses (a verifiable task's accuracy)."""
     compared: int = 0
     """llm: pairs judged in both orders."""
     ties: int = 0
@@ -115,8 +122,9 @@ class JudgeSummary:
         head = (f"judged {self.records} records ({self.responses} responses, {self.empty} empty responses left out) "
                 f"with {self.spec}: ")
         if not self.pairwise:
-            return head + (f"wrote {self.written} scored lists to {output}; left out {self.left_out} records "
-                           "with no two different scores")
+            why = "no non-empty response" if self.keep_all else "no two different scores"
+            return head + (f"mean score {self.mean_score:.4g}; wrote {self.written} scored lists to {output}; "
+                           f"left out {self.left_out} records with {why}")
         rate = self.position_biased / self.compared if self.compared else 0.0
         return head + (f"{self.compared} pairs compared in both orders, {self.written} pairs written to {output}, "
                        f"{self.ties} ties, {self.within_gap} within the score gap; position bias in "
@@ -141,10 +149,10 @@ def without_empty(samples: list[SampledResponses]) -> tuple[list[SampledResponse
 
 
 def score_samples(records: list[dict], samples: list[SampledResponses], scorer: Scorer, *, source: str,
-                  batch_size: int = 8) -> tuple[list[dict], JudgeSummary]:
+                  batch_size: int = 8, keep_all: bool = False) -> tuple[list[dict], JudgeSummary]:
     """Scored lists `{prompt, responses, scores, judge, ...}` of the records whose non-empty
-    responses' scores can form a pair, and the summary. Responses are scored batch_size at a
-    time across records."""
+    responses' scores can form a pair (keep_all: of those with a non-empty response), and the
+    summary. Responses are scored batch_size at a time across records."""
     samples, kept, empty = without_empty(samples)
     rows = [(r, i) for r, sample in enumerate(samples) for i in range(len(sample.responses))]
     scores: list[float] = []
@@ -161,12 +169,13 @@ def score_samples(records: list[dict], samples: list[SampledResponses], scorer: 
             raise ValueError(f"{source}: record {r + 1}: field 'responses[{kept[r][i]}]': {err}") from None
         bar.update(len(chunk))
     bar.close()
-    summary = JudgeSummary(scorer.spec, False, records=len(records), responses=len(rows) + empty, empty=empty)
+    summary = JudgeSummary(scorer.spec, False, records=len(records), responses=len(rows) + empty, empty=empty,
+                           keep_all=keep_all, mean_score=sum(scores) / len(scores) if scores else 0.0)
     out, start = [], 0
     for record, sample in zip(records, samples):
         mine = scores[start: start + len(sample.responses)]
         start += len(sample.responses)
-        if len(set(mine)) < 2:
+        if len(set(mine)) < (1 if keep_all else 2):
             summary.left_out += 1
             continue
         out.append({**_carried(record), "prompt": _prompt_field(record), "responses": sample.responses,
@@ -217,13 +226,15 @@ def judge_samples(records: list[dict], samples: list[SampledResponses], judge: L
 
 
 def judge_file(data: str, judge: str, output: str, *, rubric: str | None = None, pairing: str | None = None,
-               min_score_gap: float | None = None, tie_margin: float | None = None, batch_size: int = 8,
-               precision: str = "auto") -> JudgeSummary:
+               min_score_gap: float | None = None, tie_margin: float | None = None, keep_all: bool = False,
+               batch_size: int = 8, precision: str = "auto") -> JudgeSummary:
     """Judge the samples file `data` with the spec `judge` and write `output` (see the module
     docstring). rubric, pairing, min_score_gap and tie_margin apply to llm: judges only
     (defaults: the default rubric, "all", 0, DEFAULT_TIE_MARGIN); given for rm:/fn:, they are
-    an error. Prints and returns the summary."""
+    an error, as keep_all is for llm:. Prints and returns the summary."""
     pairwise = is_pairwise(judge)
+    if keep_all and pairwise:
+        raise ValueError(f"--keep-all: only for an rm: or fn: judge; {judge} writes pairs, never scored lists")
     llm_only = {"--rubric": rubric, "--pairing": pairing, "--min-score-gap": min_score_gap,
                 "--tie-margin": tie_margin}
     given = [flag for flag, value in llm_only.items() if value is not None]
@@ -244,7 +255,8 @@ def judge_file(data: str, judge: str, output: str, *, rubric: str | None = None,
         out, summary = judge_samples(records, samples, llm, pairing=pairing, min_score_gap=min_score_gap)
     else:
         scorer = load_scorer(judge, batch_size=batch_size, precision=precision)
-        out, summary = score_samples(records, samples, scorer, source=str(data), batch_size=batch_size)
+        out, summary = score_samples(records, samples, scorer, source=str(data), batch_size=batch_size,
+                                     keep_all=keep_all)
     write_jsonl_atomic(output, out)
     print(summary.line(output))
     return summary

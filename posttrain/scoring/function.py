@@ -2,7 +2,9 @@
 
 prompts are the last user turns and responses the reply texts; a function with a parameter
 named `records` also gets the source record of each row (a reference answer, a test case).
-Every call is checked: the count, and each score a finite number.
+Every call is checked: the count, and each score a finite number. The module is imported with
+the current folder first on sys.path, as `python -m posttrain.cli` has it, so
+`fn:examples.rewards:exact_match` works from the repository root under the `posttrain` script too.
 """
 
 from __future__ import annotations
@@ -10,7 +12,10 @@ from __future__ import annotations
 import importlib
 import inspect
 import math
-from typing import Callable
+import os
+import sys
+from contextlib import contextmanager
+from typing import Callable, Iterator
 
 RewardFn = Callable[..., list[float]]
 
@@ -23,13 +28,31 @@ class ScoreError(ValueError):
         self.row = row
 
 
+@contextmanager
+def current_folder_first() -> Iterator[None]:
+    """The current folder first on sys.path while the block runs. `python -m` puts it there, a
+    console script such as `posttrain` does not (its sys.path starts at its bin/ folder), so
+    without this `fn:mytask:reward` would miss ./mytask.py."""
+    folder = os.getcwd()
+    if folder in sys.path:
+        yield
+        return
+    sys.path.insert(0, folder)
+    try:
+        yield
+    finally:
+        sys.path.remove(folder)
+
+
 def load_reward_fn(target: str) -> RewardFn:
-    """`module:function` -> the function; ValueError naming `fn:{target}` if it cannot be found."""
+    """`module:function` -> the function; ValueError naming `fn:{target}` if it cannot be found.
+    The module is looked up in the current folder first (see `current_folder_first`)."""
     module_name, _, name = target.partition(":")
     if not module_name or not name:
         raise ValueError(f"fn:{target}: expected fn:module:function")
     try:
-        module = importlib.import_module(module_name)
+        with current_folder_first():
+            module = importlib.import_module(module_name)
     except ImportError as err:
         raise ValueError(f"fn:{target}: cannot import {module_name!r} ({err})") from None
     fn = getattr(module, name, None)
