@@ -111,3 +111,10 @@ def autocast_report(seen: dict[str, set]) -> dict[str, list[bool]]:
 def count_parameters(model) -> int:
     """Distinct parameters (a tied input/output embedding counted once)."""
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
+def lowercase_share(prompts: list[str], responses: list[str]) -> list[float]:
+    """The GRPO/RLOO benchmarks' reward, the same Python function on both sides: the share of a
+    response's characters that are lowercase letters (0 for an empty response). Deterministic
+    and cheap, so the rows time the trainers, not a reward model."""
+    return [sum(ch.islower() for ch in text) / len(text) if text else 0.0 for text in responses]

@@ -35,8 +35,9 @@ TRL_PPO_PATH = WORK / "trl-1.12.0"
 MODELS = {"smollm2": "smollm2-135m-instruct", "tiny": "tiny-random"}
 TOOLS = ("posttrain", "trl")
 POSTTRAIN_MODULES = {"sft": "posttrain.trainers.sft", "rm": "posttrain.trainers.reward",
-                     "dpo": "posttrain.trainers.dpo", "ppo": "posttrain.trainers.ppo"}
-TRL_VERSION = {"sft": "1.16.0", "rm": "1.16.0", "dpo": "1.16.0", "ppo": "1.12.0"}
+                     "dpo": "posttrain.trainers.dpo", "ppo": "posttrain.trainers.ppo",
+                     "grpo": "posttrain.trainers.grpo", "rloo": "posttrain.trainers.grpo"}
+TRL_VERSION = {"sft": "1.16.0", "rm": "1.16.0", "dpo": "1.16.0", "ppo": "1.12.0", "grpo": "1.16.0", "rloo": "1.16.0"}
 
 # Per workload: rows a step, token lengths, and (warm-up, timed) steps for full / quick runs.
 SETTINGS = {
@@ -48,20 +49,36 @@ SETTINGS = {
     ("dpo", "tiny"): dict(batch_size=4, max_length=256, full=(3, 20), quick=(2, 4)),
     ("ppo", "smollm2"): dict(batch_size=4, max_prompt_length=64, response_length=32, full=(1, 4), quick=(1, 1)),
     ("ppo", "tiny"): dict(batch_size=4, max_prompt_length=64, response_length=32, full=(2, 10), quick=(1, 2)),
+    # GRPO / RLOO: `prompts` a step, each sampled num_generations (K) times; batch_size responses a
+    # micro-batch, one optimizer step per step.
+    ("grpo", "smollm2"): dict(prompts=4, num_generations=4, batch_size=4, max_prompt_length=64, response_length=32,
+                              full=(2, 6), quick=(1, 2)),
+    ("grpo", "tiny"): dict(prompts=4, num_generations=4, batch_size=4, max_prompt_length=64, response_length=32,
+                           full=(3, 12), quick=(2, 4)),
+    ("rloo", "smollm2"): dict(prompts=4, num_generations=4, batch_size=4, max_prompt_length=64, response_length=32,
+                              full=(2, 6), quick=(1, 2)),
+    ("rloo", "tiny"): dict(prompts=4, num_generations=4, batch_size=4, max_prompt_length=64, response_length=32,
+                           full=(3, 12), quick=(2, 4)),
 }
 # Throughput unit per workload: (count key, label). FLOPs per real token per parameter:
 # 6 for a training step (2 forward + 4 backward); DPO adds the reference forward (2).
 UNITS = {"sft": ("tokens", "tok/s"), "rm": ("pairs", "pairs/s"), "dpo": ("pairs", "pairs/s"),
-         "ppo": ("episodes", "episodes/s")}
+         "ppo": ("episodes", "episodes/s"), "grpo": ("episodes", "episodes/s"), "rloo": ("episodes", "episodes/s")}
+# Workloads that sample their own responses: generated tokens/s is shown beside the episode rate.
+ROLLOUT = ("ppo", "grpo", "rloo")
+# Which file of write_data each workload reads.
+DATA = {"sft": "sft", "rm": "pairs", "dpo": "pairs", "ppo": "prompts", "grpo": "prompts", "rloo": "prompts"}
 FLOP_FACTOR = {"sft": 6, "rm": 6, "dpo": 8}
-TARGET_SPEEDUP = {"sft": 2.0, "rm": 1.5, "dpo": 2.0, "ppo": 2.0}
+TARGET_SPEEDUP = {"sft": 2.0, "rm": 1.5, "dpo": 2.0, "ppo": 2.0, "grpo": 2.0, "rloo": 2.0}
 TARGET_RSS = 0.6
 TARGET_CEILING = 0.6
 # Equal work means these counts agree within COUNT_TOLERANCE, else the row is flagged. Other
 # counts (tokens actually fed, with padding) may differ by design and are only shown: e.g.
 # posttrain's DPO feeds each prompt once (prefix sharing) where TRL feeds it twice.
 SAME_WORK = {"sft": ("rows", "tokens", "loss_tokens"), "rm": ("pairs", "tokens"),
-             "dpo": ("pairs", "tokens", "loss_tokens"), "ppo": ("episodes", "generated_tokens")}
+             "dpo": ("pairs", "tokens", "loss_tokens"), "ppo": ("episodes", "generated_tokens"),
+             "grpo": ("episodes", "prompt_tokens", "generated_tokens"),
+             "rloo": ("episodes", "prompt_tokens", "generated_tokens")}
 COUNT_TOLERANCE = 0.02
 
 
@@ -190,7 +207,7 @@ def summarise_tool(runs: list[dict], workload: str, ceiling_bf16: float) -> dict
         "params": ok[0].get("params"), "failed_repeats": len(runs) - len(ok), "optimizer": ok[0].get("optimizer"),
         "autocast": ok[0].get("autocast"),
     }
-    if workload == "ppo":
+    if workload in ROLLOUT:
         out["generated_tokens_per_s"] = spread([r["counts_timed"]["generated_tokens"] / sum(r["step_seconds"])
                                                 for r in ok])
     if workload in FLOP_FACTOR and out["params"]:
@@ -268,8 +285,9 @@ def fmt_spread(s: dict, scale: float = 1.0, digits: int = 3) -> str:
 
 
 def earlier_reports(exclude: Path | None = None) -> list[dict]:
-    """Every results JSON under benchmarks/results (rows not re-measured are carried from them)."""
-    paths = sorted((BENCH / "results").glob("*.json"))
+    """Every run of this script under benchmarks/results, `<date>-full.json` and `<date>-quick.json`
+    (rows not re-measured are carried from them; sampling.py's `sampling-*.json` are not runs of it)."""
+    paths = sorted(p for mode in ("full", "quick") for p in (BENCH / "results").glob(f"*-{mode}.json"))
     return [json.loads(p.read_text()) for p in paths if exclude is None or p.resolve() != exclude.resolve()]
 
 
@@ -309,10 +327,12 @@ def markdown(reports: list[dict]) -> str:
         f"- **Machine**: {m['cpu']}, {m['cores']} cores, {m['memory_gb']} GB, native bf16: {m['bf16_native']}; "
         f"{newest['threads']} threads for every run.",
         f"- **Versions**: posttrain {v['posttrain']}, torch {v['torch']}, transformers {v['transformers']}, "
-        f"accelerate {v['accelerate']}, peft {v['peft']}, datasets {v['datasets']}, TRL {v['trl']} (SFT, RM, DPO), "
-        f"TRL {v['trl_ppo']} (PPO), Python {m['python']}.",
+        f"accelerate {v['accelerate']}, peft {v['peft']}, datasets {v['datasets']}, "
+        f"TRL {v['trl']} (SFT, RM, DPO, GRPO, RLOO), TRL {v['trl_ppo']} (PPO), Python {m['python']}.",
         "- **Same work**: identical token ids in the same order on both sides (posttrain's tokenizer, chat "
-        "template and data order; TRL reads them pre-tokenised with a sequential sampler); bf16 autocast over "
+        "template and data order; TRL reads them pre-tokenised with a sequential sampler; GRPO and RLOO: TRL "
+        "renders posttrain's prompt conversations with the same chat template and the worker checks that it "
+        "generates from the same ids); bf16 autocast over "
         "fp32 weights on both; gradient checkpointing off on both; AdamW, constant lr, clip 1.0; "
         "`MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=17179869184` and the same thread count for both.",
         "- **Repeats**: tools alternate (posttrain, TRL, posttrain, TRL, …); figures are median (min–max) over "
@@ -347,9 +367,9 @@ def markdown(reports: list[dict]) -> str:
         lines.append(f"| {row['workload']} | {row['model']} | {row['per_step']} | {label[k]} | "
                      f"{_cell(pt, 'throughput', unit)} | {_cell(trl, 'throughput', unit)} | {ratio} "
                      f"| ≥ {TARGET_SPEEDUP[row['workload']]}× |")
-        if row["workload"] == "ppo" and both:
+        if row["workload"] in ROLLOUT and both:
             g = pt["generated_tokens_per_s"]["median"] / trl["generated_tokens_per_s"]["median"]
-            lines.append(f"| ppo | {row['model']} | generated tokens | {label[k]} | "
+            lines.append(f"| {row['workload']} | {row['model']} | generated tokens | {label[k]} | "
                          f"{fmt_spread(pt['generated_tokens_per_s'])} tok/s "
                          f"| {fmt_spread(trl['generated_tokens_per_s'])} tok/s | {g:.2f}× | |")
     lines += ["", "## Memory, start-up and FLOP rate", "",
@@ -374,7 +394,8 @@ def markdown(reports: list[dict]) -> str:
               "bf16 autocast as seen by a hook on the policy's first Linear layer: training forwards / no-grad "
               "forwards (generation, reference, scoring); `none`: no such forward went through that layer (TRL's "
               "reference and reward models are separate objects; posttrain's DPO reference is a copy of the "
-              "policy, hook included).", "",
+              "policy, hook included; posttrain's GRPO/RLOO reference is a copy made before the hook, and its "
+              "sampler decodes from its own bf16 copy of the weights).", "",
               "| workload | model | run | counts | equal | autocast posttrain | autocast TRL |",
               "|---|---|---|---|---|---|---|"]
     for k, row in rows:
@@ -413,11 +434,14 @@ METHOD = """
   step. TRL 1.16: a `TrainerCallback`'s `on_step_begin`. TRL 1.12 PPO (no `on_step_begin`): `on_train_begin`
   and every `on_step_end`. posttrain has no callbacks, so the worker wraps the module-level function its loop
   calls first in each step: `collate` (SFT), `pair_rewards` (RM), `PairSet.batch` (DPO), `generate` (PPO; the
-  last iteration is closed after its `ppo_epochs`, before the final save). Warm-up steps are dropped;
-  throughput = work in the timed steps / their summed time.
+  last iteration is closed after its `ppo_epochs`, before the final save), `grpo.generate` (GRPO, RLOO; TRL's
+  `on_step_begin` comes once per optimizer step, before the generation in its first micro-batch). Warm-up steps
+  are dropped; throughput = work in the timed steps / their summed time.
 - **Work counted** from the batches each tool really used (TRL: the inputs of each `compute_loss` call, PPO:
-  the output of `batch_generation`; posttrain: the batch its loop built): rows/pairs/episodes, real tokens,
-  tokens including padding, loss tokens, generated tokens (up to and including EOS).
+  the output of `batch_generation`, GRPO/RLOO: the prompt and completion ids of each `_generate_single_turn`
+  call; posttrain: the batch its loop built, PPO/GRPO/RLOO: the `Generation` its `generate` returned):
+  rows/pairs/episodes, real tokens, tokens including padding, loss tokens, prompt tokens (one prompt per
+  episode), generated tokens (up to and including EOS).
 - **Peak RSS**: the process's VmHWM at the start of its last step, i.e. after all earlier steps ran in full,
   before posttrain saves its final model (TRL saves nothing); the at-exit `ru_maxrss` is in the JSON too.
 - **Time to first step**: from just before the orchestrator starts the process to the start of step 2
@@ -426,13 +450,27 @@ METHOD = """
   the sequences laid out one per row); DPO adds 2·N·T for the reference forward. This is the nominal model
   FLOP count: attention's T² term is left out, and posttrain's LM head (loss positions only) and DPO prefix
   sharing (each prompt once) do less than this, so it is a model-FLOPs utilisation, not a count of the
-  arithmetic each tool performed. PPO mixes generation, scoring and training; no FLOP rate is given for it.
+  arithmetic each tool performed. PPO, GRPO and RLOO mix generation, scoring and training; no FLOP rate is given
+  for them.
 - **Workloads**: SFT — 4 rows of exactly 256 tokens (records of joined example completions, cut to 256),
   loss on completion tokens. RM and DPO — the 80 pairs of `examples/data/preferences.jsonl`, 4 a step,
   chosen and rejected padded together (DPO: sigmoid loss, β = 0.1, a frozen fp32 reference). PPO — 4 prompts
   of `examples/data/prompts.jsonl` a step, responses sampled at temperature 1 up to 32 tokens or EOS, scored
   by a reward model (the LM with a fresh seeded scalar head, built once by posttrain's `RewardModel` and read
-  by both tools; it is also the critic's start), KL β = 0.05, 4 PPO epochs of 1 minibatch.
+  by both tools; it is also the critic's start), KL β = 0.05, 4 PPO epochs of 1 minibatch. GRPO and RLOO — 4
+  prompts of `examples/data/prompts.jsonl` a step (≤ 64 tokens), K = 4 responses each sampled at temperature 1
+  (no top-k, top-p 1) up to 32 tokens or EOS, scored by the same Python function on both sides
+  (`bench.lowercase_share`: the share of a response's characters that are lowercase letters; no reward model),
+  micro-batches of 4 responses accumulated into one optimizer step per generation batch (μ = 1, clip ε 0.2,
+  lr 1e-6). GRPO: advantages (r − group mean) / group std, β = 0.04 with a frozen fp32 reference and the k3 KL
+  per token in the loss (TRL: `use_bias_correction_kl=False`, i.e. the same plain k3), each response's token
+  mean then the mean over responses (`loss_type="grpo"` on both); neither needs log π_old at μ = 1 (the ratio is
+  taken against the detached current log-probs). RLOO: each side's defaults with β = 0.05 — both compute log
+  π_old (a no-grad policy forward) and log π_ref, subtract β · Σ_t (log π_old − log π_ref) (k1, summed over the
+  response) from the reward, and use the leave-one-out baseline without std scaling; posttrain clips the ratio per
+  token and reduces `dr_grpo` (token sum / (responses · 32)), TRL clips one ratio per response (the exp of its
+  summed token log-ratios) and averages over responses: at μ = 1 both gradients are A · Σ_t ∇log π_t per
+  response averaged over responses, posttrain's further divided by 32.
 """
 
 
@@ -442,7 +480,7 @@ METHOD = """
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="few steps and 1 repeat: checks the harness")
-    parser.add_argument("--workloads", default="sft,rm,dpo,ppo")
+    parser.add_argument("--workloads", default=",".join(UNITS))
     parser.add_argument("--models", default=None, help="default smollm2,tiny (tiny with --quick)")
     parser.add_argument("--repeats", type=int, default=None, help="default 3 (1 with --quick)")
     parser.add_argument("--threads", type=int, default=os.cpu_count())
@@ -492,7 +530,7 @@ def main() -> None:
             spec = {k: v for k, v in s.items() if k not in ("full", "quick")}
             spec.update(model_path=paths[model], warmup=warmup, timed=timed, repeat=repeat, seed=0,
                         precision="bf16", gradient_checkpointing=False,
-                        data=str(data["sft" if workload == "sft" else "prompts" if workload == "ppo" else "pairs"]),
+                        data=str(data[DATA[workload]]),
                         reward_model=reward_models.get(model, ""))
             for tool in TOOLS:
                 if tool == "posttrain" and not available[workload]:
@@ -517,7 +555,8 @@ def main() -> None:
         s = SETTINGS[(workload, model)]
         per_step = (f"{s['batch_size']} × {s['max_length']} tok" if workload == "sft" else
                     f"{s['batch_size']} pairs ≤ {s['max_length']} tok" if workload in ("rm", "dpo") else
-                    f"{s['batch_size']} × {s['response_length']}-tok rollouts")
+                    f"{s['batch_size']} × {s['response_length']}-tok rollouts" if workload == "ppo" else
+                    f"{s['prompts']} prompts × {s['num_generations']} × ≤ {s['response_length']} tok")
         row = {"workload": workload, "model": model, "per_step": per_step}
         for tool in TOOLS:
             mine = [r for r in runs if r["tool"] == tool and r["workload"] == workload and r["model"] == model]
@@ -579,6 +618,16 @@ NOTES = [
     "there) and only moves the reference and reward models to the device, so those run in fp32. posttrain "
     "samples under autocast and loads the reward model in bf16. This is how TRL 1.12 runs with bf16=True here, "
     "and it counts against TRL in the PPO row.",
+    "GRPO/RLOO: what differs in the work, by design or beyond the worker's reach: TRL repeats each prompt K times "
+    "and prefills all 16 rows in `transformers` `generate` (`disable_compile=True`), where posttrain's sampler "
+    "prefills each distinct prompt once and its K samples share the cache rows (the counted prompt tokens are one "
+    "prompt per episode on both sides); TRL's training forward also computes each token's entropy (for its "
+    "`entropy` metric; not optional in 1.16), posttrain's does not; TRL's reference and policy forwards use its "
+    "fused chunked LM head, posttrain's its own chunked log-probs. TRL samples under bf16 autocast from the fp32 "
+    "policy; posttrain's sampler decodes from its own bf16 copy of the weights, refreshed after every optimizer "
+    "step (the copy is in posttrain's peak RSS and the refresh in its step time). Sampled lengths differ by "
+    "chance, as in PPO (hence a ✗ on generated tokens is expected, most of all for the tiny model, whose "
+    "responses often end early); prompts and episodes are equal by construction.",
 ]
 
 
