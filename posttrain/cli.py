@@ -16,7 +16,8 @@ from importlib import import_module
 from posttrain.config import CONFIGS, build_config, field_docs, field_types
 
 TRAINERS = {"sft": "posttrain.trainers.sft", "rm": "posttrain.trainers.reward", "dpo": "posttrain.trainers.dpo",
-            "ppo": "posttrain.trainers.ppo", "grpo": "posttrain.trainers.grpo", "rloo": "posttrain.trainers.grpo"}
+            "ppo": "posttrain.trainers.ppo", "grpo": "posttrain.trainers.grpo", "rloo": "posttrain.trainers.grpo",
+            "kto": "posttrain.trainers.kto"}
 """Command → module whose `train(cfg)` runs it."""
 
 DEMO_PROMPT = "Explain the moon landing to a 6 year old in a few sentences."

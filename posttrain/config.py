@@ -191,6 +191,31 @@ class DPOConfig(TrainConfig):
         _check(self, "min_score_gap", self.min_score_gap >= 0, "must be ≥ 0")
 
 
+@dataclass
+class KTOConfig(TrainConfig):
+    """KTO: unpaired thumbs-up / thumbs-down feedback (pairs count as one of each)."""
+
+    lr: float = 1e-6
+    """Peak learning rate of AdamW."""
+    beta: float = 0.1
+    """β: inverse temperature of the implicit reward β·log(π/π_ref) inside the sigmoid."""
+    desirable_weight: float = 1.0
+    """λ_D, the weight of desirable examples (the paper advises λ_D·n_D / (λ_U·n_U) in [1, 4/3])."""
+    undesirable_weight: float = 1.0
+    """λ_U, the weight of undesirable examples."""
+    pairing: str = "all"
+    """How scored lists become pairs (each a desirable and an undesirable example): all or best_vs_rest."""
+    min_score_gap: float = 0.0
+    """Scored lists form a pair only when the score gap exceeds this."""
+
+    def validate(self) -> None:
+        super().validate()
+        _check_choice(self, "pairing", PAIRINGS)
+        for name in ("beta", "desirable_weight", "undesirable_weight"):
+            _check(self, name, getattr(self, name) > 0, "must be > 0")
+        _check(self, "min_score_gap", self.min_score_gap >= 0, "must be ≥ 0")
+
+
 KL_ESTIMATOR_NAMES = ("k1", "k3")
 
 
@@ -521,9 +546,9 @@ def to_yaml(cfg) -> str:
 
 
 CONFIGS = {"sft": SFTConfig, "rm": RMConfig, "dpo": DPOConfig, "ppo": PPOConfig, "grpo": GRPOConfig,
-           "rloo": RLOOConfig}
+           "rloo": RLOOConfig, "kto": KTOConfig}
 """Command name → its config class; trainers add themselves here."""
 
-__all__ = ["ConfigError", "TrainConfig", "SFTConfig", "RMConfig", "DPOConfig", "PPOConfig", "GRPOConfig",
-           "RLOOConfig", "CONFIGS", "build_config", "field_docs",
+__all__ = ["ConfigError", "TrainConfig", "SFTConfig", "RMConfig", "DPOConfig", "KTOConfig", "PPOConfig",
+           "GRPOConfig", "RLOOConfig", "CONFIGS", "build_config", "field_docs",
            "field_types", "load_yaml", "to_yaml"]

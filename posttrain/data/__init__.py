@@ -10,17 +10,21 @@ from posttrain.data.errors import DataError, RecordError
 from posttrain.data.formats import (FINISH_REASONS, PreferencePair, SampledResponses, ScoredResponses,
                                      preference_pairs, prompt_messages, sampled_responses, scored_responses,
                                      scoring_conversation, sft_messages)
+from posttrain.data.formats import LabelledCompletion, labelled_completions
 from posttrain.data.load import (
     LoadReport,
     TokenizedPrompt,
+    load_labelled_completions,
     load_preference_pairs,
     load_prompts,
     load_sft_examples,
 )
 from posttrain.data.records import read_records
 from posttrain.data.tokenize import (
+    TokenizedCompletion,
     TokenizedExample,
     TokenizedPair,
+    tokenize_completion,
     tokenize_conversation,
     tokenize_pair,
     tokenize_prompt,
@@ -33,4 +37,6 @@ __all__ = [
     "TokenizedPair", "TokenizedPrompt", "collate_packed", "load_preference_pairs", "load_prompts",
     "load_sft_examples", "pack_examples", "pad_batch", "preference_pairs", "prompt_messages",
     "read_records", "sft_messages", "tokenize_conversation", "tokenize_pair", "tokenize_prompt",
+    "LabelledCompletion", "TokenizedCompletion", "labelled_completions", "load_labelled_completions",
+    "tokenize_completion",
 ]

@@ -22,6 +22,13 @@ Preference records (`preference_pairs`), exactly one of:
 * `{"prompt", "responses": [...], "scores": [...]}` — expanded into pairs (see
   `preference_pairs`).
 
+Labelled completions (`labelled_completions`, KTO's unpaired feedback), exactly one of:
+
+* `{"prompt", "completion", "label"}` — prompt and completion as in SFT records; label a JSON
+  boolean, true for a desirable answer (thumbs up), false for an undesirable one.
+* any preference record: each pair it holds gives a desirable example (its chosen reply) and
+  an undesirable one (its rejected reply).
+
 Prompt records (`prompt_messages`): `{"prompt": str | conversation}` or `{"messages": [...]}`,
 ending in a user turn.
 
@@ -64,6 +71,8 @@ SFT_HELP = "{prompt, completion} | {instruction, input?, output} | {messages}"
 PREFERENCE_HELP = ("{prompt, chosen, rejected, margin?} | {chosen, rejected} as conversations"
                    " | {prompt, responses, scores}")
 PROMPT_HELP = "{prompt} | {messages}"
+LABELLED_SHAPES = {"unpaired": ("completion", "label"), **PREFERENCE_SHAPES}
+LABELLED_HELP = "{prompt, completion, label} | " + PREFERENCE_HELP
 
 
 @dataclass(frozen=True)
@@ -79,6 +88,18 @@ class PreferencePair:
     chosen: list[dict[str, str]]
     rejected: list[dict[str, str]]
     margin: float | None
+    source_index: int
+
+
+@dataclass(frozen=True)
+class LabelledCompletion:
+    """One completion with a thumbs up or down. prompt: conversation ending in a user turn.
+    completion: one or more assistant messages that continue it. label: True for desirable,
+    False for undesirable. source_index: 0-based record position."""
+
+    prompt: list[dict[str, str]]
+    completion: list[dict[str, str]]
+    label: bool
     source_index: int
 
 
@@ -353,6 +374,26 @@ def _scored_pairs(rec: _Record, index: int, pairing: str, min_score_gap: float) 
                            reason="chosen identical to rejected")
         pairs.append(PreferencePair(prompt, responses[hi], responses[lo], None, index))
     return pairs
+
+
+def labelled_completions(
+    record: Any, *, source: str, index: int, pairing: str = "all", min_score_gap: float = 0.0
+) -> list[LabelledCompletion]:
+    """The labelled examples a record holds: one for a `{prompt, completion, label}` record; for
+    a preference record, two per pair (`preference_pairs` with `pairing` and `min_score_gap`):
+    the chosen reply labelled True and the rejected reply labelled False."""
+    rec = _Record(record, source, index)
+    if rec.shape(LABELLED_SHAPES, LABELLED_HELP) != "unpaired":
+        pairs = preference_pairs(record, source=source, index=index, pairing=pairing, min_score_gap=min_score_gap)
+        return [LabelledCompletion(pair.prompt, reply, label, index)
+                for pair in pairs for reply, label in ((pair.chosen, True), (pair.rejected, False))]
+    prompt = _prompt(rec, rec.get("prompt"), "prompt")
+    completion = _reply(rec, rec.get("completion"), "completion")
+    label = rec.get("label")
+    if not isinstance(label, bool):
+        raise rec.fail("label", f"expected true or false, got {type_name(label)} {short_repr(label)}",
+                       reason="non-boolean label")
+    return [LabelledCompletion(prompt, completion, label, index)]
 
 
 FINISH_REASONS = ("eos", "stop", "length")

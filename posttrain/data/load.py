@@ -16,11 +16,14 @@ from typing import Any, Callable
 from transformers import PreTrainedTokenizerBase
 
 from posttrain.data.errors import DataError, RecordError
-from posttrain.data.formats import PreferencePair, preference_pairs, prompt_messages, sft_messages
+from posttrain.data.formats import (LabelledCompletion, PreferencePair, labelled_completions, preference_pairs,
+                                     prompt_messages, sft_messages)
 from posttrain.data.records import read_records
 from posttrain.data.tokenize import (
+    TokenizedCompletion,
     TokenizedExample,
     TokenizedPair,
+    tokenize_completion,
     tokenize_conversation,
     tokenize_pair,
     tokenize_prompt,
@@ -176,6 +179,50 @@ def load_preference_pairs(
                     continue
                 report.truncated += 1
                 tokenized.append(cut)
+    report.loaded = len(tokenized)
+    if not tokenized:
+        raise _nothing_left(report)
+    return tokenized, report
+
+
+def load_labelled_completions(
+    source: str | os.PathLike,
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    max_length: int,
+    pairing: str = "all",
+    min_score_gap: float = 0.0,
+    overlong: str = "truncate",
+    skip_invalid: bool = False,
+) -> tuple[list[TokenizedCompletion], LoadReport]:
+    """Tokenized labelled completions (KTO's examples) of every valid record of `source`, in
+    file order, and the LoadReport.
+
+    A `{prompt, completion, label}` record gives one example, a preference record two per pair
+    (see `labelled_completions`); a scored record with no pair is counted under dropped. An
+    overlong example is truncated as `tokenize_completion` describes, or left out
+    (overlong="drop").
+    """
+    _check_options(max_length, overlong)
+    report = LoadReport(str(source), "examples", max_length)
+
+    def parse(record: Any, index: int) -> list[LabelledCompletion]:
+        return labelled_completions(record, source=str(source), index=index, pairing=pairing,
+                                    min_score_gap=min_score_gap)
+
+    tokenized = []
+    for _, _, examples in _validate_all(source, report, skip_invalid, parse):
+        if not examples:
+            report.dropped[f"records with no score gap > {min_score_gap:g}"] += 1
+        for example in examples:
+            full = tokenize_completion(example, tokenizer)
+            if full.length <= max_length:
+                tokenized.append(full)
+            elif overlong == "drop":
+                report.dropped[f"longer than {max_length} tokens"] += 1
+            else:
+                report.truncated += 1
+                tokenized.append(tokenize_completion(example, tokenizer, max_length=max_length))
     report.loaded = len(tokenized)
     if not tokenized:
         raise _nothing_left(report)

@@ -9,8 +9,9 @@ Text files are read as UTF-8; a leading byte-order mark (as Excel writes) is ign
 * `*.json` — a list of objects, or an object with exactly one field, whose value is that list
   (`{"data": [...]}`, as some exporters write it). Anything else is an error, not a guess.
 * `*.csv` — a header row then one record per row. Every cell is text, as CSV has no types,
-  except the `margin` column, parsed as a number (an empty cell means no margin). Only the
-  flat record shapes fit in CSV (no message lists).
+  except the `margin` column, parsed as a number (an empty cell means no margin), and the
+  `label` column, `true` or `false` in any case. Only the flat record shapes fit in CSV (no
+  message lists).
 * `*.parquet` — one record per row.
 * an existing folder written by `datasets.Dataset.save_to_disk` — loaded with `load_from_disk`.
 * anything else (another folder of data files, a hub id) — `datasets.load_dataset(source)`,
@@ -35,6 +36,7 @@ from posttrain.data.errors import DataError, short_repr, type_name
 
 FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 NUMERIC_CSV_COLUMNS = ("margin",)
+BOOLEAN_CSV_COLUMNS = ("label",)
 # A split name, optionally sliced the way `datasets` slices (train, test[:100], train[10%:]).
 _SPLIT_SUFFIX = re.compile(r"^(?P<name>.+):(?P<split>[A-Za-z_][\w.-]*(\[[^\]]*\])?)$")
 
@@ -113,10 +115,14 @@ def _read_csv(path: Path, name: str) -> list[dict[str, Any]]:
 
 
 def _csv_cell(column: str, value: str | None, name: str, record: int) -> Any:
-    if column not in NUMERIC_CSV_COLUMNS:
+    if column not in NUMERIC_CSV_COLUMNS + BOOLEAN_CSV_COLUMNS:
         return value
     if value is None or value.strip() == "":
         return None
+    if column in BOOLEAN_CSV_COLUMNS:
+        if value.strip().lower() not in ("true", "false"):
+            raise DataError(f"{name}: record {record}: field '{column}': expected true or false, got {short_repr(value)}")
+        return value.strip().lower() == "true"
     try:
         number = float(value)
     except ValueError:

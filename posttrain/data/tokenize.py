@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 from transformers import PreTrainedTokenizerBase
 
-from posttrain.data.formats import PreferencePair
+from posttrain.data.formats import LabelledCompletion, PreferencePair
 
 
 @dataclass
@@ -66,6 +66,22 @@ class TokenizedPair:
             TokenizedExample(self.prompt_ids + reply, [False] * len(self.prompt_ids) + [True] * len(reply))
             for reply in (self.chosen_ids, self.rejected_ids)
         )
+
+
+@dataclass
+class TokenizedCompletion:
+    """A tokenized LabelledCompletion. prompt_ids: [P], ending with the generation prompt.
+    completion_ids: [C], the reply tokens after it, ending with EOS unless truncated. label:
+    True for desirable. source_index as in LabelledCompletion."""
+
+    prompt_ids: list[int]
+    completion_ids: list[int]
+    label: bool
+    source_index: int
+
+    @property
+    def length(self) -> int:
+        return len(self.prompt_ids) + len(self.completion_ids)
 
 
 def _render(tokenizer: PreTrainedTokenizerBase, messages: list[dict], generation_prompt: bool) -> str:
@@ -179,3 +195,13 @@ def tokenize_pair(
     prompt_ids = prompt_ids[len(prompt_ids) - keep_prompt:]
     room = max_length - len(prompt_ids)
     return TokenizedPair(prompt_ids, chosen_ids[:room], rejected_ids[:room], pair.margin, pair.source_index)
+
+
+def tokenize_completion(
+    example: LabelledCompletion, tokenizer: PreTrainedTokenizerBase, *, max_length: int | None = None
+) -> TokenizedCompletion:
+    """Prompt ids with generation prompt, and the completion's ids through its EOS; an overlong
+    example is truncated as `tokenize_pair` truncates a pair whose replies are both this one."""
+    pair = tokenize_pair(PreferencePair(example.prompt, example.completion, example.completion, None,
+                                        example.source_index), tokenizer, max_length=max_length)
+    return TokenizedCompletion(pair.prompt_ids, pair.chosen_ids, example.label, example.source_index)

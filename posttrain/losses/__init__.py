@@ -20,6 +20,7 @@ from posttrain.losses.kl import (
     kl_k2,
     kl_k3,
 )
+from posttrain.losses.kto import kto_loss, kto_reference_point
 from posttrain.losses.ppo import ppo_policy_loss, value_loss
 from posttrain.losses.reward import bradley_terry_loss
 
@@ -37,6 +38,8 @@ __all__ = [
     "kl_k1",
     "kl_k2",
     "kl_k3",
+    "kto_loss",
+    "kto_reference_point",
     "orpo_loss",
     "ppo_policy_loss",
     "robust_dpo_loss",

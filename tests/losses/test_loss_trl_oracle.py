@@ -10,6 +10,10 @@ Deliberate differences from TRL, checked as ours:
   in test_loss_dpo.py.
 * TRL's ORPO method returns +λ·log σ(log-odds) and adds the NLL elsewhere; ours returns the
   whole per-pair loss, NLL included, so the oracle is −TRL − mean log-prob of y_w.
+
+KTO is checked against ``KTOTrainer._compute_loss`` the same way: its stand-in "model" returns
+one set of per-token log-probs for the examples' own completions and another for the
+mismatched (KL) completions, told apart by their input ids.
 """
 
 from collections import defaultdict
@@ -18,7 +22,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from posttrain.losses import DPO_LOSSES
+from posttrain.losses import DPO_LOSSES, kto_loss, kto_reference_point
 
 dpo_trainer = pytest.importorskip("trl.trainer.dpo_trainer")
 
@@ -113,3 +117,63 @@ def test_simpo_matches_trl_cpo_loss():
     ours, chosen_rewards, rejected_rewards = DPO_LOSSES["simpo"].fn(chosen, rejected, None, None, beta=2.0, gamma=0.7)
     torch.testing.assert_close(ours, trl_losses, atol=1e-6, rtol=0)
     torch.testing.assert_close((chosen_rewards, rejected_rewards), (trl_chosen, trl_rejected), atol=1e-6, rtol=0)
+
+
+class _KTOFakeModel:
+    """Per-token log-probs for rows whose input ids are all `own_id` or all `kl_id`."""
+
+    training = True
+
+    def __init__(self, own_id, own, kl_id, kl):
+        self.by_id = {own_id: own, kl_id: kl}
+
+    def __call__(self, input_ids, **_):
+        log_probs = self.by_id[int(input_ids[0, 0])]
+        zeros = torch.zeros_like(log_probs)
+        return SimpleNamespace(log_probs=log_probs, entropy=zeros, mean_logits=zeros, is_top1=zeros.bool())
+
+
+@pytest.mark.parametrize(("desirable_weight", "undesirable_weight"), [(1.0, 1.0), (1.33, 0.8)])
+def test_kto_matches_trl_kto_trainer(desirable_weight, undesirable_weight):
+    kto_trainer = pytest.importorskip("trl.trainer.kto_trainer")
+    torch.manual_seed(0)
+    beta, n = 0.3, 6
+    labels = torch.tensor([True, False, True, True, False, False])
+
+    def token_logps():
+        mask = torch.ones(n, T, dtype=torch.bool)
+        mask[:, 4:] = torch.rand(n, 2) > 0.5
+        return torch.where(mask, -torch.rand(n, T, dtype=torch.float64) * 2, 0.0), mask
+
+    (own, own_mask), (kl, kl_mask) = token_logps(), token_logps()
+    ref_own = own.sum(-1) + torch.randn(n, dtype=torch.float64)
+    # A reference below the policy on the mismatched completions, so z₀ > 0 is not clamped.
+    ref_kl = kl.sum(-1) - torch.rand(n, dtype=torch.float64)
+    z0 = kto_reference_point(kl.sum(-1), ref_kl)
+    assert z0 > 0
+    ours, stats = kto_loss(own.sum(-1), ref_own, labels, z0, beta=beta, desirable_weight=desirable_weight,
+                           undesirable_weight=undesirable_weight)
+
+    model = _KTOFakeModel(1, own, 2, kl)
+    trainer = SimpleNamespace(
+        model=model, accelerator=ACCELERATOR, aux_loss_enabled=False, precompute_ref_logps=True,
+        calculate_KL=True, loss_type="kto", beta=beta, desirable_weight=desirable_weight,
+        undesirable_weight=undesirable_weight, _metrics=defaultdict(lambda: defaultdict(list)),
+        _total_train_tokens=0, _tp_size=1,
+    )
+    trainer._compute_kl_logps = lambda m, b: kto_trainer.KTOTrainer._compute_kl_logps(trainer, m, b)
+    # TRL drops the first column of its log-probs (position 0 is never predicted), so every row
+    # starts with one prompt column, which its own log-prob rows do not carry.
+    def rows(marker, mask):
+        return torch.full((n, T + 1), marker), torch.cat([torch.zeros(n, 1, dtype=torch.long), mask.long()], 1)
+
+    (ids, own_full), (kl_ids, kl_full) = rows(1, own_mask), rows(2, kl_mask)
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "completion_mask": own_full,
+              "KL_input_ids": kl_ids, "KL_attention_mask": torch.ones_like(kl_ids), "KL_completion_mask": kl_full,
+              "label": labels, "ref_logps": ref_own, "ref_KL_logps": ref_kl}
+    trl = kto_trainer.KTOTrainer._compute_loss(trainer, model, inputs, return_outputs=False)
+    torch.testing.assert_close(ours.mean(), trl, atol=1e-6, rtol=0)
+    logged = trainer._metrics["train"]
+    assert logged["kl"][0] == pytest.approx(float(z0), abs=1e-6)
+    assert logged["rewards/chosen"][0] == pytest.approx(float(stats["rewards/chosen"].mean()), abs=1e-6)
+    assert logged["rewards/rejected"][0] == pytest.approx(float(stats["rewards/rejected"].mean()), abs=1e-6)
