@@ -17,22 +17,24 @@ NUMBER = re.compile(r"([-−]?(?:\d{1,3}(?:,\d{3})+(?!\d)|\d+))(?:\.(\d+))?")
 """A number: optional sign (ASCII hyphen or Unicode minus), digits or thousands groups, decimals."""
 
 
-def first_integer(text: str) -> int | None:
-    """The first number written in `text` as an integer ("-1,234" → -1234, "7.0" → 7), or None
-    if there is none or it has a fraction ("7.5": not the integer 7)."""
-    match = NUMBER.search(text)
-    if match is None or (match.group(2) or "0").strip("0"):
+def last_integer(text: str) -> int | None:
+    """The last number written in `text` as an integer ("-1,234" → -1234, "7.0" → 7), or None
+    if there is none or it has a fraction ("7.5": not the integer 7). The last, because a reply
+    that works the sum out ("37 + 58 = 95") states its answer at the end, as GSM8K-style graders
+    read final answers."""
+    matches = list(NUMBER.finditer(text))
+    if not matches or (matches[-1].group(2) or "0").strip("0"):
         return None
-    return int(match.group(1).replace(",", "").replace("−", "-"))
+    return int(matches[-1].group(1).replace(",", "").replace("−", "-"))
 
 
 def exact_match(prompts: list[str], responses: list[str], records: list[dict]) -> list[float]:
-    """1.0 where the reply's first integer equals the record's "answer", else 0.0."""
+    """1.0 where the reply's last integer equals the record's "answer", else 0.0."""
     scores = []
     for response, record in zip(responses, records):
         if "answer" not in record:
             raise ValueError(f"a prompt record has no 'answer' field (fields {sorted(record)})")
-        scores.append(float(first_integer(response) == int(record["answer"])))
+        scores.append(float(last_integer(response) == int(record["answer"])))
     return scores
 
 

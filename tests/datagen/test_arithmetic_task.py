@@ -31,16 +31,16 @@ rewards = load_example("rewards")
 
 @pytest.mark.parametrize("response, value", [
     ("95", 95), (" 95\n", 95), ("The answer is 95.", 95), ("-50", -50), ("−50", -50), ("1,234 apples", 1234),
-    ("95.0", 95), ("95.5", None), ("37 + 58 = 95", 37), ("ninety-five", None), ("", None),
+    ("95.0", 95), ("95.5", None), ("37 + 58 = 95", 95), ("95, not 96", 96), ("ninety-five", None), ("", None),
 ])
-def test_first_integer(response, value):
-    assert rewards.first_integer(response) == value
+def test_last_integer(response, value):
+    assert rewards.last_integer(response) == value
 
 
-def test_exact_match_compares_the_first_integer_with_the_records_answer():
-    responses = ["95", "The answer is 95.", "37 + 58 = 95", "95.5", "ninety-five", "-4", "4"]
-    records = [{"answer": "95"}] * 5 + [{"answer": "-4"}, {"answer": "-4"}]
-    assert rewards.exact_match([""] * 7, responses, records) == [1.0, 1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
+def test_exact_match_compares_the_last_integer_with_the_records_answer():
+    responses = ["95", "The answer is 95.", "37 + 58 = 95", "95 + 1 = 96", "95.5", "ninety-five", "-4", "4"]
+    records = [{"answer": "95"}] * 6 + [{"answer": "-4"}, {"answer": "-4"}]
+    assert rewards.exact_match([""] * 8, responses, records) == [1.0, 1.0, 1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
     with pytest.raises(ValueError, match=r"no 'answer' field \(fields \['id'\]\)"):
         rewards.exact_match(["q"], ["1"], [{"id": 3}])
 
