@@ -212,7 +212,8 @@ def test_two_processes_match_one_process(tmp_path):
                            max_grad_norm=0.0))
     out = tmp_path / "two"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29551",
+    # --standalone: a free port of its own, so concurrent test runs on one machine cannot collide.
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            "-m", "posttrain.cli", *cli_args(data, out, 3, 2), "--lr", "1", "--adam-eps", "1",
            "--max-grad-norm", "0"]
     result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
