@@ -7,10 +7,9 @@ pack_examples + collate_packed (collate.py). load.py chains the first three for 
 
 from posttrain.data.collate import Batch, collate_packed, pack_examples, pad_batch
 from posttrain.data.errors import DataError, RecordError
-from posttrain.data.formats import (FINISH_REASONS, PreferencePair, SampledResponses, ScoredResponses,
-                                     preference_pairs, prompt_messages, sampled_responses, scored_responses,
-                                     scoring_conversation, sft_messages)
-from posttrain.data.formats import LabelledCompletion, labelled_completions
+from posttrain.data.formats import (FINISH_REASONS, LabelledCompletion, PreferencePair, SampledResponses,
+                                     ScoredResponses, labelled_completions, preference_pairs, prompt_messages,
+                                     sampled_responses, scored_responses, scoring_conversation, sft_messages)
 from posttrain.data.load import (
     LoadReport,
     TokenizedPrompt,
