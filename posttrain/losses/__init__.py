@@ -21,6 +21,7 @@ from posttrain.losses.kl import (
     kl_k3,
 )
 from posttrain.losses.kto import kto_loss, kto_reference_point
+from posttrain.losses.grpo import grpo_loss
 from posttrain.losses.ppo import ppo_policy_loss, value_loss
 from posttrain.losses.reward import bradley_terry_loss
 
@@ -33,6 +34,7 @@ __all__ = [
     "chunked_logprobs",
     "chunked_logprobs_and_entropy",
     "dpo_loss",
+    "grpo_loss",
     "hinge_loss",
     "ipo_loss",
     "kl_k1",
