@@ -31,8 +31,7 @@ import torch
 from posttrain.advantages import ADVANTAGES, per_token, zero_variance_groups
 from posttrain.config import GRPOConfig, RLOOConfig
 from posttrain.data import TokenizedPrompt, load_prompts
-from posttrain.losses import kl_k1
-from posttrain.losses import grpo_loss
+from posttrain.losses import grpo_loss, kl_k1
 from posttrain.models import load_causal_lm, load_tokenizer
 from posttrain.models.lora import apply_lora, disabled_adapters, save_model
 from posttrain.models.value import PolicyAndValue, disable_dropout, response_logprobs
