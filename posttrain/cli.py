@@ -156,6 +156,14 @@ def run_generate(args) -> None:
 
     params = sampling_params(args)
     params.validate()
+    for i, prompt in enumerate(args.prompt, start=1):
+        if not prompt.strip():
+            raise ValueError(f"--prompt {i}: empty")
+        try:
+            prompt.encode("utf-8")
+        except UnicodeEncodeError as err:
+            raise ValueError(f"--prompt {i}: character {err.start} is not valid Unicode text "
+                             f"({prompt[err.start]!r}, an undecodable byte?)") from None
     replies = chat_replies(load_causal_lm(args.model), load_tokenizer(args.model), args.prompt, params,
                            system=args.system, precision=args.precision)
     for prompt, reply in zip(args.prompt, replies):
@@ -168,10 +176,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "generate":
             run_generate(args)
         elif args.command == "sample":
-            complete = import_module("posttrain.sampling.files").sample_file(
+            stopped_by = import_module("posttrain.sampling.files").sample_file(
                 args.model, args.data, args.output, sampling_params(args, args.n), batch_size=args.batch_size,
                 precision=args.precision, max_prompt_length=args.max_prompt_length, skip_invalid=args.skip_invalid)
-            return 0 if complete else 130
+            return 0 if stopped_by is None else 128 + stopped_by
         elif args.command == "score":
             import_module("posttrain.scoring.files").score_file(args.data, args.output, judge=args.judge,
                                                                 model=args.model, batch_size=args.batch_size,

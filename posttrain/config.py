@@ -9,6 +9,7 @@ name the key and the offending value.
 from __future__ import annotations
 
 import ast
+import math
 import dataclasses
 import inspect
 import textwrap
@@ -401,11 +402,11 @@ class GRPOConfig(TrainConfig):
                f"must give one weight per judge ({len(self.judge_specs())})")
         _check_choice(self, "advantage", tuple(ADVANTAGES))
         _check_choice(self, "loss_type", tuple(LOSS_TYPES))
-        minimum = 2 if self.advantage == "rloo" else 1
-        _check(self, "num_generations", self.num_generations >= minimum, f"must be ≥ {minimum}")
+        _check(self, "num_generations", self.num_generations >= 2,
+               "must be ≥ 2: advantages are relative to the other samples of the prompt")
         for name in ("max_new_tokens", "rollout_batch_size", "num_minibatches", "num_iterations"):
             _check(self, name, getattr(self, name) >= 1, "must be ≥ 1")
-        _check(self, "temperature", self.temperature > 0, "must be > 0")
+        _check(self, "temperature", 0 < self.temperature < math.inf, "must be finite and > 0")
         _check(self, "top_p", 0 < self.top_p <= 1, "must be in (0, 1]")
         for name in ("clip_eps_low", "clip_eps_high"):
             _check(self, name, 0 < getattr(self, name) < 10, "must be in (0, 10)")
@@ -423,9 +424,12 @@ class GRPOConfig(TrainConfig):
         if not self.judge_weights.strip():
             return [1.0] * len(self.judge_specs())
         try:
-            return [float(w) for w in self.judge_weights.split(",")]
+            weights = [float(w) for w in self.judge_weights.split(",")]
         except ValueError:
-            raise ConfigError(f"config: judge_weights={self.judge_weights!r} must be comma-separated numbers") from None
+            weights = [math.nan]
+        if not all(math.isfinite(w) for w in weights):
+            raise ConfigError(f"config: judge_weights={self.judge_weights!r} must be comma-separated finite numbers")
+        return weights
 
     def sizes(self, world_size: int) -> tuple[int, int, int]:
         """(prompts per process, responses per process per minibatch, micro-batches per minibatch)."""

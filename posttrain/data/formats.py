@@ -141,6 +141,17 @@ class _Record:
                         reason="ambiguous record shape")
 
 
+def _unicode(rec: _Record, value: str, field: str) -> str:
+    """`value` if it is valid Unicode text; a lone surrogate (JSON "\\ud800", or an invalid byte
+    a shell argument decoded with surrogateescape) cannot be tokenised or written as UTF-8."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise rec.fail(field, f"contains {value[err.start]!r} at character {err.start}, a lone surrogate "
+                       "(not valid Unicode text)", reason="invalid unicode") from None
+    return value
+
+
 def _text(rec: _Record, value: Any, field: str) -> str:
     name = field.rsplit(".", 1)[-1].split("[")[0]
     if not isinstance(value, str):
@@ -148,7 +159,7 @@ def _text(rec: _Record, value: Any, field: str) -> str:
                        reason=f"non-string {name}")
     if not value.strip():
         raise rec.fail(field, f"expected a non-empty string, got {short_repr(value)}", reason=f"empty {name}")
-    return value
+    return _unicode(rec, value, field)
 
 
 def _conversation(rec: _Record, value: Any, field: str) -> list[dict[str, str]]:
@@ -434,6 +445,7 @@ def sampled_responses(record: Any, *, source: str, index: int, min_responses: in
         if not isinstance(response, str):
             raise rec.fail(f"responses[{i}]", f"expected a string, got {type_name(response)} {short_repr(response)}",
                            reason="non-string responses")
+        _unicode(rec, response, f"responses[{i}]")
     responses = list(value)
     if len(responses) < min_responses:
         raise rec.fail("responses", f"expected at least {min_responses} responses, got {len(responses)}",
@@ -514,4 +526,4 @@ def scoring_conversation(record: Any, *, source: str, index: int) -> tuple[list[
     if not isinstance(response, str) or not response.strip():
         raise rec.fail("response", f"expected a non-empty string, got {type_name(response)} {short_repr(response)}",
                        reason="bad response")
-    return prompt, [{"role": "assistant", "content": response}]
+    return prompt, [{"role": "assistant", "content": _unicode(rec, response, "response")}]

@@ -22,7 +22,9 @@ from pathlib import Path
 from tqdm import tqdm
 
 from posttrain.data import TokenizedPrompt, load_prompts
-from posttrain.models import load_causal_lm, load_tokenizer
+from transformers import AutoConfig
+
+from posttrain.models import load_causal_lm, load_tokenizer, resolve_model_path
 from posttrain.models.precision import resolve_precision
 from posttrain.sampling.sampler import Sampler, SamplingParams
 
@@ -63,6 +65,7 @@ def finished_prompts(output: Path, prompts: list[TokenizedPrompt], expected: dic
         done.add(index)
     if complete != text:
         output.write_text(complete)
+        print(f"{output}: dropped a partial last line (an interrupted write)", file=sys.stderr)
     return done
 
 
@@ -81,22 +84,30 @@ def stop_on_signal():
 
 
 def sample_file(model: str, data: str, output: str, params: SamplingParams, *, batch_size: int = 8,
-                precision: str = "auto", max_prompt_length: int = 1024, skip_invalid: bool = False) -> bool:
+                precision: str = "auto", max_prompt_length: int = 1024, skip_invalid: bool = False) -> int | None:
     """Write params.n responses per prompt record of `data` to the JSONL file `output`.
 
     Every prompt is validated (and the settings checked) before the model loads or `output` is
-    touched. Returns False if SIGINT / SIGTERM stopped the run (every line written is complete;
-    re-run to continue), True when every prompt is in the file.
+    touched. Returns the signal number if SIGINT / SIGTERM stopped the run (every line written
+    is complete; re-run to continue), None when every prompt is in the file.
     Errors: ValueError for a bad record, setting or existing output of other settings.
     """
     params.validate()
     if batch_size < 1:
         raise ValueError(f"--batch-size={batch_size} must be ≥ 1")
+    if max_prompt_length < 1:
+        raise ValueError(f"--max-prompt-length={max_prompt_length} must be ≥ 1")
+    positions = getattr(AutoConfig.from_pretrained(resolve_model_path(model)), "max_position_embeddings", None)
+    if positions is not None and max_prompt_length + params.max_new_tokens > positions:
+        raise ValueError(f"--max-prompt-length={max_prompt_length} + --max-new-tokens={params.max_new_tokens} "
+                         f"passes the {positions} positions of {model}")
     out = Path(output)
     if out.resolve() == Path(data).resolve():
         raise ValueError(f"--output {output} is the prompt file itself")
     if not out.parent.is_dir():
         raise ValueError(f"--output {output}: folder {out.parent} does not exist")
+    if out.is_dir():
+        raise ValueError(f"--output {output} is a folder; give a file name")
     resolved = resolve_precision(precision)
     tokenizer = load_tokenizer(model)
     prompts, report = load_prompts(data, tokenizer, max_prompt_length=max_prompt_length, skip_invalid=skip_invalid)
@@ -106,7 +117,9 @@ def sample_file(model: str, data: str, output: str, params: SamplingParams, *, b
     todo = [p for p in prompts if p.source_index not in done]
     if not todo:
         print(f"{output}: all {len(prompts)} prompts already sampled", file=sys.stderr)
-        return True
+        return None
+    if done:
+        print(f"{output}: continuing after {len(done)} prompts already sampled", file=sys.stderr)
     sampler = Sampler(load_causal_lm(model), tokenizer, precision=resolved, batch_size=batch_size)
     per_chunk = max(1, batch_size // params.n)
     with stop_on_signal() as caught, out.open("a") as f, \
@@ -126,5 +139,6 @@ def sample_file(model: str, data: str, output: str, params: SamplingParams, *, b
                 left = len(todo) - start - len(chunk)
                 print(f"posttrain sample: stopped by signal {caught[0]} with {left} prompts to go; "
                       "re-run the same command to continue", file=sys.stderr)
-                return left == 0
-    return True
+                return caught[0] if left else None
+    print(f"wrote {len(todo)} prompts × {params.n} responses to {output} ({len(prompts)} in all)", file=sys.stderr)
+    return None

@@ -13,12 +13,14 @@ batch size (up to float rounding of the logits, exact in fp32 on the CPU), so an
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 from transformers import PreTrainedTokenizerBase
 
 from posttrain.data import TokenizedPrompt, tokenize_prompt
+from posttrain.models.logprobs import base_causal_lm
 from posttrain.models.precision import resolve_precision
 from posttrain.sampling.decoders import make_decoder
 from posttrain.sampling.generation import Generation
@@ -46,7 +48,7 @@ class SamplingParams:
     def validate(self) -> None:
         """ValueError naming the first parameter no run could use."""
         checks = (("n", self.n >= 1, "must be ≥ 1"), ("max_new_tokens", self.max_new_tokens >= 1, "must be ≥ 1"),
-                  ("temperature", self.temperature >= 0, "must be ≥ 0"),
+                  ("temperature", 0 <= self.temperature < math.inf, "must be finite and ≥ 0"),
                   ("top_p", 0 < self.top_p <= 1, "must be in (0, 1]"), ("top_k", self.top_k >= 0, "must be ≥ 0"),
                   ("stop_strings", all(self.stop_strings), "must not contain an empty string"))
         for name, ok, why in checks:
@@ -122,6 +124,7 @@ class Sampler:
         device = next(model.parameters()).device.type
         dtype = torch.bfloat16 if resolve_precision(precision, device) == "bf16" else torch.float32
         self.tokenizer, self.batch_size = tokenizer, batch_size
+        self.max_positions = getattr(base_causal_lm(model).config, "max_position_embeddings", None)
         self.decoder = make_decoder(model, dtype, backend, batch_size)
 
     def sync(self) -> None:
@@ -134,6 +137,11 @@ class Sampler:
         params.validate()
         if not prompts:
             raise ValueError("sampler: no prompts to sample from")
+        longest = max(prompts, key=lambda p: len(p.input_ids))
+        if self.max_positions is not None and len(longest.input_ids) + params.max_new_tokens > self.max_positions:
+            raise ValueError(f"sampler: prompt {longest.source_index + 1} has {len(longest.input_ids)} tokens; with "
+                             f"max_new_tokens={params.max_new_tokens} that passes the model's "
+                             f"{self.max_positions} positions")
         rows = [(i, j) for i in range(len(prompts)) for j in range(params.n)]
         parts = [self._generate_batch(prompts, rows[start: start + self.batch_size], params)
                  for start in range(0, len(rows), self.batch_size)]

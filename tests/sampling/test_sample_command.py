@@ -64,7 +64,7 @@ def test_sigterm_then_rerun_gives_the_uninterrupted_file(tmp_path):
         time.sleep(0.05)
     process.send_signal(signal.SIGTERM)
     _, err = process.communicate(timeout=60)
-    assert process.returncode == 130, err
+    assert process.returncode == 128 + signal.SIGTERM, err
     assert "re-run the same command to continue" in err
     written = resumed.read_text().count("\n")
     assert 8 <= written < 240
@@ -87,6 +87,11 @@ def one_line_error(capsys) -> str:
     ([{"prompt": "ok"}], ["--n", "0"], "n=0 must be ≥ 1"),
     ([{"prompt": "ok"}], ["--top-p", "1.5"], "top_p=1.5"),
     ([{"prompt": "ok"}], ["--batch-size", "0"], "--batch-size=0"),
+    ([{"prompt": "ok"}], ["--temperature", "inf"], "temperature=inf must be finite"),
+    ([{"prompt": "ok"}], ["--max-prompt-length", "0"], "--max-prompt-length=0 must be ≥ 1"),
+    ([{"prompt": "ok"}], ["--max-prompt-length", "200000"], "passes the 2048 positions of tiny-random"),
+    ([{"prompt": "ok"}, {"prompt": "bad \ud800 text"}], [], "record 2: field 'prompt': contains '\\ud800' at "
+     "character 4, a lone surrogate"),
 ])
 def test_bad_input_fails_in_one_line_and_writes_nothing(tmp_path, capsys, records, extra, message):
     data = tmp_path / "prompts.jsonl"
@@ -114,3 +119,5 @@ def test_an_existing_file_of_other_settings_or_prompts_is_refused_untouched(tmp_
     assert "is the prompt file itself" in one_line_error(capsys)
     assert main(["sample", "--data", str(data), "--output", str(tmp_path / "no" / "x.jsonl"), *ARGS]) == 2
     assert "does not exist" in one_line_error(capsys)
+    assert main(["sample", "--data", str(data), "--output", str(tmp_path), *ARGS]) == 2
+    assert "is a folder" in one_line_error(capsys)

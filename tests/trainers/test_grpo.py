@@ -173,7 +173,10 @@ def test_resume_after_sigterm_reproduces_the_uninterrupted_run(tmp_path):
 def test_bad_settings_are_one_line_config_errors(tmp_path):
     for kw, message in ((dict(judges=""), "judges='' must name at least one scorer"),
                         (dict(judge_weights="1,2"), "must give one weight per judge \\(1\\)"),
-                        (dict(judge_weights="x"), "must be comma-separated numbers"),
+                        (dict(judge_weights="x"), "must be comma-separated finite numbers"),
+                        (dict(judge_weights="nan"), "must be comma-separated finite numbers"),
+                        (dict(num_generations=1), "num_generations=1 must be ≥ 2"),
+                        (dict(temperature=float("inf")), "temperature=inf must be finite and > 0"),
                         (dict(loss_type="sum"), "loss_type='sum' is not one of grpo, dapo, dr_grpo"),
                         (dict(advantage="ppo"), "advantage='ppo' is not one of grpo, rloo"),
                         (dict(advantage="rloo", num_generations=1), "num_generations=1 must be ≥ 2"),
