@@ -33,6 +33,18 @@ def _typed(kind: type, name: str):
     return parse
 
 
+class OneDefaultHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Adds "(default: …)" to a flag's help unless the help already says its default (a None
+    that stands for "built in", "stdout", "all"), the flag is required, or its default is None
+    (unset): each flag shows one true default or none."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "(default:" in text or action.required or action.default is None:
+            return text
+        return super()._get_help_string(action)
+
+
 def add_config_flags(parser: argparse.ArgumentParser, cls: type) -> None:
     """One flag per config field; unset flags stay absent so YAML values are not overridden."""
     docs, kinds = field_docs(cls), field_types(cls)
@@ -98,20 +110,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     specs = "rm:PATH (reward model folder) | fn:module:function (reward function) | llm:MODEL (LLM judge, pairs)"
     score = sub.add_parser("score", help="One score per (prompt, response) record (rm: or fn: judge).",
-                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                           formatter_class=OneDefaultHelpFormatter)
     score.add_argument("--judge", default=None, metavar="SPEC", help="rm:PATH | fn:module:function")
     score.add_argument("--model", default=None, help="reward model folder; short for --judge rm:MODEL")
     score.add_argument("--data", required=True,
                        help="records {prompt, response} or {messages} ending in an assistant turn")
-    score.add_argument("--output", default=None, help="JSONL file for the records with a 'score' (default: stdout)")
+    score.add_argument("--output", default=None,
+                       help="JSONL file, in a folder that exists, for the records with a 'score' (default: stdout)")
     score.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass")
     score.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"), help="compute precision")
 
     judge = sub.add_parser("judge", help="Scored lists (rm:, fn:) or preference pairs (llm:) from a samples file.",
-                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                           formatter_class=OneDefaultHelpFormatter)
     judge.add_argument("--data", required=True, help="samples JSONL: {prompt, responses, finish_reasons?} records")
     judge.add_argument("--judge", required=True, metavar="SPEC", help=specs)
-    judge.add_argument("--output", required=True, help="JSONL for `posttrain rm` / `posttrain dpo`")
+    judge.add_argument("--output", required=True,
+                       help="JSONL for `posttrain rm` / `posttrain dpo`, in a folder that exists")
     judge.add_argument("--rubric", default=None, metavar="FILE",
                        help="llm: prompt template with {prompt}, {response_a}, {response_b} (default: built in)")
     judge.add_argument("--pairing", default=None, choices=("all", "best_vs_rest", "best_vs_worst"),

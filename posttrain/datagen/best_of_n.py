@@ -25,10 +25,9 @@ from __future__ import annotations
 import math
 from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from posttrain.data import ScoredResponses, read_records, scored_responses
-from posttrain.scoring.files import write_jsonl_atomic
+from posttrain.scoring.files import check_output, write_jsonl_atomic
 
 CUT_OFF = "length"
 """The finish reason of a reply that hit max_new_tokens."""
@@ -105,15 +104,15 @@ def best_of_n_file(data: str, output: str, *, threshold: float | None = None, mi
     temporary file renamed at the end); print and return the summary.
 
     Every record is validated first. Errors (ValueError, one line): a bad option or record
-    (`FILE: record N: field 'F': …`), `output` being `data`, or no reply selected at all — then
+    (`FILE: record N: field 'F': …`), an unwritable `output` (`check_output`: `data` itself, a
+    folder, or in a missing folder), or no reply selected at all — then
     nothing is written.
     """
     if threshold is not None and not math.isfinite(threshold):
         raise ValueError(f"--threshold={threshold}: expected a finite number")
     if not (math.isfinite(min_gap) and min_gap >= 0):
         raise ValueError(f"--min-gap={min_gap}: expected a finite number ≥ 0")
-    if Path(output).resolve() == Path(data).resolve():
-        raise ValueError(f"--output {output} is the input file itself")
+    check_output(output, data)
     records = read_records(data)
     samples = [scored_responses(r, source=str(data), index=i) for i, r in enumerate(records)]
     every_score = [s for sample in samples for s in sample.scores]

@@ -1,8 +1,9 @@
 """The `posttrain score` and `posttrain judge` commands: a data file in, a JSONL file out.
 
-Both validate every record before loading any model, and write the output to a temporary
-file in the same folder that is renamed into place only once everything is scored, so a
-failed run leaves no file that a re-run could mistake for a finished one.
+Both validate the output path (`check_output`) and every record before loading any model, and
+write the output to a temporary file in the same folder that is renamed into place only once
+everything is scored, so a failed run leaves no file that a re-run could mistake for a finished
+one. A `judge` run that would write nothing (every record or pair left out) is an error naming why.
 
 `judge` reads a samples file (records `{prompt | messages, responses, finish_reasons?}`, as
 `posttrain sample` writes them) and writes what `posttrain rm` and `posttrain dpo` read:
@@ -47,10 +48,23 @@ NOT_CARRIED = ("responses", "finish_reasons", "scores", "chosen", "rejected", "m
 (written as "prompt")."""
 
 
+def check_output(output: str, data: str) -> None:
+    """ValueError unless `output` is a file that can be written: not the input file `data` itself
+    (compared resolved, so `../` and symlinks count), not a folder, and in a folder that exists
+    (as `posttrain sample` has it: a typo in the folder should not make a new one)."""
+    out = Path(output)
+    if out.resolve() == Path(data).resolve():
+        raise ValueError(f"--output {output} is the input file itself")
+    if out.is_dir():
+        raise ValueError(f"--output {output} is a folder; expected a file name")
+    if not out.parent.is_dir():
+        raise ValueError(f"--output {output}: folder {out.parent} does not exist")
+
+
 def write_jsonl_atomic(path: str | os.PathLike, records: list[dict]) -> None:
-    """Write `records` as JSONL to `path` via a temporary file in the same folder, renamed at the end."""
+    """Write `records` as JSONL to `path` via a temporary file in the same folder, renamed at the
+    end. The folder must exist (`check_output`)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         with tmp.open("w", encoding="utf-8") as f:
@@ -70,6 +84,8 @@ def score_file(data: str, output: str | None = None, *, judge: str | None = None
         raise ValueError("give exactly one of --judge SPEC and --model PATH (short for --judge rm:PATH)")
     spec = judge if judge is not None else f"rm:{model}"
     pointwise_spec(spec)
+    if output is not None:
+        check_output(output, data)
     records = read_records(data)
     inputs = [scoring_conversation(r, source=str(data), index=i) for i, r in enumerate(records)]
     scorer = load_scorer(spec, batch_size=batch_size, precision=precision)
@@ -105,6 +121,8 @@ class JudgeSummary:
     left_out: int = 0
     """rm/fn: records whose scores form no pair (under two non-empty responses, or all scores equal);
     with keep_all, records with no non-empty response."""
+    too_few: int = 0
+    """rm/fn: records with under two non-empty responses."""
     keep_all: bool = False
     """rm/fn: records whose scores form no pair were written too."""
     mean_score: float = 0.0
@@ -129,6 +147,27 @@ class JudgeSummary:
         return head + (f"{self.compared} pairs compared in both orders, {self.written} pairs written to {output}, "
                        f"{self.ties} ties, {self.within_gap} within the score gap; position bias in "
                        f"{self.position_biased}/{self.compared} pairs ({rate:.1%})")
+
+    def nothing_written(self) -> str:
+        """Why no record or pair was written, and what to try; one line."""
+        if self.empty == self.responses:
+            return (f"all {self.responses} responses of the {self.records} records are empty or whitespace: nothing "
+                    "to judge; sample again with another --model or more --max-new-tokens")
+        if not self.pairwise:
+            equal = self.left_out - self.too_few
+            return (f"no record has two different scores ({self.too_few} with under two non-empty responses, {equal} "
+                    f"with all scores equal; mean score {self.mean_score:.4g}), so there is no pair for `posttrain rm` "
+                    "/ `dpo`; sample more responses per prompt (--n) or at a higher --temperature, or pass --keep-all "
+                    "to write the scored lists for `posttrain best-of-n`")
+        if not self.compared:
+            return ("no record has two different non-empty responses: nothing to compare; sample more responses per "
+                    "prompt (--n) or at a higher --temperature")
+        if self.ties == self.compared:
+            return (f"all {self.compared} pairs were ties (position bias {self.position_biased}/{self.compared}): "
+                    "the judge cannot tell these replies apart; try a stronger --judge model or a larger --tie-margin")
+        return (f"no pair written: of {self.compared} pairs compared, {self.ties} were ties and {self.within_gap} of "
+                "those --pairing picked were within --min-score-gap of 0.5; try a smaller --min-score-gap, "
+                "--pairing all, a larger --tie-margin or a stronger --judge model")
 
 
 def _prompt_field(record: dict) -> Any:
@@ -175,6 +214,7 @@ def score_samples(records: list[dict], samples: list[SampledResponses], scorer: 
     for record, sample in zip(records, samples):
         mine = scores[start: start + len(sample.responses)]
         start += len(sample.responses)
+        summary.too_few += len(sample.responses) < 2
         if len(set(mine)) < (1 if keep_all else 2):
             summary.left_out += 1
             continue
@@ -247,6 +287,7 @@ def judge_file(data: str, judge: str, output: str, *, rubric: str | None = None,
     if pairwise:  # options and the rubric file fail before the records are read
         check_pairing_options(pairing, min_score_gap, tie_margin)
         load_rubric(rubric)
+    check_output(output, data)
     records = read_records(data)
     samples = [sampled_responses(r, source=str(data), index=i, min_responses=2 if pairwise else 1)
                for i, r in enumerate(records)]
@@ -257,6 +298,8 @@ def judge_file(data: str, judge: str, output: str, *, rubric: str | None = None,
         scorer = load_scorer(judge, batch_size=batch_size, precision=precision)
         out, summary = score_samples(records, samples, scorer, source=str(data), batch_size=batch_size,
                                      keep_all=keep_all)
+    if not out:  # `posttrain rm` / `dpo` refuse an empty file: say why here instead
+        raise ValueError(f"{data}: wrote nothing to {output}: {summary.nothing_written()}")
     write_jsonl_atomic(output, out)
     print(summary.line(output))
     return summary

@@ -14,6 +14,7 @@ import inspect
 import math
 import os
 import sys
+from collections.abc import Iterable, Mapping
 from contextlib import contextmanager
 from typing import Callable, Iterator
 
@@ -47,7 +48,7 @@ def current_folder_first() -> Iterator[None]:
 def load_reward_fn(target: str) -> RewardFn:
     """`module:function` -> the function; ValueError naming `fn:{target}` if it cannot be found.
     The module is looked up in the current folder first (see `current_folder_first`)."""
-    module_name, _, name = target.partition(":")
+    module_name, _, name = (part.strip() for part in target.partition(":"))
     if not module_name or not name:
         raise ValueError(f"fn:{target}: expected fn:module:function")
     try:
@@ -67,19 +68,27 @@ def call_reward_fn(fn: RewardFn, spec: str, prompts: list[str], responses: list[
     when it has a parameter of that name.
 
     Errors, one line each starting with `spec`: the function raised (its exception type and first
-    line), returned another count, or a non-number or non-finite value (ScoreError with the row).
+    line), returned something other than a list (None, a number, a string, a dict) or another
+    count, or a non-number or non-finite value (ScoreError with the row).
     """
     kwargs = {}
     if "records" in inspect.signature(fn).parameters:
         if records is None:
             raise ValueError(f"{spec}: takes `records`, but this caller has no source records")
         kwargs["records"] = list(records)
+    expected = f"expected a list of {len(responses)} numbers"
     try:
-        out = list(fn(list(prompts), list(responses), **kwargs))
+        result = fn(list(prompts), list(responses), **kwargs)
+        # list() inside the try: a generator's own failure is the function raising.
+        listed = isinstance(result, Iterable) and not isinstance(result, (str, bytes, Mapping))
+        out = list(result) if listed else None
     except Exception as err:  # any failure of user code becomes one line naming it
         lines = str(err).strip().splitlines()
         what = f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__
         raise ValueError(f"{spec}: raised {what}") from err
+    if out is None:
+        what = "None" if result is None else f"a {type(result).__name__} ({str(result)[:40]})"
+        raise ValueError(f"{spec}: returned {what}, {expected}")
     if len(out) != len(responses):
         raise ValueError(f"{spec}: returned {len(out)} scores for {len(responses)} responses")
     for row, value in enumerate(out):

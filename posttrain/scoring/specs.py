@@ -54,8 +54,9 @@ SPEC_HELP = " | ".join(f"{kind}:{k.target}" for kind, k in JUDGE_KINDS.items())
 
 
 def parse_spec(spec: str) -> tuple[str, str]:
-    """"KIND:TARGET" -> (kind, target); ValueError naming the spec and the kinds otherwise."""
-    kind, sep, target = spec.partition(":")
+    """"KIND:TARGET" -> (kind, target), whitespace around either stripped; ValueError naming the
+    spec and the kinds otherwise."""
+    kind, sep, target = (part.strip() for part in spec.partition(":"))
     if not sep or kind not in JUDGE_KINDS or not target:
         raise ValueError(f"judge {spec!r}: unknown judge spec, expected one of {SPEC_HELP}")
     return kind, target
@@ -81,7 +82,8 @@ def load_scorer(spec: str, *, batch_size: int = 8, precision: str = "auto",
     """The pointwise scorer of an `rm:` or `fn:` spec. A reward model is frozen in the compute
     precision and moved to `device`; `batch_size` sequences per forward pass."""
     kind, target = pointwise_spec(spec)
-    return JUDGE_KINDS[kind].load(target, spec, batch_size=batch_size, precision=precision, device=device)
+    return JUDGE_KINDS[kind].load(target, f"{kind}:{target}", batch_size=batch_size, precision=precision,
+                                  device=device)
 
 
 def load_judge(spec: str, *, rubric: str | None = None, tie_margin: float = DEFAULT_TIE_MARGIN,
@@ -91,5 +93,5 @@ def load_judge(spec: str, *, rubric: str | None = None, tie_margin: float = DEFA
     if not JUDGE_KINDS[kind].pairwise:
         raise ValueError(f"judge {spec!r}: scores one response at a time; comparing pairs needs "
                          + " or ".join(f"{name}:{k.target}" for name, k in JUDGE_KINDS.items() if k.pairwise))
-    return JUDGE_KINDS[kind].load(target, spec, rubric=rubric, tie_margin=tie_margin, batch_size=batch_size,
-                                  precision=precision, device=device)
+    return JUDGE_KINDS[kind].load(target, f"{kind}:{target}", rubric=rubric, tie_margin=tie_margin,
+                                  batch_size=batch_size, precision=precision, device=device)

@@ -36,6 +36,14 @@ def nan_at_4(prompts, responses):
     return [math.nan if i == 4 else 0.0 for i in range(len(responses))]
 
 
+def returns_none(prompts, responses):
+    return None
+
+
+def ones(prompts, responses):
+    return [1.0] * len(responses)
+
+
 def test_judge_with_a_reward_model_reads_cut_off_replies_at_their_last_token(tmp_path, samples_file, rm_folder,
                                                                             capsys):
     out = tmp_path / "prefs.jsonl"
@@ -217,6 +225,8 @@ def bad_cases(samples, rm_folder, bracketed, rubric):
                                "rm:tiny-random: not a reward model (architectures ['LlamaForCausalLM']"),
         "function raises": (["judge", "--data", samples, "--judge", f"fn:{HERE}:boom"],
                             f"fn:{HERE}:boom: raised RuntimeError: reference answer missing"),
+        "function returns None": (["judge", "--data", samples, "--judge", f"fn:{HERE}:returns_none"],
+                                  f"fn:{HERE}:returns_none: returned None, expected a list of 8 numbers"),
         "wrong count": (["judge", "--data", samples, "--judge", f"fn:{HERE}:one_score"],
                         f"fn:{HERE}:one_score: returned 1 scores for 8 responses"),
         "nan": (["judge", "--data", samples, "--judge", f"fn:{HERE}:nan_at_4"],
@@ -238,7 +248,7 @@ def bad_cases(samples, rm_folder, bracketed, rubric):
     }
 
 
-CASES = ["unknown kind", "not a reward model", "function raises", "wrong count", "nan", "label not one token",
+CASES = ["unknown kind", "not a reward model", "function raises", "function returns None", "wrong count", "nan", "label not one token",
          "bad record, before any model", "one response for a pair judge", "pairing for a scorer",
          "rubric without placeholders", "gap of 0.5 or more", "score with an llm judge"]
 
@@ -248,11 +258,11 @@ def test_bad_input_is_one_line_exit_2_and_no_output(case, tmp_path, samples_file
     rubric = tmp_path / "rubric.txt"
     rubric.write_text("{prompt} A: {response_a}")
     argv, message = bad_cases(samples_file, rm_folder, bracketed_judge, rubric)[case]
-    out = tmp_path / "out" / "prefs.jsonl"
+    out = tmp_path / "prefs.jsonl"
     assert main([str(a) for a in argv] + ["--output", str(out), "--precision", "fp32"]) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1, err
-    assert not out.exists() and not (out.parent.exists() and any(out.parent.iterdir()))
+    assert not out.exists() and not list(tmp_path.glob(".prefs.jsonl*"))
 
 
 def test_cli_choices_are_the_registries_keys(capsys):
@@ -261,3 +271,102 @@ def test_cli_choices_are_the_registries_keys(capsys):
     text = "".join(capsys.readouterr().out.split())
     assert all(f"{kind}:" in text for kind in JUDGE_KINDS)
     assert "--pairing{" + ",".join(JUDGE_PAIRINGS) + "}" in text
+
+
+def output_cases(tmp_path: Path, data: Path) -> dict[str, tuple[str, str]]:
+    """--output value -> the error it gets, for an input file `data` in tmp_path/in/."""
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "link.jsonl").symlink_to(data)
+    return {
+        "an existing folder": (str(tmp_path / "folder"), f"--output {tmp_path / 'folder'} is a folder"),
+        "in a missing folder": (str(tmp_path / "nope" / "o.jsonl"),
+                                f"--output {tmp_path / 'nope' / 'o.jsonl'}: folder {tmp_path / 'nope'} does not exist"),
+        "the input": (str(data), f"--output {data} is the input file itself"),
+        "the input via ..": (f"{tmp_path}/folder/../in/{data.name}", "is the input file itself"),
+        "the input via a symlink": (str(tmp_path / "link.jsonl"), "is the input file itself"),
+    }
+
+
+@pytest.mark.parametrize("command", ["judge", "score"])
+@pytest.mark.parametrize("case", ["an existing folder", "in a missing folder", "the input", "the input via ..",
+                                  "the input via a symlink"])
+def test_an_unwritable_output_stops_before_any_model_loads(command, case, tmp_path, capsys):
+    (tmp_path / "in").mkdir()
+    records = SAMPLES if command == "judge" else [{"prompt": "p", "response": "r"}]
+    data = write_jsonl(tmp_path / "in" / "d.jsonl", records)
+    before = data.read_bytes()
+    output, message = output_cases(tmp_path, data)[case]
+    # A reward model folder that does not exist: were it loaded first, that would be the error.
+    assert main([command, "--data", str(data), "--judge", "rm:/no/such/folder", "--output", output]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"posttrain {command}: error: ") and message in err[0], err
+    assert data.read_bytes() == before and not (tmp_path / "nope").exists()
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["d.jsonl", "folder", "in", "link.jsonl"]
+
+
+def nothing_cases(tmp_path: Path) -> dict[str, tuple[list, list[str], str]]:
+    """Samples, judge flags, and why `posttrain judge` writes nothing."""
+    fn = ["--judge", f"fn:{HERE}:lengths"]
+    return {
+        "single responses": ([{"prompt": "a", "responses": ["x"]}, {"prompt": "b", "responses": ["yz", ""]}], fn,
+                             "no record has two different scores (2 with under two non-empty responses, 0 with all "
+                             "scores equal; mean score 1.5), so there is no pair for `posttrain rm` / `dpo`"),
+        "all scores equal": ([{"prompt": "a", "responses": ["x", "y"]}], ["--judge", f"fn:{HERE}:ones"],
+                             "(0 with under two non-empty responses, 1 with all scores equal; mean score 1)"),
+        "all replies empty": ([{"prompt": "a", "responses": ["", " \n"]}], fn,
+                              "all 2 responses of the 1 records are empty or whitespace: nothing to judge"),
+        "all replies empty, keep-all": ([{"prompt": "a", "responses": [""]}], [*fn, "--keep-all"],
+                                        "all 1 responses of the 1 records are empty or whitespace"),
+        "identical replies": ([{"prompt": "a", "responses": ["same", "same"]}], ["--judge", "llm:tiny-random"],
+                              "no record has two different non-empty responses: nothing to compare"),
+        # A tie margin of 0: any disagreement between the two orders is a tie, and the random
+        # tiny model always disagrees with itself a little.
+        "every pair a tie": (SAMPLES, ["--judge", "llm:tiny-random", "--tie-margin", "0"],
+                             "all 7 pairs were ties (position bias"),
+    }
+
+
+@pytest.mark.parametrize("case", ["single responses", "all scores equal", "all replies empty",
+                                  "all replies empty, keep-all", "identical replies", "every pair a tie"])
+def test_a_judge_run_that_would_write_nothing_says_why_and_writes_no_file(case, tmp_path, capsys):
+    records, flags, message = nothing_cases(tmp_path)[case]
+    data, out = write_jsonl(tmp_path / "s.jsonl", records), tmp_path / "prefs.jsonl"
+    assert main(["judge", "--data", str(data), *flags, "--output", str(out), "--precision", "fp32"]) == 2
+    err = [line for line in capsys.readouterr().err.strip().splitlines() if "Loading weights" not in line]
+    assert len(err) == 1 and err[0].startswith(f"posttrain judge: error: {data}: wrote nothing to {out}: "), err
+    assert message in err[0], err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.jsonl"]
+
+
+def test_the_tie_message_suggests_a_stronger_judge_or_a_larger_margin(tmp_path, capsys):
+    data = write_jsonl(tmp_path / "s.jsonl", SAMPLES[:1])
+    assert main(["judge", "--data", str(data), "--judge", "llm:tiny-random", "--tie-margin", "0",
+                 "--output", str(tmp_path / "o.jsonl"), "--precision", "fp32"]) == 2
+    assert capsys.readouterr().err.strip().endswith("all 3 pairs were ties (position bias 3/3): the judge cannot "
+                                                   "tell these replies apart; try a stronger --judge model or a "
+                                                   "larger --tie-margin")
+
+
+@pytest.mark.parametrize("command", ["judge", "score"])
+def test_help_shows_one_true_default_per_flag(command, capsys):
+    from posttrain.scoring.judge import DEFAULT_TIE_MARGIN
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args([command, "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    flags = text.split("options:")[1].split(" --")[1:]
+    assert len(flags) >= 5
+    for flag in flags:
+        assert flag.count("(default:") <= 1 and "(default: None)" not in flag, flag
+    if command == "judge":
+        assert f"--tie-margin TIE_MARGIN llm: a tie when the two orders' preferences differ by more (default: " \
+               f"{DEFAULT_TIE_MARGIN})" in text
+        assert "(default: all)" in text and "(default: built in)" in text and "--data DATA samples JSONL" in text
+
+
+def test_whitespace_around_a_spec_and_its_target_is_ignored(tmp_path):
+    data = write_jsonl(tmp_path / "s.jsonl", [{"prompt": "a", "responses": ["xy", "z"]}])
+    out = tmp_path / "scored.jsonl"
+    assert main(["judge", "--data", str(data), "--judge", f" fn: {HERE}:lengths ", "--output", str(out)]) == 0
+    [row] = read_jsonl(out)
+    assert row["scores"] == [2.0, 1.0] and row["judge"] == {"spec": f"fn:{HERE}:lengths"}

@@ -36,6 +36,22 @@ def boom(prompts, responses):
     return [1 / 0 for _ in responses]
 
 
+def none(prompts, responses):
+    return None
+
+
+def scalar(prompts, responses):
+    return 0.5
+
+
+def text(prompts, responses):
+    return "1.0"
+
+
+def generated(prompts, responses):
+    yield 1 / 0
+
+
 def test_a_reward_function_is_called_with_last_user_turns_and_reply_texts():
     scorer = load_scorer(f"fn:{HERE}:with_records")
     conversation = [{"role": "system", "content": "s"}, {"role": "user", "content": "abc"}]
@@ -60,12 +76,27 @@ def test_bad_reward_functions_fail_in_one_line_naming_the_spec():
     assert err.value.row == 1
     with pytest.raises(ValueError, match=r"^fn:t: raised ZeroDivisionError: division by zero$"):
         call_reward_fn(boom, "fn:t", ["a"], ["c"])
+    with pytest.raises(ValueError, match=r"^fn:t: raised ZeroDivisionError: division by zero$"):
+        call_reward_fn(generated, "fn:t", ["a"], ["c"])     # failing while its result is read: still raised
     with pytest.raises(ValueError, match="takes `records`, but this caller has no source records"):
         call_reward_fn(with_records, "fn:t", ["a"], ["c"])
     with pytest.raises(ValueError, match=r"fn:no_such_module_xyz:f: cannot import"):
         load_reward_fn("no_such_module_xyz:f")
     with pytest.raises(ValueError, match=f"fn:{HERE}:missing: module {HERE} has no function 'missing'"):
         load_scorer(f"fn:{HERE}:missing")
+
+
+@pytest.mark.parametrize("fn, returned", [(none, "None"), (scalar, "a float (0.5)"), (text, "a str (1.0)")])
+def test_a_function_returning_no_list_is_told_so_not_said_to_raise(fn, returned):
+    with pytest.raises(ValueError, match=rf"^fn:t: returned {re.escape(returned)}, expected a list of 2 numbers$"):
+        call_reward_fn(fn, "fn:t", ["a", "b"], ["c", "d"])
+
+
+def test_whitespace_around_a_spec_and_its_target_is_stripped():
+    assert parse_spec(" fn: mod:f \n") == ("fn", "mod:f")
+    scorer = load_scorer(f"fn:{HERE}:lengths ")
+    assert scorer.spec == f"fn:{HERE}:lengths" and scorer.score(["p"], ["abc"]) == [3.0]
+    assert load_reward_fn(f" {HERE} : lengths ") is lengths
 
 
 @pytest.mark.parametrize("spec", ["xx:model", "rm", "model-without-kind", "rm:"])
