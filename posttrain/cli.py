@@ -68,7 +68,8 @@ def add_sampling_flags(parser: argparse.ArgumentParser, *, temperature: float) -
     parser.add_argument("--temperature", type=float, default=temperature, help="softmax temperature; 0 means greedy")
     parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1: off)")
     parser.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0: off)")
-    parser.add_argument("--stop-strings", default="", help="also stop at any of these strings, separated by '|'")
+    parser.add_argument("--stop-strings", default="",
+                        help="also stop at any of these strings, separated by '|' (the reply keeps the stop string)")
     parser.add_argument("--seed", type=int, default=0, help="base seed of every sequence's random stream")
     parser.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"),
                         help="dtype of the sampler's weights")
