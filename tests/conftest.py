@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from posttrain.models.cache import cache_root
 from posttrain.models.tiny import build_tiny_model, build_tiny_tokenizer, tiny_model_path
@@ -45,3 +46,14 @@ def smollm2_path(posttrain_cache: Path) -> Path:
     from posttrain.models.embedded import embedded_model_path
 
     return embedded_model_path(posttrain_cache)
+
+
+@pytest.fixture
+def one_thread():
+    """Torch on one thread for the test: the tiny model's matmuls are too small to share, a
+    second thread only waits for the first, and on a busy machine that wait dominates (about
+    7× slower here)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -8,24 +8,16 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 from posttrain.cli import main
 from posttrain.data import load_sft_examples, sft_messages
 from posttrain.datagen import ranks
 from posttrain.models.tiny import build_tiny_tokenizer
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 HERE = __name__
 CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Say hi"}]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The tiny model's matmuls are too small to share between threads (see test_rollout.py)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def write_jsonl(path: Path, records: list) -> Path:

@@ -12,15 +12,7 @@ from posttrain.rollout.rollout import Rollout
 from posttrain.rollout.scoring import RunningMoments, normalize_and_clip, penalize_missing_eos
 from posttrain.sampling import Sampler, SamplingParams
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The tiny model's matmuls are too small to share: a second thread only waits for the
-    first, and on a busy machine that wait dominates (about 7× slower here)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def prompts_for(tokenizer, texts: list[str]) -> list[TokenizedPrompt]:

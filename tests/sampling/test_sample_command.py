@@ -11,20 +11,12 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 from posttrain.cli import main
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 ARGS = ["--model", "tiny-random", "--n", "2", "--max-new-tokens", "24", "--precision", "fp32", "--batch-size", "4"]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The tiny model's matmuls are too small to share between threads (see test_rollout.py)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def write_prompts(path: Path, count: int) -> Path:

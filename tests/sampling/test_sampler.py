@@ -12,16 +12,9 @@ from posttrain.models.lora import apply_lora
 from posttrain.models.value import response_logprobs
 from posttrain.sampling import Sampler, SamplingParams, choose_tokens
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 TEXTS = ["hi", "a longer prompt here", "x", "tell me a story", "why", "abc def", "one more", "last one?"]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The tiny model's matmuls are too small to share between threads (see test_rollout.py)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def prompts_for(tokenizer, texts: list[str], first_index: int = 0) -> list[TokenizedPrompt]:

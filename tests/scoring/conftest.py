@@ -6,20 +6,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
 
 from posttrain.models.reward import RewardModel
 from scoring_helpers import SAMPLES, write_jsonl
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    """The tiny model's matmuls are too small to share: a second thread only waits for the
-    first, and on a busy machine that wait dominates (about 7× slower here)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _tiny_models_on_one_thread(one_thread):
+    """Every scoring test runs on one thread (see `one_thread` in tests/conftest.py)."""
 
 
 @pytest.fixture(scope="session")

@@ -205,7 +205,7 @@ def test_two_processes_with_precomputed_reference_match_one_process(tmp_path, mo
     one = dpo.train(config(tmp_path, "one", data, max_steps=3, batch_size=4))
     out = tmp_path / "two"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29541",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            "-m", "posttrain.cli", *cli_args(data, out, 3, 2), "--precompute-ref"]
     result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -229,16 +229,6 @@ def test_bad_input_gives_clear_errors(tmp_path, capsys):
     assert "uses no reference model" in capsys.readouterr().err
     assert cli.main([*cli_args(good, out, 1, 2), "--loss", "kto"]) == 2
     assert "loss='kto'" in capsys.readouterr().err
-
-
-@pytest.fixture
-def one_thread():
-    """The tiny model's matmuls are too small to gain from threads, and on a shared machine
-    spinning worker threads can make a run many times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_learning_dpo_fixes_what_sft_left_ambiguous(tmp_path, one_thread):

@@ -18,17 +18,10 @@ from posttrain.config import ConfigError, GRPOConfig, RLOOConfig, build_config, 
 from posttrain.models.reward import RewardModel
 from posttrain.trainers import grpo
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The tiny model's matmuls are too small to share between threads (see test_ppo.py)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def digit_fraction(prompts, responses):

@@ -24,15 +24,7 @@ from posttrain.models.logprobs import TokenLogprobs
 from posttrain.models.pairs import sequence_logps
 from posttrain.trainers import kto, sft
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The tiny model's matmuls are too small to share: a second thread only waits for the
-    first, and on a busy machine that wait dominates."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def write_jsonl(path: Path, records: list[dict]) -> Path:

@@ -21,18 +21,10 @@ from posttrain.config import ConfigError, PPOConfig, build_config, to_yaml
 from posttrain.models.reward import RewardModel
 from posttrain.trainers import ppo
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The tiny model's matmuls are too small to share: a second thread only waits for the
-    first, and on a busy machine that wait dominates (about 7× slower here)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def lowercase_fraction(prompts, responses):
@@ -200,7 +192,7 @@ def test_two_processes_run_and_whiten_over_all_rollouts(tmp_path):
     # global token counts, advantage whitening over both processes' rollouts, metrics.
     cfg = config(tmp_path, "ddp", max_steps=2)
     (tmp_path / "ddp.yaml").write_text(to_yaml(cfg))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29541",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            "-m", "posttrain.cli", "ppo", "--config", str(tmp_path / "ddp.yaml")]
     env = {**os.environ, "PYTHONPATH": str(HERE), "OMP_NUM_THREADS": "1"}
     result = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=300)

@@ -96,7 +96,7 @@ def test_two_processes_match_one_process(tmp_path):
     one = reward.train(config(tmp_path, "one", data, max_steps=3, batch_size=4, center_coef=0.01))
     out = tmp_path / "two"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29547",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            "-m", "posttrain.cli", "rm", "--model", "tiny-random", "--data", str(data), "--output-dir", str(out),
            "--precision", "fp32", "--lr", "1e-3", "--warmup-ratio", "0", "--lr-scheduler", "constant",
            "--max-length", "64", "--max-steps", "3", "--batch-size", "2", "--center-coef", "0.01"]
