@@ -8,8 +8,9 @@
   6. PPO epochs: ppo_epochs passes of clipped surrogate + clipped value loss, in minibatches.
 
 Stages 1–5 only read the networks (no gradients); stage 6 trains the policy and the critic
-with one AdamW. Shapes: B rollouts, A response tokens. RLOO or GRPO would replace stages
-3's values and 5 (`advantages_and_returns`) and nothing else.
+with one AdamW. Shapes: B rollouts, A response tokens. GRPO and RLOO (trainers/grpo.py)
+drop stage 3's values and replace stage 5 (`advantages_and_returns`) by group-relative
+advantages.
 """
 
 from __future__ import annotations
@@ -116,8 +117,8 @@ def old_policy_and_reference(net: PolicyAndValue, reference, gen: Generation, cf
 
 
 def advantages_and_returns(rollout: Rollout, cfg: PPOConfig, kl_coef: float, reduce_sum=None):
-    """Stages 4–5: (advantages [B, A], returns [B, A], kl [B, A]); the one place PPO,
-    RLOO and GRPO would differ. `reduce_sum` sums a tensor over processes (whitening)."""
+    """Stages 4–5: (advantages [B, A], returns [B, A], kl [B, A]); where PPO differs from GRPO
+    and RLOO. `reduce_sum` sums a tensor over processes (whitening)."""
     rewards, kl = kl_shaped_rewards(rollout.scores, rollout.logprobs, rollout.ref_logprobs,
                                     rollout.response_mask, kl_coef=kl_coef, estimator=cfg.kl_estimator)
     advantages, returns = gae(rewards, rollout.values, rollout.response_mask, gamma=cfg.gamma, lam=cfg.lam)
