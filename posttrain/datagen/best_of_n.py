@@ -51,7 +51,7 @@ class BestOfNSummary:
 
     def line(self, output: str) -> str:
         parts = [f"read {self.records} records ({self.responses} responses, mean score {self.mean_score:.4g}); "
-                 f"wrote {self.written} SFT records to {output} (mean score {self.mean_selected:.4g})"]
+                 f"wrote {self.written} SFT record{'s' if self.written != 1 else ''} to {output} (mean score {self.mean_selected:.4g})"]
         if self.left_out:
             parts.append("left out " + ", ".join(f"{n} {why}" for why, n in self.left_out.most_common()))
         if self.records_left_out:

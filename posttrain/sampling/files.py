@@ -140,5 +140,6 @@ def sample_file(model: str, data: str, output: str, params: SamplingParams, *, b
                 print(f"posttrain sample: stopped by signal {caught[0]} with {left} prompts to go; "
                       "re-run the same command to continue", file=sys.stderr)
                 return caught[0] if left else None
-    print(f"wrote {len(todo)} prompts × {params.n} responses to {output} ({len(prompts)} in all)", file=sys.stderr)
+    print(f"wrote {len(todo)} prompts × {params.n} responses to {output}; it holds all {len(prompts)} prompts",
+          file=sys.stderr)
     return None

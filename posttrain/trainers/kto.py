@@ -24,7 +24,6 @@ Stages of one optimizer step:
 
 from __future__ import annotations
 
-import math
 from collections import defaultdict
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -172,7 +171,12 @@ def balance(cfg: KTOConfig, data: ExampleSet) -> str:
     in [1, 4/3] (which TRL 1.16 also checks, with a warning)."""
     n_good = sum(example.label for example in data.examples)
     n_bad = len(data.examples) - n_good
-    ratio = cfg.desirable_weight * n_good / (cfg.undesirable_weight * n_bad) if n_bad else math.inf
+    if not n_good or not n_bad:
+        # With one kind only the loss only pushes all rewards one way past z₀; the paper's
+        # imbalance advice (weights that balance λ·n) cannot be met at all.
+        raise ValueError(f"{cfg.data}: {n_good} desirable and {n_bad} undesirable examples; KTO needs some of "
+                         "each (labels true and false)")
+    ratio = cfg.desirable_weight * n_good / (cfg.undesirable_weight * n_bad)
     return (f"{n_good} desirable and {n_bad} undesirable examples: λ_D·n_D / (λ_U·n_U) = {ratio:.2f} "
             "(the KTO paper advises 1 to 4/3)")
 

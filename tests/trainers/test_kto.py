@@ -234,6 +234,10 @@ def test_bad_input_gives_clear_errors(tmp_path, capsys):
         assert f"{flag[2:].replace('-', '_')}=" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="desirable_weight=0.0 must be > 0"):
         build_config(KTOConfig, None, {"data": "x", "desirable_weight": 0.0})
+    one_kind = write_jsonl(tmp_path / "up.jsonl", [{"prompt": w, "completion": w, "label": True} for w in ("ab", "cd")])
+    assert cli.main(cli_args(one_kind, out, 1, 2)) == 2
+    assert "up.jsonl: 2 desirable and 0 undesirable examples; KTO needs some of each" in capsys.readouterr().err
+    assert not out.exists()
 
 
 def test_learning_kto_prefers_the_desirable_habit(tmp_path):
