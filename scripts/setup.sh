@@ -3,6 +3,14 @@
 # the CPU build: unpinned, accelerate would pull a multi-GB CUDA torch.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# A real browser for the tests of the pages people see (annotation app, report): Debian's
+# chromium and chromium-driver, installed where we are root with apt; elsewhere those tests
+# are skipped with a reason naming the missing package.
+if ! command -v chromedriver >/dev/null && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "setup: installing chromium and chromium-driver with apt-get" >&2
+    { apt-get install -y -q chromium chromium-driver || { apt-get update -q && apt-get install -y -q chromium chromium-driver; }; } \
+        >/tmp/posttrain-apt.log 2>&1 || echo "setup: could not install chromium (see /tmp/posttrain-apt.log); browser tests will be skipped" >&2
+fi
 TORCH_VERSION="${POSTTRAIN_TORCH_VERSION:-2.13.0}"
 stamp=".venv/.posttrain-setup"
 want="$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)-torch$TORCH_VERSION"
