@@ -57,3 +57,43 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
+"""Where tests leave files for people to look at (browser screenshots); kept out of git."""
+
+
+@pytest.fixture(scope="session")
+def artifacts_dir() -> Path:
+    ARTIFACTS.mkdir(exist_ok=True)
+    return ARTIFACTS
+
+
+@pytest.fixture(scope="session")
+def browser():
+    """A headless Chromium driven by Selenium, shared by the session's browser tests.
+
+    Skipped, with the missing package named, where Debian's `chromium` / `chromium-driver` or
+    PyPI's `selenium` is absent (scripts/setup.sh installs them where it runs as root)."""
+    import shutil
+
+    missing = [name for name, found in (("chromium", shutil.which("chromium")),
+                                        ("chromium-driver", shutil.which("chromedriver"))) if not found]
+    try:
+        from selenium import webdriver
+    except ImportError:
+        missing.append("selenium (PyPI)")
+    if missing:
+        pytest.skip(f"needs a real browser: {', '.join(missing)} not installed (apt-get install chromium "
+                    "chromium-driver; pip install selenium)")
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = shutil.which("chromium")
+    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
+                 "--window-size=1280,900"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(shutil.which("chromedriver")), options=options)
+    driver.set_page_load_timeout(30)
+    yield driver
+    driver.quit()
