@@ -153,6 +153,13 @@ def build_parser() -> argparse.ArgumentParser:
     best.add_argument("--keep-cut-off", action="store_true",
                       help="also select replies cut off at max_new_tokens (finish_reason 'length')")
 
+    run = sub.add_parser("run", help="A recipe: stages from data to report, each cached by the hash of its inputs.",
+                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    run.add_argument("recipe", help="recipe YAML (see recipes/quickstart.yaml)")
+    run.add_argument("--from", dest="from_stage", default=None, metavar="STAGE",
+                     help="run this stage and every stage downstream of it again, even if cached")
+    run.add_argument("--dry-run", action="store_true", help="print the plan (cached / resume / run) and stop")
+
     demo = sub.add_parser("demo", help="The main job on the embedded model: SFT, reward model, DPO, PPO, and a before/after comparison.",
                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     demo.add_argument("--model", default="smollm2-135m-instruct", help="built-in name, HF id or folder")
@@ -208,6 +215,9 @@ def main(argv: list[str] | None = None) -> int:
             import_module("posttrain.datagen.best_of_n").best_of_n_file(
                 args.data, args.output, threshold=args.threshold, min_gap=args.min_gap,
                 keep_cut_off=args.keep_cut_off)
+        elif args.command == "run":
+            import_module("posttrain.recipes").run_recipe(args.recipe, from_stage=args.from_stage,
+                                                          dry_run=args.dry_run)
         elif args.command == "demo":
             import_module("posttrain.demo").run(args)
         else:

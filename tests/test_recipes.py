@@ -1,0 +1,168 @@
+"""Recipes: the plan, the cache, --from, resume, and every bad-recipe error before anything runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from posttrain.recipes import RecipeError, run_recipe
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def brevity(prompts, responses):
+    """A toy judge: shorter replies score higher (the recipe only needs some ordering)."""
+    return [-float(len(r)) for r in responses]
+
+
+def recipe(tmp_path: Path, **changes) -> dict:
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ("hi", "why is the sky blue", "count")))
+    sft_data = tmp_path / "sft.jsonl"
+    sft_data.write_text("".join(json.dumps({"prompt": p, "completion": "ok."}) + "\n" for p in ("a", "b", "c", "d")))
+    stages = [
+        {"name": "sft", "kind": "sft", "model": "tiny-random", "data": str(sft_data), "max_steps": 2},
+        {"name": "samples", "kind": "sample", "model": "${sft}", "data": str(prompts), "n": 3,
+         "max_new_tokens": 6, "temperature": 1.0},
+        {"name": "prefs", "kind": "judge", "data": "${samples}", "judge": "fn:tests.test_recipes:brevity"},
+        {"name": "dpo", "kind": "dpo", "model": "${sft}", "data": "${prefs}", "max_steps": 2},
+    ]
+    raw = {"output_dir": str(tmp_path / "out"), "defaults": {"precision": "fp32", "batch_size": 2}, "stages": stages}
+    raw.update(changes)
+    return raw
+
+
+@pytest.fixture
+def in_repo(monkeypatch):
+    monkeypatch.chdir(ROOT)   # fn:tests.test_recipes:brevity imports from the repository root
+
+
+def test_recipe_runs_then_is_cached_then_reruns_from_a_stage(tmp_path, in_repo):
+    raw = recipe(tmp_path)
+    first: list[str] = []
+    outputs = run_recipe(raw, echo=first.append)
+    assert [line.split()[1] for line in first] == ["sft", "samples", "prefs", "dpo"]
+    assert all(" ran in " in line for line in first), first
+    assert (outputs["dpo"] / "model.safetensors").is_file()
+    assert (tmp_path / "out" / "dpo").resolve() == outputs["dpo"].resolve()
+    # Each stage's printing went to its log, not the console.
+    assert "resolved config" in (outputs["sft"] / "log.txt").read_text()
+    mtime = (outputs["dpo"] / "model.safetensors").stat().st_mtime_ns
+
+    second: list[str] = []
+    assert run_recipe(raw, echo=second.append) == outputs
+    assert all(" cached " in line for line in second), second
+    assert (outputs["dpo"] / "model.safetensors").stat().st_mtime_ns == mtime
+
+    third: list[str] = []
+    run_recipe(raw, from_stage="prefs", echo=third.append)
+    assert [("cached" in line) for line in third] == [True, True, False, False]
+
+    # A changed key makes a new folder for that stage and everything downstream, nothing else.
+    raw["stages"][1]["n"] = 2
+    fourth: list[str] = []
+    changed = run_recipe(raw, echo=fourth.append)
+    assert [("cached" in line) for line in fourth] == [True, False, False, False]
+    assert changed["sft"] == outputs["sft"] and changed["samples"] != outputs["samples"]
+
+
+def test_dry_run_prints_the_plan_and_touches_nothing(tmp_path):
+    lines: list[str] = []
+    run_recipe(recipe(tmp_path), dry_run=True, echo=lines.append)
+    assert [line.split()[1:4] for line in lines][0][:3] == ["sft", "sft", "run"]
+    assert len(lines) == 4
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_changed_input_file_changes_the_hash(tmp_path):
+    raw = recipe(tmp_path)
+    before: list[str] = []
+    run_recipe(raw, dry_run=True, echo=before.append)
+    (tmp_path / "sft.jsonl").write_text(json.dumps({"prompt": "x", "completion": "y"}) + "\n")
+    after: list[str] = []
+    run_recipe(raw, dry_run=True, echo=after.append)
+    assert before[0] != after[0] and before[2] != after[2]   # sft and everything that used it
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"stages": [{"name": "a", "kind": "sfft", "model": "m", "data": "d"}]}, "unknown kind 'sfft'; known kinds: sft"),
+    ({"stages": [{"name": "a", "kind": "sft", "model": "m", "data": "d", "lr_rate": 1}]},
+     "stage 'a': unknown key 'lr_rate' for kind sft"),
+    ({"stages": [{"name": "a", "kind": "sft", "model": "m"}]}, "stage 'a': kind sft needs the key 'data'"),
+    ({"stages": [{"name": "a", "kind": "sft", "model": "${sfft}", "data": "d"},
+                 {"name": "sft", "kind": "sft", "model": "m", "data": "d"}]},
+     "stage 'a' refers to ${sfft}, which is no stage (did you mean 'sft'?)"),
+    ({"stages": [{"name": "a", "kind": "sft", "model": "${b}", "data": "d"},
+                 {"name": "b", "kind": "sft", "model": "${a}", "data": "d"}]}, "in a cycle: "),
+    ({"stages": [{"name": "a", "kind": "sft", "model": "m", "data": "d"},
+                 {"name": "a", "kind": "sft", "model": "m", "data": "d"}]}, "name 'a' is used twice"),
+    ({"stages": [{"name": "a", "kind": "sft", "model": "m", "data": "d", "lr": -1.0}]}, "lr"),
+    ({"stages": [{"name": "a", "kind": "sft", "model": "m", "data": "d", "max_steps": "ten"}]}, "max_steps='ten'"),
+    ({"stages": [{"name": "a", "kind": "judge", "data": "d", "judge": "fn:x:y", "pairs": "all"}]},
+     "unknown key 'pairs' for kind judge (did you mean 'pairing'?)"),
+    ({"stages": []}, "'stages' must be a non-empty list"),
+    ({"output": "x"}, "unknown top-level key 'output'"),
+])
+def test_bad_recipes_fail_before_anything_runs(tmp_path, change, message):
+    raw = recipe(tmp_path, **change)
+    with pytest.raises(RecipeError, match=None) as err:
+        run_recipe(raw, echo=lambda line: None)
+    assert message in str(err.value), str(err.value)
+    assert "\n" not in str(err.value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_from_an_unknown_stage_is_an_error(tmp_path):
+    with pytest.raises(RecipeError, match="--from 'dop' is no stage; stages: sft, samples, prefs, dpo"):
+        run_recipe(recipe(tmp_path), from_stage="dop", echo=lambda line: None)
+
+
+def test_recipe_file_errors(tmp_path):
+    with pytest.raises(RecipeError, match="recipe file not found"):
+        run_recipe(tmp_path / "none.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("stages: [\n")
+    with pytest.raises(RecipeError, match="bad.yaml: not valid YAML"):
+        run_recipe(bad)
+
+
+def test_an_interrupted_trainer_stage_resumes_from_its_checkpoint(tmp_path):
+    """SIGTERM during the SFT stage: the trainer checkpoints and exits 143; the second run
+    resumes that stage (not from step 0) and finishes the recipe."""
+    raw = recipe(tmp_path)
+    raw["stages"] = raw["stages"][:1]
+    raw["stages"][0]["max_steps"] = 400
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "posttrain.cli", "run", str(path)], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    metrics = None
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:   # wait for a few steps of training
+        found = list((tmp_path / "out").glob("sft-*/metrics.jsonl"))
+        if found and len(found[0].read_text().splitlines()) >= 3:
+            metrics = found[0]
+            break
+        time.sleep(0.2)
+    assert metrics is not None, "the SFT stage never logged 3 steps"
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, output
+    assert not (metrics.parent / "DONE").exists()
+    lines: list[str] = []
+    run_recipe(path, echo=lines.append)
+    assert "resumed in" in lines[0], lines
+    assert "resumed from" in (metrics.parent / "log.txt").read_text()
+    steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines() if "step" in line]
+    assert steps[-1] == 400 and steps == sorted(steps)
