@@ -133,6 +133,18 @@ class SFTConfig(TrainConfig):
     """Put loss on prompt tokens too, not only on completion / assistant tokens."""
     packing: bool = False
     """Pack several records per row (positions restart, attention stays inside each record)."""
+    chat_template: str = ""
+    """Give the model this chat template (chatml, FILE.jinja or from:MODEL), its tokens and EOS; replaces its own (empty: keep its own)."""
+
+    def validate(self) -> None:
+        from posttrain.models.chat_template import SPEC_HELP, is_chat_template_spec
+
+        super().validate()
+        _check(self, "chat_template", not self.chat_template or is_chat_template_spec(self.chat_template),
+               f"is not one of {SPEC_HELP}")
+        _check(self, "chat_template", not (self.chat_template and self.lora_r and not self.merge_lora),
+               "needs merge_lora with LoRA: an unmerged adapter loads onto the original model, which lacks "
+               "the template's tokens")
 
 
 PAIRINGS = ("all", "best_vs_rest")

@@ -50,7 +50,9 @@ def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
     tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(name_or_path))
     if tokenizer.chat_template is None:
         raise ValueError(
-            f"tokenizer of {name_or_path!r} has no chat_template; posttrain renders every record as chat"
+            f"tokenizer of {name_or_path!r} has no chat_template; posttrain renders every record as chat: "
+            "give it one with `posttrain sft --chat-template chatml|FILE.jinja|from:MODEL`, or for the other "
+            "trainers make a copy with `posttrain chat-template --model M --template chatml --output DIR`"
         )
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:

@@ -6,8 +6,9 @@ import contextlib
 import copy
 import os
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
+import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -26,7 +27,7 @@ def parse_target_modules(target_modules: str) -> str | list[str]:
 
 def apply_lora(
     model: PreTrainedModel, *, r: int, alpha: float, dropout: float, target_modules: str,
-    task_type: str = "CAUSAL_LM",
+    task_type: str = "CAUSAL_LM", trainable_tokens: Sequence[int] = (),
 ) -> PeftModel:
     """Wrap `model` with LoRA adapters (Hu et al. 2021); only adapter weights stay trainable.
 
@@ -34,6 +35,13 @@ def apply_lora(
     starts out computing exactly what the base did. "all-linear" (peft) covers every linear
     layer except the output head, which stays tied to the embeddings. task_type="SEQ_CLS"
     (a reward or value model) keeps its `score` head fully trainable (peft modules_to_save).
+
+    trainable_tokens: ids whose embedding rows (input, and an untied output head's) train too:
+    tokens a chat template added start as the mean row and must learn their role. The matrices
+    are unfrozen with a gradient hook that zeroes every other row, so the pretrained rows get
+    no update (unless weight_decay > 0: AdamW's decoupled decay still shrinks them). Not peft's
+    trainable_token_indices: TokenLogprobs reads the head's weight directly, past peft's
+    wrapper. The rows live in the base weights, so only a merged save keeps them.
     """
     if r <= 0:
         raise ValueError(f"LoRA rank r must be positive, got {r}")
@@ -46,7 +54,26 @@ def apply_lora(
         target_modules=parse_target_modules(target_modules),
         task_type=task_type,
     )
-    return get_peft_model(model, config)
+    peft_model = get_peft_model(model, config)
+    if trainable_tokens:
+        train_rows(model, trainable_tokens)
+    return peft_model
+
+
+def train_rows(model: PreTrainedModel, rows: Sequence[int]) -> None:
+    """Make `rows` of the input embeddings and of an untied output head trainable, and no other row."""
+    index = torch.tensor(sorted(set(rows)), dtype=torch.long)
+
+    def only_rows(grad: torch.Tensor) -> torch.Tensor:  # grad: [V, H]
+        kept = torch.zeros_like(grad)
+        at = index.to(grad.device)  # the model may have moved to an accelerator since
+        kept[at] = grad[at]
+        return kept
+
+    weights = {id(w): w for w in (model.get_input_embeddings().weight, model.get_output_embeddings().weight)}
+    for weight in weights.values():
+        weight.requires_grad_(True)
+        weight.register_hook(only_rows)
 
 
 @contextlib.contextmanager

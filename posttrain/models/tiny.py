@@ -16,7 +16,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from posttrain.models.cache import build_once
 
-UNK, IM_START, IM_END = "<unk>", "<|im_start|>", "<|im_end|>"
+UNK, IM_START, IM_END, ENDOFTEXT = "<unk>", "<|im_start|>", "<|im_end|>", "<|endoftext|>"
 
 # Printable ASCII (space..tilde) plus newline and tab, so decode(encode(s)) == s for any
 # ordinary ASCII text. Ids 0-2 are the special tokens, in SmolLM2's order (unk, im_start, im_end).
@@ -54,6 +54,19 @@ def build_tiny_tokenizer() -> PreTrainedTokenizerFast:
     )
     tokenizer.chat_template = TINY_CHAT_TEMPLATE
     return tokenizer
+
+
+def build_tiny_base_tokenizer() -> PreTrainedTokenizerFast:
+    """The tiny tokenizer as a base model ships one (GPT-2's way): no chat template, no ChatML
+    tokens, a single special `<|endoftext|>` (id 1) as EOS and no pad. Vocab size 2 + len(CHARS) = 99.
+
+    For `--chat-template`: installing ChatML on it must add tokens and grow the embeddings.
+    """
+    vocab = {tok: i for i, tok in enumerate([UNK, ENDOFTEXT, *CHARS])}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token=UNK))
+    backend.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token=UNK, eos_token=ENDOFTEXT,
+                                   model_max_length=2048)
 
 
 def build_tiny_model(

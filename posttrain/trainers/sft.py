@@ -16,7 +16,7 @@ import torch
 
 from posttrain.config import SFTConfig
 from posttrain.data import collate_packed, load_sft_examples, pack_examples, pad_batch
-from posttrain.models import load_causal_lm, load_tokenizer
+from posttrain.models import fit_model_to_tokenizer, load_causal_lm, load_tokenizer_with_template
 from posttrain.models.lora import apply_lora, save_model
 from posttrain.models.logprobs import TokenLogprobs
 from posttrain.ops import aggregate, masked_sum
@@ -72,18 +72,25 @@ def train(cfg: SFTConfig) -> Path:
     """Run SFT as configured; returns the folder holding the final model."""
     accelerator = make_accelerator(cfg)
     seed_everything(cfg.seed)
-    tokenizer = load_tokenizer(cfg.model)
+    # With --chat-template the tokenizer gains the template, its tokens and EOS before any record
+    # is tokenised; the model gets matching rows below, and both are saved together.
+    tokenizer, template = load_tokenizer_with_template(cfg.model, cfg.chat_template)
+    if template is not None:
+        accelerator.print(template.summary())
     # Data is validated before the output folder is touched: a bad record leaves nothing behind.
     units = load_units(cfg, cfg.data, tokenizer, accelerator.print)
     eval_units = load_units(cfg, cfg.eval_data, tokenizer, accelerator.print) if cfg.eval_data else []
     prepare_output_dir(accelerator, cfg)
 
     model = load_causal_lm(cfg.model)
+    if template is not None:
+        fit_model_to_tokenizer(model, tokenizer, template)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.lora_r:
         model = apply_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
-                           target_modules=cfg.lora_target_modules)
+                           target_modules=cfg.lora_target_modules,
+                           trainable_tokens=template.new_token_ids if template is not None else ())
     policy = TokenLogprobs(model)
     world = accelerator.num_processes
     steps = total_steps(cfg, len(units), world)
