@@ -104,8 +104,37 @@ def simpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref
 
 
 def _log1mexp(x: Tensor) -> Tensor:
-    """log(1 − eˣ) for x < 0, switching forms at −log 2 for precision (Mächler 2012)."""
-    return torch.where(x > -0.6931471805599453, torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+    """log(1 − eˣ) for x < 0, switching forms at −log 2 for precision (Mächler 2012).
+
+    Each form gets an input from its own safe range where it is not selected: ``torch.where``
+    still differentiates the unselected branch, and 0·∞ there would be NaN (log1p(−eˣ) at
+    x = −1e-9 in float32 is log1p(−1) = −∞).
+    """
+    near_zero = x > -0.6931471805599453
+    x_near, x_far = torch.where(near_zero, x, -1.0), torch.where(near_zero, -1.0, x)
+    return torch.where(near_zero, torch.log(-torch.expm1(x_near)), torch.log1p(-torch.exp(x_far)))
+
+
+def _odds_ratio_nll(chosen: Tensor, rejected: Tensor) -> Tensor:
+    """L_OR = −log σ(log odds(y_w) − log odds(y_l)) = log(1 + odds_l·(1 − P_w)/P_w) per pair.
+
+    chosen, rejected: [B] mean log-probs, ≤ 0. Finite with finite gradients on [−∞, 0]:
+    * P_w → 1 (chosen → 0): log odds(y_w) → ∞, and autograd through it gives 0·∞. For
+      chosen > −1 it is written as log1p((odds_l − 1)·(1 − P_w)) − log P_w, smooth up to and
+      at chosen = 0, where L_OR = 0 and dL_OR/dchosen = −odds_l. Below −1 the softplus form
+      is exact and stable (1 − P_w ≥ 0.63).
+    * P_l → 1 (rejected → 0): L_OR itself tends to ∞. Deviation from the paper: rejected is
+      capped at −eps (float eps), i.e. 1 − P_l ≥ eps — closer to 0 a mean log-prob is below
+      the float's resolution of a log-sum-exp anyway — so odds_l ≤ 1/eps.
+    """
+    eps = torch.finfo(rejected.dtype).eps
+    rejected = rejected.clamp(max=-eps)
+    log_odds_rejected = rejected - _log1mexp(rejected)
+    near_one = chosen > -1.0
+    c_near, c_far = torch.where(near_one, chosen, -0.5), torch.where(near_one, -2.0, chosen)
+    near = torch.log1p(torch.expm1(log_odds_rejected) * -torch.expm1(c_near)) - c_near
+    far = F.softplus(log_odds_rejected - c_far + _log1mexp(c_far))
+    return torch.where(near_one, near, far)
 
 
 def orpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
@@ -115,14 +144,12 @@ def orpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_
 
     Inputs are per-token *mean* log-probs (P(y) = exp(mean log-prob), as in the paper's Eq. 4),
     reference-free (pass ref_* = None). L_SFT is the chosen response's mean token NLL, which
-    is −policy_chosen_logps, so the returned loss already contains it (record: includes_nll).
-    Rewards are β·mean log π.
+    is −policy_chosen_logps, so the returned loss already contains it.
+    Rewards are β·mean log π. A confident model reaches P(y) = 1 in float32 (mean log-prob
+    exactly 0); see ``_odds_ratio_nll`` for how L_OR stays finite there.
     """
     _require_no_reference("orpo_loss", ref_chosen_logps, ref_rejected_logps)
-    log_odds = (policy_chosen_logps - _log1mexp(policy_chosen_logps)) - (
-        policy_rejected_logps - _log1mexp(policy_rejected_logps)
-    )
-    loss = -policy_chosen_logps - beta * F.logsigmoid(log_odds)
+    loss = -policy_chosen_logps + beta * _odds_ratio_nll(policy_chosen_logps, policy_rejected_logps)
     return loss, *_implicit_rewards(beta, policy_chosen_logps, policy_rejected_logps)
 
 
@@ -136,17 +163,15 @@ class DPOLoss:
     """True: pass reference-model log-probs; False: pass None and skip the reference model."""
     length_normalized: bool
     """True: pass per-token mean log-probs (sum / response length); False: summed log-probs."""
-    includes_nll: bool
-    """True: the loss already contains the chosen response's NLL; add no separate SFT term."""
     hyperparameters: tuple[str, ...] = ()
     """Keyword arguments besides ``beta`` that ``fn`` takes (config field names)."""
 
 
 DPO_LOSSES: dict[str, DPOLoss] = {
-    "sigmoid": DPOLoss(dpo_loss, True, False, False, ("label_smoothing",)),
-    "robust": DPOLoss(robust_dpo_loss, True, False, False, ("label_smoothing",)),
-    "ipo": DPOLoss(ipo_loss, True, True, False),
-    "hinge": DPOLoss(hinge_loss, True, False, False),
-    "simpo": DPOLoss(simpo_loss, False, True, False, ("gamma",)),
-    "orpo": DPOLoss(orpo_loss, False, True, True),
+    "sigmoid": DPOLoss(dpo_loss, True, False, ("label_smoothing",)),
+    "robust": DPOLoss(robust_dpo_loss, True, False, ("label_smoothing",)),
+    "ipo": DPOLoss(ipo_loss, True, True),
+    "hinge": DPOLoss(hinge_loss, True, False),
+    "simpo": DPOLoss(simpo_loss, False, True, ("gamma",)),
+    "orpo": DPOLoss(orpo_loss, False, True),
 }

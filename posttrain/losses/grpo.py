@@ -38,7 +38,8 @@ def grpo_loss(
     if beta > 0:
         if ref_logprobs is None:
             raise ValueError(f"grpo_loss: beta={beta} needs ref_logprobs")
-        kl = kl_k3(logprobs, ref_logprobs)
+        # Excluded positions may hold padding garbage: zero them so no NaN reaches the backward.
+        kl = kl_k3(torch.where(mask, logprobs, 0.0), torch.where(mask, ref_logprobs, 0.0))
         loss = loss + beta * torch.where(mask, kl, 0.0)
         stats["policy/kl_k3"] = masked_mean(kl.detach(), mask)
     return loss, stats

@@ -21,8 +21,12 @@ def kl_k2(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
 
 
 def kl_k3(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
-    """k3 = (r − 1) − log r with r = π_ref/π: unbiased and non-negative, low variance."""
-    log_r = ref_logprobs - logprobs
+    """k3 = (r − 1) − log r with r = π_ref/π: unbiased and non-negative, low variance.
+
+    log r is capped at ±20 first, as verl's "low_var_kl" does: e^89 overflows float32, and the
+    capped tokens (π_ref/π beyond 5e8) get a finite penalty and no gradient instead of ∞.
+    """
+    log_r = (ref_logprobs - logprobs).clamp(-20.0, 20.0)
     return torch.expm1(log_r) - log_r
 
 

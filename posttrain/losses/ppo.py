@@ -8,6 +8,11 @@ import torch
 from posttrain.ops import masked_mean
 
 
+LOG_RATIO_CAP = 20.0
+"""|log π_θ − log π_old| above which a token's ratio is held at e^±20 and gives no gradient:
+a ratio of 5e8 is a sample no clipped objective can learn from, and e^89 overflows float32."""
+
+
 def _zero_outside(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return torch.where(mask, x, torch.zeros((), dtype=x.dtype, device=x.device))
 
@@ -36,7 +41,9 @@ def ppo_policy_loss(
     and "policy/ratio_mean".
     """
     # Excluded positions may hold padding garbage; zero the log-ratio so exp cannot overflow.
-    log_ratio = _zero_outside(logprobs - old_logprobs, mask)
+    # Included ones are capped at ±LOG_RATIO_CAP (verl's compute_policy_loss does the same): past
+    # e^88 the ratio is inf in float32, and max() would send 0·inf = NaN into exp's backward.
+    log_ratio = _zero_outside(logprobs - old_logprobs, mask).clamp(-LOG_RATIO_CAP, LOG_RATIO_CAP)
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
     high = clip_eps if clip_eps_high is None else clip_eps_high
@@ -67,6 +74,8 @@ def value_loss(
     mask [B, A] bool. Returns (loss [B, A], zero where mask is False; stats):
     "value/clipfrac" (share of tokens where the clipped branch is larger), detached.
     """
+    # Excluded positions may hold padding garbage: zero them so no NaN reaches the backward.
+    values, old_values, returns = (_zero_outside(t, mask) for t in (values, old_values, returns))
     clipped_values = old_values + torch.clamp(values - old_values, -clip_eps, clip_eps)
     unclipped_error = (values - returns) ** 2
     clipped_error = (clipped_values - returns) ** 2

@@ -112,12 +112,20 @@ def new_value_head(hidden_size: int) -> torch.nn.Linear:
 
 
 def disable_dropout(model: torch.nn.Module) -> None:
-    """p = 0 in every Dropout module, so the policy that computed log π_old during the
-    rollout and the one the update differentiates are the same function (ratio 1 at the
-    first minibatch), as TRL's PPO trainer does (`disable_dropout_in_model`)."""
+    """No dropout anywhere in `model`, in train mode too, so passes whose log-probs are compared
+    (π_old and π_θ in PPO/GRPO, policy and reference in DPO/KTO) are the same function: the
+    ratio is 1 at the first minibatch, DPO's first loss is ln 2. TRL's `disable_dropout_in_model`
+    sets p = 0 in Dropout modules (LoRA's lora_dropout is one); HF attention applies
+    `self.attention_dropout`, a float, through the functional form, so every float attribute
+    named *dropout* is zeroed too. Call it after adapters are added. The model's config is left
+    alone: it is what gets saved.
+    """
     for module in model.modules():
-        if isinstance(module, torch.nn.Dropout):
+        if isinstance(module, torch.nn.modules.dropout._DropoutNd):
             module.p = 0.0
+        for name, value in vars(module).items():
+            if "dropout" in name and isinstance(value, float):
+                setattr(module, name, 0.0)
 
 
 __all__ = ["PolicyAndValue", "ValueModel", "disable_dropout", "new_value_head", "response_logprobs"]
