@@ -1,4 +1,4 @@
-"""Tensor primitives shared by every loss and trainer: log-probs, masked reductions, stops.
+"""Tensor primitives shared by every loss and trainer: entropy, masked reductions, stops.
 
 Torch only. Shape letters: B batch, T sequence, A response tokens, V vocabulary.
 Masks are named after what they include and True means "counts".
@@ -14,53 +14,6 @@ _DEFAULT_CHUNK_ROWS = 256
 def _float_dtype(dtype: torch.dtype) -> torch.dtype:
     """At least float32: log-sum-exp in half precision loses the small probabilities."""
     return torch.promote_types(dtype, torch.float32)
-
-
-class _TokenLogprobs(torch.autograd.Function):
-    """log softmax(logits)[label] over row chunks; backward writes the one [N, V] gradient.
-
-    Autograd through per-chunk slices would materialise a full-size zero gradient per
-    chunk (SliceBackward), so the backward is written out: d/dx = onehot(label) − softmax(x).
-    """
-
-    @staticmethod
-    def forward(ctx, logits: torch.Tensor, labels: torch.Tensor, chunk_rows: int) -> torch.Tensor:
-        rows = logits.reshape(-1, logits.shape[-1])
-        flat_labels = labels.reshape(-1, 1)
-        dtype = _float_dtype(logits.dtype)
-        lse = torch.cat([torch.logsumexp(chunk.to(dtype), dim=-1) for chunk in rows.split(chunk_rows)])
-        picked = rows.gather(-1, flat_labels).squeeze(-1).to(dtype)
-        ctx.save_for_backward(logits, labels, lse)
-        ctx.chunk_rows = chunk_rows
-        return (picked - lse).view(labels.shape)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_out: torch.Tensor):
-        logits, labels, lse = ctx.saved_tensors
-        rows = logits.reshape(-1, logits.shape[-1])
-        grad_rows = torch.empty_like(rows)
-        flat_labels, flat_grad = labels.reshape(-1, 1), grad_out.reshape(-1, 1)
-        for start in range(0, rows.shape[0], ctx.chunk_rows):
-            stop = start + ctx.chunk_rows
-            g = flat_grad[start:stop]
-            chunk = torch.exp(rows[start:stop].to(lse.dtype) - lse[start:stop, None]).mul_(-g)
-            chunk.scatter_add_(-1, flat_labels[start:stop], g)
-            grad_rows[start:stop] = chunk
-        return grad_rows.view_as(logits), None, None
-
-
-def token_logprobs(
-    logits: torch.Tensor, labels: torch.Tensor, *, chunk_rows: int = _DEFAULT_CHUNK_ROWS
-) -> torch.Tensor:
-    """Log-probability of each label under its logits: log softmax(logits)[..., label].
-
-    logits: [B, T, V] (or any [..., V]); labels: [B, T] long, every entry a valid id (mask
-    ignored positions afterwards rather than passing -100). Returns [B, T] in at least float32.
-    Computed as gather − logsumexp over chunks of ``chunk_rows`` rows, so no [B, T, V]
-    log-softmax copy exists in forward or backward.
-    """
-    return _TokenLogprobs.apply(logits, labels, chunk_rows)
 
 
 def entropy_from_logits(logits: torch.Tensor, *, chunk_rows: int = _DEFAULT_CHUNK_ROWS) -> torch.Tensor:

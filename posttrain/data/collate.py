@@ -29,8 +29,6 @@ class Batch:
     loss_mask: [B, T] bool; True ⇔ input_ids[b, t] is a prediction target, predicted from
         the logits at t-1. False at position 0 of every row and every packed example, and
         on padding.
-    segment_ids: [B, T] long; which example of the batch (0..N-1, numbered row by row) the
-        token belongs to, -1 on padding; for per-example reductions over packed rows.
 
     Call the model as `model(**batch.model_inputs())`. For packed batches this matters:
     transformers 5.24 (masking_utils._preprocess_mask_arguments) derives the block-diagonal
@@ -45,7 +43,6 @@ class Batch:
     attention_mask: torch.Tensor | None
     position_ids: torch.Tensor
     loss_mask: torch.Tensor
-    segment_ids: torch.Tensor
 
     def model_inputs(self) -> dict[str, Any]:
         """Keyword arguments for a transformers causal LM forward pass on this batch."""
@@ -79,7 +76,6 @@ def pad_batch(examples: list[TokenizedExample], pad_id: int) -> Batch:
         batch.input_ids[row, :n] = torch.tensor(example.input_ids)
         batch.loss_mask[row, :n] = torch.tensor(example.loss_mask)
         batch.attention_mask[row, :n] = 1
-        batch.segment_ids[row, :n] = row
     batch.position_ids[:] = torch.arange(width)
     return batch
 
@@ -90,7 +86,6 @@ def _empty(rows: int, width: int, pad_id: int) -> Batch:
         attention_mask=torch.zeros((rows, width), dtype=torch.long),
         position_ids=torch.zeros((rows, width), dtype=torch.long),
         loss_mask=torch.zeros((rows, width), dtype=torch.bool),
-        segment_ids=torch.full((rows, width), -1, dtype=torch.long),
     )
 
 
@@ -132,7 +127,6 @@ def collate_packed(rows: list[list[TokenizedExample]], pad_id: int, max_length: 
     if max(lengths) > max_length:
         raise ValueError(f"collate_packed: a row holds {max(lengths)} tokens, more than max_length={max_length}")
     batch = _empty(len(rows), max(lengths), pad_id)
-    segment = 0
     for r, row in enumerate(rows):
         start = 0
         for j, example in enumerate(row):
@@ -141,8 +135,7 @@ def collate_packed(rows: list[list[TokenizedExample]], pad_id: int, max_length: 
             batch.input_ids[r, start:end] = torch.tensor(example.input_ids)
             batch.loss_mask[r, start:end] = torch.tensor(example.loss_mask)
             batch.position_ids[r, start:end] = torch.arange(end - start)
-            batch.segment_ids[r, start:end] = segment
-            start, segment = end, segment + 1
+            start = end
         batch.position_ids[r, start:] = torch.arange(batch.input_ids.shape[1] - start)
     batch.attention_mask = None
     return batch

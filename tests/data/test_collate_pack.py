@@ -22,7 +22,6 @@ def test_pad_batch_layout():
     assert batch.attention_mask.tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]
     assert batch.position_ids.tolist() == [[0, 1, 2, 3, 4]] * 2
     assert batch.loss_mask.tolist() == [[False, True, True, False, False], [False, False, True, True, True]]
-    assert batch.segment_ids.tolist() == [[0, 0, 0, -1, -1], [1, 1, 1, 1, 1]]
     assert batch.input_ids.dtype == batch.attention_mask.dtype == batch.position_ids.dtype == torch.long
 
 
@@ -43,7 +42,6 @@ def test_collate_packed_layout():
     assert batch.input_ids.tolist() == [[10, 11, 12, 30, 31], [40, 41, 42, 43, PAD]]
     assert batch.position_ids.tolist() == [[0, 1, 2, 0, 1], [0, 1, 2, 3, 0]]
     assert batch.loss_mask.tolist() == [[False, True, True, False, True], [False, False, True, True, False]]
-    assert batch.segment_ids.tolist() == [[0, 0, 0, 1, 1], [2, 2, 2, 2, -1]]
     # transformers' own split of each row (what its packed-sequence mask is built from)
     # falls on the same boundaries: every example, and the padding tail, is its own block.
     assert find_packed_sequence_indices(batch.position_ids).tolist() == [[0, 0, 0, 1, 1], [0, 0, 0, 0, 1]]
@@ -58,13 +56,15 @@ def test_first_token_cannot_be_a_target():
 
 
 def per_example_nll(model, batch) -> torch.Tensor:
-    """Mean next-token NLL of each example (segment), in segment order."""
+    """Mean next-token NLL of each example, row by row in packing order."""
     logits = model(**batch.model_inputs()).logits
     # loss_mask[b, t] marks input_ids[b, t] as a target, predicted from the logits at t-1.
     nll = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), batch.input_ids[:, 1:], reduction="none")
-    mask, segments = batch.loss_mask[:, 1:], batch.segment_ids[:, 1:]
-    n = int(batch.segment_ids.max()) + 1
-    return torch.stack([nll[mask & (segments == s)].mean() for s in range(n)])
+    # A new sequence starts wherever position_ids restart at 0 (numbered row by row); a padding
+    # tail is a sequence of its own with no targets, so it drops out below.
+    sequence = ((batch.position_ids == 0).flatten().cumsum(0) - 1).view_as(batch.position_ids)
+    mask, sequence = batch.loss_mask[:, 1:], sequence[:, 1:]
+    return torch.stack([nll[mask & (sequence == s)].mean() for s in sequence[mask].unique()])
 
 
 def test_packed_losses_equal_padded_losses(tiny_model_and_tokenizer):
@@ -95,5 +95,5 @@ def test_packed_losses_equal_padded_losses(tiny_model_and_tokenizer):
     with torch.no_grad():
         leaky = model(input_ids=batch.input_ids, position_ids=batch.position_ids).logits
         right = model(**batch.model_inputs()).logits
-    later = (batch.segment_ids >= 0) & (batch.position_ids != torch.arange(batch.input_ids.shape[1]))
+    later = batch.loss_mask & (batch.position_ids != torch.arange(batch.input_ids.shape[1]))
     assert later.any() and not torch.allclose(leaky[later], right[later], atol=1e-4)

@@ -12,21 +12,12 @@ import torch
 import torch.nn.functional as F
 
 from posttrain.losses import chunked_cross_entropy
-from posttrain.ops import token_logprobs
 
 B, T, V, H = 8, 512, 49_152, 576
 
 
 def peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-
-
-def naive_logprobs(logits, labels):
-    return torch.log_softmax(logits, dim=-1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
-
-
-def ours_logprobs(logits, labels):
-    return token_logprobs(logits, labels)
 
 
 def naive_cross_entropy(hidden, weight, labels, mask):
@@ -36,17 +27,6 @@ def naive_cross_entropy(hidden, weight, labels, mask):
 
 def ours_cross_entropy(hidden, weight, labels, mask):
     return chunked_cross_entropy(hidden, weight, labels, mask)
-
-
-def run_logprobs(fn) -> float:
-    generator = torch.Generator().manual_seed(0)
-    logits = torch.empty(B, T, V).normal_(generator=generator)
-    labels = torch.randint(0, V, (B, T), generator=generator)
-    with torch.no_grad():
-        fn(logits[:1, :4], labels[:1, :4])  # first-call set-up outside the measurement
-        before = peak_mb()
-        fn(logits, labels)
-    return peak_mb() - before
 
 
 def run_cross_entropy(fn) -> float:
@@ -63,8 +43,6 @@ def run_cross_entropy(fn) -> float:
 
 
 CASES = {
-    "logprobs_naive": (run_logprobs, naive_logprobs),
-    "logprobs_ours": (run_logprobs, ours_logprobs),
     "cross_entropy_naive": (run_cross_entropy, naive_cross_entropy),
     "cross_entropy_ours": (run_cross_entropy, ours_cross_entropy),
 }

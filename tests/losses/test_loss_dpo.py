@@ -101,6 +101,5 @@ def test_every_registered_loss_gradchecks_and_runs_from_its_record(name):
 def test_registry_records_what_the_trainer_needs():
     assert {name for name, spec in DPO_LOSSES.items() if not spec.needs_reference} == {"simpo", "orpo"}
     assert {name for name, spec in DPO_LOSSES.items() if spec.length_normalized} == {"ipo", "simpo", "orpo"}
-    assert {name for name, spec in DPO_LOSSES.items() if spec.includes_nll} == {"orpo"}
     with pytest.raises(AttributeError):
         DPO_LOSSES["sigmoid"].needs_reference = False
