@@ -47,7 +47,6 @@ Fields that belong to no shape (ids, metadata) are ignored; a null field counts 
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -341,9 +340,22 @@ def _split_conversations(rec: _Record, chosen_value: Any, rejected_value: Any):
     return prompt, chosen_all[shared:], rejected_all[shared:]
 
 
+FLOAT32_MAX = 3.4028234663852886e38
+"""The largest float32. Margins, scores and rewards become float32 tensors in training, so a
+number finite in JSON (1e308) or Python but beyond this would turn into ±inf there."""
+
+
+def in_float32_range(value: Any) -> bool:
+    """True for an int or float (not a bool) with |value| ≤ FLOAT32_MAX; False for NaN and ±inf."""
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and abs(value) <= FLOAT32_MAX
+
+
 def _number(rec: _Record, value: Any, field: str, reason: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise rec.fail(field, f"expected a finite number, got {type_name(value)} {short_repr(value)}", reason=reason)
+    if not in_float32_range(value):
+        numeric = not isinstance(value, bool) and isinstance(value, (int, float)) and value == value  # not NaN
+        beyond = " (beyond float32's ±3.4e38, what training computes in)" if numeric else ""
+        raise rec.fail(field, f"expected a finite number, got {type_name(value)} {short_repr(value)}{beyond}",
+                       reason=reason)
     return float(value)
 
 

@@ -154,7 +154,7 @@ def load_preference_pairs(
     Scored records expand as in `preference_pairs`; one whose score gaps are all
     <= min_score_gap gives no pair and is counted under dropped. An overlong pair is
     truncated as `tokenize_pair` describes, or left out (overlong="drop"); a pair whose
-    truncated replies are identical is left out, as it carries no preference.
+    replies tokenise identically, whole or truncated, is left out, as it carries no preference.
     """
     _check_options(max_length, overlong)
     report = LoadReport(str(source), "pairs", max_length)
@@ -168,7 +168,11 @@ def load_preference_pairs(
             report.dropped[f"records with no score gap > {min_score_gap:g}"] += 1
         for pair in pairs:
             full = tokenize_pair(pair, tokenizer)
-            if full.length <= max_length:
+            if full.chosen_ids == full.rejected_ids:
+                # Different text, same tokens (a template that trims, a tokenizer that
+                # normalises): the pair's loss is a constant and teaches nothing.
+                report.dropped["chosen and rejected tokenise identically"] += 1
+            elif full.length <= max_length:
                 tokenized.append(full)
             elif overlong == "drop":
                 report.dropped[f"longer than {max_length} tokens"] += 1

@@ -24,6 +24,7 @@ Parquet and `datasets` fill a column that some rows lack with nulls.
 
 from __future__ import annotations
 
+import codecs
 import csv
 import json
 import math
@@ -37,6 +38,8 @@ from posttrain.data.errors import DataError, short_repr, type_name
 FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 NUMERIC_CSV_COLUMNS = ("margin",)
 BOOLEAN_CSV_COLUMNS = ("label",)
+# Names that can only be files: a hub dataset id does not end in a file suffix.
+LOCAL_FILE_SUFFIX = re.compile(r"\.(txt|tsv|jsonl?|csv|parquet|xlsx?|ya?ml|gz|zip|arrow)$", re.IGNORECASE)
 # A split name, optionally sliced the way `datasets` slices (train, test[:100], train[10%:]).
 _SPLIT_SUFFIX = re.compile(r"^(?P<name>.+):(?P<split>[A-Za-z_][\w.-]*(\[[^\]]*\])?)$")
 
@@ -51,7 +54,7 @@ def read_records(source: str | os.PathLike) -> list[dict[str, Any]]:
     path = Path(source)
     if path.suffix.lower() in FILE_SUFFIXES:
         if not path.is_file():
-            raise DataError(f"{name}: no such file")
+            raise DataError(f"{name}: {'not a file' if path.exists() else 'no such file'}")
         records = _READERS[path.suffix.lower()](path, name)
     elif path.is_dir() and _is_saved_dataset(path):
         records = _read_saved_dataset(path, name)
@@ -64,8 +67,10 @@ def read_records(source: str | os.PathLike) -> list[dict[str, Any]]:
 
 def _read_jsonl(path: Path, name: str) -> list[dict[str, Any]]:
     records = []
-    with path.open(encoding="utf-8-sig") as f:
-        for line_number, line in enumerate(f, start=1):
+    with path.open("rb") as f:
+        for line_number, raw in enumerate(f, start=1):
+            line = _decode(raw[3:] if line_number == 1 and raw.startswith(codecs.BOM_UTF8) else raw, name,
+                           line_number)
             if not line.strip():
                 continue
             try:
@@ -74,6 +79,8 @@ def _read_jsonl(path: Path, name: str) -> list[dict[str, Any]]:
                 raise DataError(
                     f"{name}: not valid JSON lines (line {line_number}: {e.msg} at column {e.colno})"
                 ) from e
+            except RecursionError:
+                raise DataError(f"{name}: line {line_number}: JSON nested too deeply to read") from None
             if not isinstance(value, dict):
                 raise DataError(
                     f"{name}: not valid JSON lines (line {line_number}: expected a JSON object, "
@@ -83,12 +90,28 @@ def _read_jsonl(path: Path, name: str) -> list[dict[str, Any]]:
     return records
 
 
+def _decode(raw: bytes, name: str, line_number: int) -> str:
+    """UTF-8 text of line `line_number` (1-based) of the file `name`; DataError naming the line
+    and column of the first byte that is not UTF-8."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        column = len(raw[:e.start].decode("utf-8", errors="replace")) + 1
+        raise DataError(f"{name}: line {line_number}: not UTF-8 text (byte {raw[e.start]:#04x} at column "
+                        f"{column}); save the file as UTF-8") from None
+
+
 def _read_json(path: Path, name: str) -> list[dict[str, Any]]:
-    with path.open(encoding="utf-8-sig") as f:
-        try:
-            value = json.load(f)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{name}: not valid JSON (line {e.lineno}: {e.msg} at column {e.colno})") from e
+    data = path.read_bytes()
+    data = data[3:] if data.startswith(codecs.BOM_UTF8) else data
+    for line_number, raw in enumerate(data.splitlines(), start=1):
+        _decode(raw, name, line_number)
+    try:
+        value = json.loads(data.decode("utf-8"))
+    except json.JSONDecodeError as e:
+        raise DataError(f"{name}: not valid JSON (line {e.lineno}: {e.msg} at column {e.colno})") from e
+    except RecursionError:
+        raise DataError(f"{name}: JSON nested too deeply to read") from None
     if isinstance(value, dict) and len(value) == 1 and isinstance(next(iter(value.values())), list):
         value = next(iter(value.values()))
     if not isinstance(value, list):
@@ -101,6 +124,8 @@ def _read_json(path: Path, name: str) -> list[dict[str, Any]]:
 
 
 def _read_csv(path: Path, name: str) -> list[dict[str, Any]]:
+    for line_number, raw in enumerate(path.read_bytes().splitlines(), start=1):
+        _decode(raw[3:] if line_number == 1 and raw.startswith(codecs.BOM_UTF8) else raw, name, line_number)
     records = []
     try:
         with path.open(encoding="utf-8-sig", newline="") as f:
@@ -165,8 +190,22 @@ def _read_saved_dataset(path: Path, name: str) -> list[dict[str, Any]]:
 def _read_with_datasets(name: str) -> list[dict[str, Any]]:
     import datasets
 
+    from posttrain.models.load import hub_unreachable, looks_local
+
     match = _SPLIT_SUFFIX.match(name)
     dataset_name, split = (match["name"], match["split"]) if match else (name, "train")
+    # Fail at once where datasets would ask the hub (and retry for ~25 s) for what is plainly a
+    # local file: an existing file of another format, a missing path, or "data.txt".
+    path = Path(dataset_name).expanduser()
+    if path.is_file():
+        raise DataError(f"{name}: unsupported file type {path.suffix or '(no suffix)'!r}; expected "
+                        f"{', '.join(FILE_SUFFIXES)}, a saved dataset folder or a hub dataset id")
+    if not path.exists() and (looks_local(dataset_name) or LOCAL_FILE_SUFFIX.search(dataset_name)):
+        raise DataError(f"{name}: no such file or folder")
+    reason = None if path.exists() else hub_unreachable()
+    if reason and "offline" not in reason:  # offline, datasets reads its own cache quickly
+        raise DataError(f"{name}: no such file or folder, and the hub cannot be asked for a dataset of that "
+                        f"name ({reason})")
     try:
         loaded = datasets.load_dataset(dataset_name, split=split)
     except Exception as e:  # datasets raises many unrelated types; all mean "cannot load this"

@@ -17,15 +17,28 @@ The loss covers each reply up to and including the tokenizer's EOS token (ChatML
 `<|im_end|>`), so the model learns to stop. The "\\n" the template writes after `<|im_end|>`
 is left out: generation ends at EOS, so the model is never asked to predict it; it is glue
 before the next turn's header, like the header `<|im_start|>assistant\\n` itself.
+
+Message content is always text. A record whose prompt holds "<|im_end|>\\n<|im_start|>assistant"
+must not open a turn of its own, nor a completion holding "<|im_end|>" teach the model to stop
+mid-reply, so the tokenizer's special tokens are recognised only where the template wrote them;
+the same strings inside a message are split into ordinary tokens (`split_special_tokens`).
+Setting POSTTRAIN_SPECIAL_TOKENS_IN_CONTENT=1 lets them act as control tokens, for data that
+means them.
 """
 
 from __future__ import annotations
 
+import os
+import re
 from dataclasses import dataclass
 
 from transformers import PreTrainedTokenizerBase
 
 from posttrain.data.formats import LabelledCompletion, PreferencePair
+
+SPECIAL_TOKENS_IN_CONTENT = "POSTTRAIN_SPECIAL_TOKENS_IN_CONTENT"
+"""Environment variable: "1" tokenises special-token strings inside message content as the
+control tokens they spell (the tokenizer's default), instead of as text."""
 
 
 @dataclass
@@ -84,14 +97,88 @@ class TokenizedCompletion:
         return len(self.prompt_ids) + len(self.completion_ids)
 
 
-def _render(tokenizer: PreTrainedTokenizerBase, messages: list[dict], generation_prompt: bool) -> str:
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+@dataclass(frozen=True)
+class _Rendered:
+    """A templated conversation. content: the (start, end) character spans of every message's
+    content in `text`, to be tokenised as text; found only when some content holds a
+    special-token string, and empty otherwise (the tokenizer's own encoding is then the same)."""
+
+    text: str
+    content: tuple[tuple[int, int], ...]
 
 
-def _encode(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
-    # The template writes every special token itself (SmolLM2's <|im_start|>, or a BOS in
-    # other templates); the tokenizer must not add its own on top.
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
+def _special_strings(tokenizer: PreTrainedTokenizerBase) -> list[str]:
+    """The tokenizer's special added tokens, longest first (so a longer one is matched whole)."""
+    return sorted((t.content for t in tokenizer.added_tokens_decoder.values() if t.special and t.content),
+                  key=len, reverse=True)
+
+
+def _render(tokenizer: PreTrainedTokenizerBase, messages: list[dict], generation_prompt: bool) -> _Rendered:
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+    if os.environ.get(SPECIAL_TOKENS_IN_CONTENT) == "1":
+        return _Rendered(text, ())
+    specials = _special_strings(tokenizer)
+    if not any(s in m["content"] for m in messages for s in specials):
+        return _Rendered(text, ())
+    return _Rendered(text, _content_spans(tokenizer, messages, text, generation_prompt, specials))
+
+
+def _content_spans(tokenizer: PreTrainedTokenizerBase, messages: list[dict], text: str, generation_prompt: bool,
+                   specials: list[str]) -> tuple[tuple[int, int], ...]:
+    """Where each message's content lies in `text`. The conversation is rendered again with
+    every content replaced by a private-use placeholder, which splits the rendering into the
+    template's own pieces; the real rendering must then read piece, content, piece, ... with
+    each content written as given or stripped (templates that `| trim`). Matching the pieces
+    around a content, not searching for it, keeps a content that repeats the template's text
+    ("<|im_start|>user\\n") from being mistaken for it."""
+    placeholder = re.compile("\ue000([0-9]+)\ue001")
+    marked = [{**m, "content": f"\ue000{k}\ue001"} for k, m in enumerate(messages)]
+    skeleton = tokenizer.apply_chat_template(marked, tokenize=False, add_generation_prompt=generation_prompt)
+    pieces = placeholder.split(skeleton)  # template, k, template, k, ..., template
+    spans, at = [], len(pieces[0])
+    ok = text.startswith(pieces[0])
+    for j in range(1, len(pieces) if ok else 1, 2):
+        content, after = messages[int(pieces[j])]["content"], pieces[j + 1]
+        written = next((c for c in (content, content.strip())
+                        if text.startswith(c, at) and text.startswith(after, at + len(c))), None)
+        if written is None:
+            ok = False
+            break
+        spans.append((at, at + len(written)))
+        at += len(written) + len(after)
+    if not ok or at != len(text):
+        found = next(s for m in messages for s in specials if s in m["content"])
+        raise ValueError(
+            f"a message contains the special token {found!r}, and the chat template changes message text in a "
+            "way that hides where the message lies, so it cannot be tokenised as text; remove it from the data, "
+            f"or set {SPECIAL_TOKENS_IN_CONTENT}=1 to let it act as a control token")
+    return tuple(spans)
+
+
+def _encode(tokenizer: PreTrainedTokenizerBase, rendered: _Rendered, start: int = 0) -> list[int]:
+    """Token ids of rendered.text[start:].
+
+    The template writes every special token itself (SmolLM2's <|im_start|>, or a BOS in other
+    templates); the tokenizer must not add its own on top. Inside rendered.content only text
+    tokens are made: the text is cut at the special tokens the template wrote, as the tokenizer
+    itself cuts it, and each run between them is encoded with special tokens split.
+    """
+    text = rendered.text
+    if not rendered.content:
+        return tokenizer(text[start:], add_special_tokens=False)["input_ids"]
+    pattern = re.compile("|".join(re.escape(s) for s in _special_strings(tokenizer)))
+    template_parts = zip([0, *(end for _, end in rendered.content)], [*(a for a, _ in rendered.content), len(text)])
+    cuts = [m.span() for a, b in template_parts for m in pattern.finditer(text, max(a, start), b)]
+    ids: list[int] = []
+    at = start
+    for a, b in cuts:
+        if a > at:
+            ids += tokenizer(text[at:a], add_special_tokens=False, split_special_tokens=True)["input_ids"]
+        ids.append(tokenizer.convert_tokens_to_ids(text[a:b]))
+        at = b
+    if at < len(text):
+        ids += tokenizer(text[at:], add_special_tokens=False, split_special_tokens=True)["input_ids"]
+    return ids
 
 
 def _eos_id(tokenizer: PreTrainedTokenizerBase) -> int:
@@ -138,17 +225,19 @@ def tokenize_conversation(
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        prompt_piece = _extend(rendered, _render(tokenizer, messages[:i], True), f"the first {n_rendered} messages")
-        rendered += prompt_piece
-        reply_piece = _extend(rendered, _render(tokenizer, messages[: i + 1], False),
-                              f"the first {i} messages and the generation prompt")
-        rendered, n_rendered = rendered + reply_piece, i + 1
-        prompt_ids, reply_ids = _encode(tokenizer, prompt_piece), _encode(tokenizer, reply_piece)
+        with_prompt = _render(tokenizer, messages[:i], True)
+        _extend(rendered, with_prompt.text, f"the first {n_rendered} messages")
+        with_reply = _render(tokenizer, messages[: i + 1], False)
+        reply_piece = _extend(with_prompt.text, with_reply.text, f"the first {i} messages and the generation prompt")
+        prompt_ids = _encode(tokenizer, with_prompt, len(rendered))
+        reply_ids = _encode(tokenizer, with_reply, len(with_prompt.text))
+        rendered, n_rendered = with_reply.text, i + 1
         n_loss = _reply_span(tokenizer, reply_ids, reply_piece)
         ids += prompt_ids + reply_ids
         mask += [False] * len(prompt_ids) + [True] * n_loss + [False] * (len(reply_ids) - n_loss)
-    tail_ids = _encode(tokenizer, _extend(rendered, _render(tokenizer, messages, False),
-                                          f"the first {n_rendered} messages"))
+    whole = _render(tokenizer, messages, False)
+    _extend(rendered, whole.text, f"the first {n_rendered} messages")
+    tail_ids = _encode(tokenizer, whole, len(rendered))
     ids += tail_ids
     mask += [False] * len(tail_ids)
     if train_on_prompt:
@@ -166,8 +255,9 @@ def tokenize_prompt(messages: list[dict[str, str]], tokenizer: PreTrainedTokeniz
 def _reply_ids(
     tokenizer: PreTrainedTokenizerBase, prompt: list[dict], prompt_text: str, reply: list[dict]
 ) -> list[int]:
-    piece = _extend(prompt_text, _render(tokenizer, prompt + reply, False), "the prompt and the generation prompt")
-    ids = _encode(tokenizer, piece)
+    whole = _render(tokenizer, prompt + reply, False)
+    piece = _extend(prompt_text, whole.text, "the prompt and the generation prompt")
+    ids = _encode(tokenizer, whole, len(prompt_text))
     return ids[: _reply_span(tokenizer, ids, piece)]
 
 
@@ -181,8 +271,8 @@ def tokenize_pair(
     tokens, so a long reply cannot squeeze out the whole question; then both replies from
     the right to fit what is left. Truncated replies lose their EOS.
     """
-    prompt_text = _render(tokenizer, pair.prompt, True)
-    prompt_ids = _encode(tokenizer, prompt_text)
+    rendered_prompt = _render(tokenizer, pair.prompt, True)
+    prompt_text, prompt_ids = rendered_prompt.text, _encode(tokenizer, rendered_prompt)
     chosen_ids = _reply_ids(tokenizer, pair.prompt, prompt_text, pair.chosen)
     rejected_ids = _reply_ids(tokenizer, pair.prompt, prompt_text, pair.rejected)
     tokenized = TokenizedPair(prompt_ids, chosen_ids, rejected_ids, pair.margin, pair.source_index)

@@ -14,10 +14,14 @@ CACHE_ENV = "POSTTRAIN_CACHE"
 def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
     """The cache root: `cache_dir` if given, else `$POSTTRAIN_CACHE`, else ~/.cache/posttrain."""
     if cache_dir is not None:
-        return Path(cache_dir).expanduser()
-    if os.environ.get(CACHE_ENV):
-        return Path(os.environ[CACHE_ENV]).expanduser()
-    return Path.home() / ".cache" / "posttrain"
+        root, what = Path(cache_dir).expanduser(), f"cache folder {str(cache_dir)!r}"
+    elif os.environ.get(CACHE_ENV):
+        root, what = Path(os.environ[CACHE_ENV]).expanduser(), f"{CACHE_ENV}={os.environ[CACHE_ENV]!r}"
+    else:
+        root, what = Path.home() / ".cache" / "posttrain", "the cache folder ~/.cache/posttrain"
+    if root.exists() and not root.is_dir():
+        raise ValueError(f"{what} is a file; the cache must be a folder (set {CACHE_ENV} to another path)")
+    return root
 
 
 def build_once(name: str, write: Callable[[Path], None], cache_dir: str | os.PathLike | None = None) -> Path:

@@ -100,9 +100,8 @@ def read_chat_template(spec: str) -> tuple[str, PreTrainedTokenizerBase | None]:
         return BUILTIN_TEMPLATES[spec], None
     if spec.startswith(FROM_MODEL) and len(spec) > len(FROM_MODEL):
         name = spec[len(FROM_MODEL):]
-        path = resolve_model_path(name)
         try:
-            source = AutoTokenizer.from_pretrained(path)
+            source = AutoTokenizer.from_pretrained(resolve_model_path(name))
         except (OSError, ValueError) as err:  # a hub id with no network, a folder without a tokenizer
             raise ValueError(f"chat_template {spec!r}: cannot load the tokenizer of {name!r} "
                              f"({' '.join(str(err).split())[:200]})") from None

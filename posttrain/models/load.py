@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import re
+import socket
 from pathlib import Path
 from typing import Callable
+from urllib.parse import urlsplit
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
@@ -28,16 +32,64 @@ HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9][A-Za-z0-9_.-]*)?")
 LOAD_DTYPES = (torch.float32, torch.bfloat16)
 
 
+# A folder holds a model (config.json), a LoRA adapter, or at least a tokenizer.
+FOLDER_MARKERS = ("config.json", "adapter_config.json", "tokenizer_config.json")
+
+
+def hub_unreachable() -> str | None:
+    """Why the Hugging Face Hub cannot be asked now: offline mode is set, or its host refuses a
+    connection within 3 s. None when it may answer (the host did, or a proxy is set, which
+    this probe cannot go through). Asked so that a missing name fails at once instead of after
+    the hub client's ~50 s of retries."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return "offline mode is set (HF_HUB_OFFLINE)"
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return None
+    url = urlsplit(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=3).close()
+    except OSError:
+        return f"{url.hostname} cannot be reached"
+    return None
+
+
+def looks_local(name: str) -> bool:
+    """Whether `name` can only mean a local path: it starts with ".", "/" or "~", or, written as
+    "a/b", its first part is a folder here (`out/nope` where ./out exists)."""
+    return name.startswith((".", "/", "~")) or ("/" in name and Path(name.split("/")[0]).is_dir())
+
+
 def resolve_model_path(name_or_path: str) -> str:
-    """A built-in name's cache folder, an existing local folder, or a hub id passed through."""
+    """A built-in name's cache folder, an existing local folder, or a hub id passed through.
+
+    FileNotFoundError, at once, for a path that does not exist and either looks local
+    (`looks_local`) or is a hub id not in the Hugging Face cache while the hub cannot be asked;
+    ValueError for a file, an empty folder or one that holds no model, adapter or tokenizer.
+    """
     if name_or_path in BUILTIN_MODELS:
         return str(BUILTIN_MODELS[name_or_path]())
     path = Path(name_or_path).expanduser()
     if path.exists():
         if not path.is_dir():
             raise ValueError(f"model path {name_or_path!r} is a file; expected a Hugging Face model folder")
+        if not any(path.iterdir()):
+            raise ValueError(f"model folder {name_or_path!r} is empty; expected a Hugging Face model folder "
+                             "(config.json and weights)")
+        if not any((path / marker).is_file() for marker in FOLDER_MARKERS):
+            raise ValueError(f"model folder {name_or_path!r} holds no {' or '.join(FOLDER_MARKERS)}; "
+                             "expected a Hugging Face model folder")
         return str(path)
+    if looks_local(name_or_path):
+        raise FileNotFoundError(f"model {name_or_path!r}: no such folder")
     if HUB_ID.fullmatch(name_or_path) and ".." not in name_or_path:
+        from huggingface_hub import try_to_load_from_cache
+
+        reason = hub_unreachable()
+        if reason and not isinstance(try_to_load_from_cache(name_or_path, "config.json"), str):
+            raise FileNotFoundError(f"model {name_or_path!r}: no such folder, and not in the Hugging Face cache "
+                                    f"while the hub cannot be asked ({reason})")
         return name_or_path
     raise ValueError(
         f"model {name_or_path!r} is not a built-in ({', '.join(BUILTIN_MODELS)}), "
@@ -69,6 +121,26 @@ def load_causal_lm(name_or_path: str, *, dtype: torch.dtype = torch.float32) -> 
     """The causal LM with SDPA attention; fp32 by default, as trained weights are fp32 masters."""
     if dtype not in LOAD_DTYPES:
         raise ValueError(f"dtype must be one of {LOAD_DTYPES}, got {dtype!r}")
-    return AutoModelForCausalLM.from_pretrained(
-        resolve_model_path(name_or_path), dtype=dtype, attn_implementation="sdpa"
-    )
+    path = resolve_model_path(name_or_path)
+    adapter = Path(path) / "adapter_config.json"
+    if adapter.is_file():
+        return _load_with_adapter(path, adapter, dtype)
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa")
+
+
+def _load_with_adapter(folder: str, adapter: Path, dtype: torch.dtype) -> PreTrainedModel:
+    """A LoRA adapter folder (saved with merge_lora=False): its base model, named in
+    adapter_config.json and resolved as any --model is, with the adapter merged in, so the
+    result is a plain model every trainer and the sampler take as they take a merged folder."""
+    from peft import PeftModel
+
+    try:
+        base_name = json.loads(adapter.read_text(encoding="utf-8"))["base_model_name_or_path"]
+    except (ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"{adapter}: not a LoRA adapter config naming its base model ({err!r})") from None
+    if not isinstance(base_name, str) or not base_name:
+        raise ValueError(f"{adapter}: base_model_name_or_path is {base_name!r}; the adapter's base model is unknown")
+    base = load_causal_lm(base_name, dtype=dtype)
+    merged = PeftModel.from_pretrained(base, folder).merge_and_unload()
+    # peft froze the base weights to load the adapter; the merged model is trainable as any loaded one.
+    return merged.requires_grad_(True)

@@ -12,11 +12,14 @@ from __future__ import annotations
 import importlib
 import inspect
 import math
+import numbers
 import os
 import sys
 from collections.abc import Iterable, Mapping
 from contextlib import contextmanager
 from typing import Callable, Iterator
+
+from posttrain.data.formats import FLOAT32_MAX
 
 RewardFn = Callable[..., list[float]]
 
@@ -56,6 +59,10 @@ def load_reward_fn(target: str) -> RewardFn:
             module = importlib.import_module(module_name)
     except ImportError as err:
         raise ValueError(f"fn:{target}: cannot import {module_name!r} ({err})") from None
+    except Exception as err:  # the module's own code failed (SyntaxError, NameError, ...): one line naming it
+        lines = str(err).strip().splitlines()
+        raise ValueError(f"fn:{target}: importing {module_name!r} failed with {type(err).__name__}"
+                         f"{': ' + lines[0] if lines else ''}") from None
     fn = getattr(module, name, None)
     if not callable(fn):
         raise ValueError(f"fn:{target}: module {module_name} has no function {name!r}")
@@ -92,8 +99,13 @@ def call_reward_fn(fn: RewardFn, spec: str, prompts: list[str], responses: list[
     if len(out) != len(responses):
         raise ValueError(f"{spec}: returned {len(out)} scores for {len(responses)} responses")
     for row, value in enumerate(out):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise ScoreError(f"{spec}: score {row} is {value!r}, expected a finite number", row=row)
+        # Beyond float32's range a finite Python score becomes ±inf in the training tensors.
+        # numbers.Real takes NumPy scalars (np.float32, np.int64) as well as int and float.
+        if (isinstance(value, bool) or not isinstance(value, numbers.Real) or abs(value) > FLOAT32_MAX
+                or not math.isfinite(value)):
+            numeric = isinstance(value, numbers.Real) and not isinstance(value, bool) and value == value
+            beyond = " within float32's ±3.4e38" if numeric else ""
+            raise ScoreError(f"{spec}: score {row} is {value!r}, expected a finite number{beyond}", row=row)
     return [float(value) for value in out]
 
 

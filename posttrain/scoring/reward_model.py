@@ -16,6 +16,7 @@ from transformers import PreTrainedTokenizerBase
 from posttrain.models.load import resolve_model_path
 from posttrain.models.precision import autocast, resolve_precision
 from posttrain.models.reward import RewardModel, check_reward_model_folder
+from posttrain.scoring.function import ScoreError
 
 
 def same_tokenization(a: PreTrainedTokenizerBase, b: PreTrainedTokenizerBase) -> bool:
@@ -46,6 +47,17 @@ class RewardModelScorer:
 
     def score(self, prompts: list, responses: list, records: list | None = None, *,
               finished: list[bool] | None = None) -> list[float]:
+        """ScoreError naming the row of a prompt + response longer than the model's positions:
+        a RoPE model would score it anyway, at positions it never saw in training."""
+        # Every HF decoder config answers max_position_embeddings (GPT-2's maps it to n_positions);
+        # None is a config without a position limit.
+        limit = getattr(self.model.base.config, "max_position_embeddings", None)
+        flags = [True] * len(responses) if finished is None else finished
+        for row, (prompt, response, done) in enumerate(zip(prompts, responses, flags)):
+            length = len(self.model.encode(prompt, response, finished=done))
+            if limit is not None and length > limit:
+                raise ScoreError(f"{self.spec}: prompt and response are {length} tokens, more than the model's "
+                                 f"{limit} positions", row=row)
         with autocast(self.precision, self.device.type):
             return self.model.score(prompts, responses, finished=finished, batch_size=self.batch_size).tolist()
 

@@ -112,7 +112,7 @@ def test_greedy_eval_draws_separate_kl_samples_and_records_the_judge_took_part(s
     (["--tie-margin", "0.3"], "only for an llm: judge"),
     (["--kl-samples", "-1"], "expected at least 0"),
     (["--data", "missing.jsonl"], "missing.jsonl"),
-    (["--model", "./no/such/model"], "is not a built-in"),
+    (["--model", "./no/such/model"], "no such folder"),
 ])
 def test_bad_options_fail_in_one_line_before_writing(flags, message, setup, tmp_path, capsys, monkeypatch):
     data, _ = setup

@@ -1,0 +1,290 @@
+"""Bad inputs end in one line naming file, record, field or value and a non-zero exit, at once:
+never a traceback, a ~50 s wait on the Hub, or a line that points at the wrong cause."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from posttrain.cli import _join_negative_numbers, error_line, main
+from posttrain.config import SFTConfig, build_config
+from posttrain.data import DataError, load_preference_pairs, read_records
+from posttrain.models.tiny import build_tiny_tokenizer
+
+# Every in-process sft run uses fp32: accelerate keeps one mixed-precision setting per process.
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def one_line_error(capsys, argv, code=2) -> str:
+    """The one error line of `posttrain argv` (progress bars of model loading may precede it)."""
+    assert main(argv) == code
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err and err.splitlines()[-1].startswith("posttrain "), err
+    assert sum(line.startswith("posttrain ") for line in err.splitlines()) == 1, err
+    return err.splitlines()[-1]
+
+
+def write_jsonl(path, records):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return str(path)
+
+
+# ---------------------------------------------------------------- data files
+
+def test_non_utf8_jsonl_and_json_name_file_and_line(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_bytes(b'{"prompt": "hi", "completion": "ok"}\n{"prompt": "\xff\xfe", "completion": "x"}\n')
+    # Line 2 starts {"prompt": " (12 characters), so 0xff is at column 13; in bad.json {"prompt": "caf
+    # is 15 characters, so 0xe9 is at column 16.
+    with pytest.raises(DataError, match=r"bad.jsonl: line 2: not UTF-8 text \(byte 0xff at column 13\)"):
+        read_records(bad)
+    whole = tmp_path / "bad.json"
+    whole.write_bytes(b'[\n{"prompt": "caf\xe9", "completion": "x"}\n]')
+    with pytest.raises(DataError, match=r"bad.json: line 2: not UTF-8 text \(byte 0xe9 at column 16\)"):
+        read_records(whole)
+    table = tmp_path / "bad.csv"
+    table.write_bytes(b"prompt,completion\nhi,ok\nna\xefve,x\n")
+    with pytest.raises(DataError, match=r"bad.csv: line 3: not UTF-8 text \(byte 0xef at column 3\)"):
+        read_records(table)
+    (tmp_path / "folder.jsonl").mkdir()
+    with pytest.raises(DataError, match=r"folder.jsonl: not a file$"):
+        read_records(tmp_path / "folder.jsonl")
+    bom = tmp_path / "bom.jsonl"
+    bom.write_bytes(b'\xef\xbb\xbf{"prompt": "hi", "completion": "ok"}\n')
+    assert read_records(bom) == [{"prompt": "hi", "completion": "ok"}]
+
+
+def test_deeply_nested_record_is_one_line(tmp_path, capsys):
+    deep = tmp_path / "deep.jsonl"
+    deep.write_text('{"prompt": "hi", "completion": "ok"}\n{"prompt": ' + "[" * 100_000 + "]" * 100_000 + "}\n")
+    with pytest.raises(DataError, match="deep.jsonl: line 2: JSON nested too deeply"):
+        read_records(deep)
+    err = one_line_error(capsys, ["sft", "--precision", "fp32", "--data", str(deep),
+                                  "--output-dir", str(tmp_path / "o"),
+                                  "--model", "tiny-random"])
+    assert "line 2: JSON nested too deeply" in err
+
+
+def test_txt_and_missing_local_data_fail_at_once(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    start = time.monotonic()
+    with pytest.raises(DataError, match=r"^nope.txt: no such file or folder$"):
+        read_records("nope.txt")
+    with pytest.raises(DataError, match=r"^\./data/nope: no such file or folder$"):
+        read_records("./data/nope")
+    (tmp_path / "data.txt").write_text("hello\n")
+    with pytest.raises(DataError, match=r"data.txt: unsupported file type '.txt'"):
+        read_records("data.txt")
+    assert time.monotonic() - start < 5  # was ~25 s of hub retries
+
+
+def test_identically_tokenised_pair_is_dropped_and_counted(tmp_path):
+    # The tiny tokenizer maps every character outside its alphabet to <unk>: "é" and "ü" are
+    # different text and the same tokens, so that pair's loss would be a constant.
+    data = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": "q", "chosen": "é", "rejected": "ü"},
+                                                  {"prompt": "q", "chosen": "yes", "rejected": "no"}])
+    pairs, report = load_preference_pairs(data, build_tiny_tokenizer(), max_length=64)
+    assert len(pairs) == 1 and report.dropped["chosen and rejected tokenise identically"] == 1
+    assert "dropped 1 (1 chosen and rejected tokenise identically)" in report.summary()
+
+
+# ---------------------------------------------------------------- config and flags
+
+def test_yaml_scientific_floats(tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text("data: x.jsonl\nlr: 1e-4\nadam_eps: 5E-9\nmax_grad_norm: 2e0\n")
+    cfg = build_config(SFTConfig, str(config))
+    assert (cfg.lr, cfg.adam_eps, cfg.max_grad_norm) == (1e-4, 5e-9, 2.0)
+    config.write_text("data: x.jsonl\nlr: fast\n")
+    with pytest.raises(ValueError, match="lr='fast' should be of type float"):
+        build_config(SFTConfig, str(config))
+
+
+def test_negative_scientific_flag_reaches_the_config(capsys):
+    assert _join_negative_numbers(["--lr", "-1e-5", "--seed", "-3"]) == ["--lr=-1e-5", "--seed=-3"]
+    assert _join_negative_numbers(["--resume", "--data", "x"]) == ["--resume", "--data", "x"]
+    # Was "argument --lr: expected one argument"; now the config's own check speaks.
+    err = one_line_error(capsys, ["sft", "--precision", "fp32", "--data", "x.jsonl", "--lr", "-1e-5"])
+    assert "config: lr=-1e-05 must be > 0" in err
+
+
+def test_os_errors_and_recursion_read_as_one_line():
+    assert error_line(OSError(28, "No space left on device", "/runs/a/model.safetensors")) == \
+        "/runs/a/model.safetensors: No space left on device"
+    assert "nested too deeply" in error_line(RecursionError("maximum recursion depth exceeded"))
+    assert error_line(ValueError("a\n  b")) == "a b"
+
+
+# ---------------------------------------------------------------- the CLI boundary
+
+def test_data_subcommand_named_and_debug_shows_traceback(tmp_path, capsys, monkeypatch):
+    argv = ["data", "mix", str(tmp_path / "none.jsonl"), "--n", "1", "--output", str(tmp_path / "o.jsonl")]
+    err = one_line_error(capsys, argv)
+    assert err.startswith("posttrain data mix: error: ")
+    with pytest.raises(ValueError):
+        main(argv + ["--debug"])
+    monkeypatch.setenv("POSTTRAIN_DEBUG", "1")
+    with pytest.raises(ValueError):
+        main(argv)
+
+
+def test_unexpected_error_is_one_line_pointing_at_debug(tmp_path, capsys, monkeypatch):
+    import posttrain.scoring.files as files
+
+    def broken(*args, **kwargs):
+        raise KeyError("bug")
+
+    monkeypatch.setattr(files, "score_file", broken)
+    err = one_line_error(capsys, ["score", "--judge", "fn:m:f", "--data", "x.jsonl"], code=1)
+    assert err == "posttrain score: internal error: KeyError: 'bug' (run again with --debug for the traceback)"
+    with pytest.raises(KeyError):
+        main(["--debug", "score", "--judge", "fn:m:f", "--data", "x.jsonl"])
+
+
+def test_output_dir_file_score_output_folder_surrogate(tmp_path, capsys):
+    data = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "hi", "completion": "ok"}])
+    (tmp_path / "afile").write_text("x")
+    err = one_line_error(capsys, ["sft", "--precision", "fp32", "--data", data, "--output-dir", str(tmp_path / "afile"),
+                                  "--model", "tiny-random", "--max-steps", "1"])
+    assert "afile" in err and "is a file" in err
+    scored = write_jsonl(tmp_path / "s.jsonl", [{"prompt": "hi", "response": "ok"}])
+    err = one_line_error(capsys, ["score", "--judge", "fn:math:nope", "--data", scored, "--output", str(tmp_path)])
+    assert "is a folder" in err  # checked before the judge is even loaded
+    (tmp_path / "surr.jsonl").write_text('{"prompt": "hi \\ud800", "completion": "ok"}\n')
+    err = one_line_error(capsys, ["sft", "--precision", "fp32", "--data", str(tmp_path / "surr.jsonl"),
+                                  "--model", "tiny-random",
+                                  "--output-dir", str(tmp_path / "o2")])
+    assert "record 1: field 'prompt'" in err and "lone surrogate" in err
+
+
+def test_posttrain_cache_pointing_at_a_file(tmp_path, capsys, monkeypatch):
+    (tmp_path / "cachefile").write_text("x")
+    monkeypatch.setenv("POSTTRAIN_CACHE", str(tmp_path / "cachefile"))
+    err = one_line_error(capsys, ["generate", "--model", "tiny-random", "--prompt", "hi"])
+    assert "POSTTRAIN_CACHE=" in err and "is a file" in err
+
+
+# ---------------------------------------------------------------- models
+
+def test_missing_local_model_fails_at_once(tmp_path, monkeypatch, capsys):
+    from huggingface_hub import constants
+
+    from posttrain.models import resolve_model_path
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "out").mkdir()
+    start = time.monotonic()
+    with pytest.raises(FileNotFoundError, match=r"model 'out/nope': no such folder$"):
+        resolve_model_path("out/nope")
+    with pytest.raises(FileNotFoundError, match="no such folder"):
+        resolve_model_path("./nope")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(FileNotFoundError, match=r"not in the Hugging Face cache .*offline mode"):
+        resolve_model_path("someorg/not-a-cached-model")
+    err = one_line_error(capsys, ["generate", "--model", "out/nope", "--prompt", "hi"])
+    assert err == "posttrain generate: error: model 'out/nope': no such folder"
+    assert time.monotonic() - start < 5  # was ~50 s of hub retries and a traceback
+
+
+def test_empty_or_foreign_model_folder(tmp_path, capsys):
+    from posttrain.models import load_tokenizer
+
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="model folder .*empty' is empty"):
+        load_tokenizer(str(tmp_path / "empty"))
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "metrics.jsonl").write_text("{}\n")
+    err = one_line_error(capsys, ["generate", "--model", str(tmp_path / "run"), "--prompt", "hi"])
+    assert "holds no config.json or adapter_config.json or tokenizer_config.json" in err
+    assert "sentencepiece" not in err
+
+
+def test_lora_adapter_folder_as_model(tmp_path, tiny_path, capsys):
+    from posttrain.models import load_causal_lm, load_tokenizer
+    from posttrain.models.lora import apply_lora, save_model
+
+    base = load_causal_lm(str(tiny_path))
+    lora = apply_lora(base, r=4, alpha=8.0, dropout=0.0, target_modules="all-linear")
+    with torch.no_grad():  # a non-zero B, so the adapter changes the output
+        for name, param in lora.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.5, generator=torch.Generator().manual_seed(1))
+    adapter = save_model(lora, load_tokenizer(str(tiny_path)), tmp_path / "adapter", merge_lora=False)
+    assert (adapter / "adapter_config.json").is_file() and not (adapter / "config.json").exists()
+    ids = torch.tensor([[5, 6, 7, 8]])
+    loaded = load_causal_lm(str(adapter))
+    with torch.no_grad():
+        expected, got = lora(input_ids=ids).logits, loaded(input_ids=ids).logits
+    assert not isinstance(loaded, type(lora)) and torch.allclose(got, expected, atol=1e-5)
+    data = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "hi", "completion": "ok"}] * 2)
+    assert main(["sft", "--model", str(adapter), "--data", data, "--output-dir", str(tmp_path / "o"),
+                 "--max-steps", "1", "--batch-size", "2", "--precision", "fp32"]) == 0, capsys.readouterr().err[-500:]
+
+
+# ---------------------------------------------------------------- reward functions
+
+def test_reward_function_numpy_scores_and_broken_module(tmp_path, monkeypatch):
+    from posttrain.scoring.function import call_reward_fn, load_reward_fn
+
+    scores = call_reward_fn(lambda p, r: [np.float32(0.5), np.int64(2)], "fn:m:f", ["a", "b"], ["c", "d"])
+    assert scores == [0.5, 2.0] and all(type(s) is float for s in scores)
+    with pytest.raises(ValueError, match=r"score 0 is True"):
+        call_reward_fn(lambda p, r: [True], "fn:m:f", ["a"], ["c"])
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "broken_reward_mod.py").write_text("x = undefined_name\n")
+    with pytest.raises(ValueError, match=r"^fn:broken_reward_mod:f: importing 'broken_reward_mod' failed with "
+                                         r"NameError: name 'undefined_name' is not defined$"):
+        load_reward_fn("broken_reward_mod:f")
+
+
+def test_reward_function_bad_returns_and_signature(tmp_path, monkeypatch):
+    from posttrain.scoring.function import call_reward_fn, load_reward_fn
+
+    cases = [(lambda p, r: None, r"^fn:m:f: returned None, expected a list of 1 numbers$"),
+             (lambda p, r: 0.5, r"^fn:m:f: returned a float \(0.5\), expected a list of 1 numbers$"),
+             (lambda p: [1.0], r"^fn:m:f: raised TypeError: .*positional argument"),
+             (lambda p, r: 1 / 0, r"^fn:m:f: raised ZeroDivisionError: division by zero$")]
+    for fn, message in cases:
+        with pytest.raises(ValueError, match=message):
+            call_reward_fn(fn, "fn:m:f", ["a"], ["c"])
+    # The README's `--reward-fn mytask:reward`: ./mytask.py is found though the `posttrain`
+    # script's sys.path does not hold the current folder.
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "mytask_reliability.py").write_text("def reward(prompts, responses):\n"
+                                                    "    return [float(len(r)) for r in responses]\n")
+    assert call_reward_fn(load_reward_fn("mytask_reliability:reward"), "fn:x", ["a"], ["abc"]) == [3.0]
+
+
+def test_score_refuses_responses_beyond_the_models_positions(tmp_path, tiny_path, capsys):
+    from posttrain.models.reward import RewardModel
+
+    RewardModel.from_causal_lm(str(tiny_path)).save_pretrained(tmp_path / "rm")
+    # The tiny model has 2048 positions; one character is one token, so 3000 characters overflow.
+    data = write_jsonl(tmp_path / "long.jsonl", [{"prompt": "hi", "response": "ok"},
+                                                 {"prompt": "hi", "response": "a" * 3000}])
+    err = one_line_error(capsys, ["score", "--model", str(tmp_path / "rm"), "--data", data,
+                                  "--output", str(tmp_path / "out.jsonl")])
+    assert "long.jsonl: record 2: rm:" in err and "3022 tokens, more than the model's 2048 positions" in err
+    assert not (tmp_path / "out.jsonl").exists()
+
+
+def test_full_disk_while_writing_is_one_line(capsys, monkeypatch):
+    import safetensors
+
+    import posttrain.scoring.files as files
+
+    def full(*args, **kwargs):  # what safetensors raises when the disk fills during a save
+        raise safetensors.SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, '
+                                          'message: "No space left on device" })')
+
+    monkeypatch.setattr(files, "score_file", full)
+    err = one_line_error(capsys, ["score", "--judge", "fn:m:f", "--data", "x.jsonl"])
+    assert err.startswith("posttrain score: error: no space left on device (Error while serializing")
+    monkeypatch.setattr(files, "score_file", lambda *a, **k: (_ for _ in ()).throw(
+        OSError(28, "No space left on device", "/runs/a/model.safetensors")))
+    err = one_line_error(capsys, ["score", "--judge", "fn:m:f", "--data", "x.jsonl"])
+    assert err == "posttrain score: error: /runs/a/model.safetensors: No space left on device"
