@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import re
 import sys
 from importlib import import_module
 
@@ -83,6 +84,8 @@ def sampling_params(args, n: int = 1):
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="posttrain", description="Post-training for language models.",
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--debug", action="store_true",
+                        help="show the full traceback of an error (also POSTTRAIN_DEBUG=1); may follow the command")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, cls in CONFIGS.items():
         p = sub.add_parser(name, help=(cls.__doc__ or "").strip().splitlines()[0])
@@ -189,8 +192,49 @@ def run_generate(args) -> None:
         print(f"### {prompt}\n{reply}\n")
 
 
+EXPECTED_ERRORS = (ValueError, OSError, RecursionError)
+"""What bad input, a missing file or a full disk raise (UnicodeError and DataError are
+ValueErrors, FileNotFoundError and PermissionError OSErrors): reported as one line, exit 2."""
+
+
+def error_line(err: BaseException) -> str:
+    """`err` as one line: an OSError names its file and the system's reason, a RecursionError
+    the nesting that caused it; any message is folded onto one line and cut at 600 characters."""
+    if isinstance(err, RecursionError):
+        return "input nested too deeply to process (a record or config nested hundreds of levels deep?)"
+    if isinstance(err, OSError) and err.strerror and err.filename is not None:
+        text = f"{err.filename}: {err.strerror}"
+        if err.filename2 is not None:
+            text += f" (→ {err.filename2})"
+    else:
+        text = " ".join(str(err).split()) or type(err).__name__
+    return text if len(text) <= 600 else text[:597] + "..."
+
+
+NEGATIVE_NUMBER = re.compile(r"-(\.?[0-9]|inf|nan)", re.IGNORECASE)
+
+
+def _join_negative_numbers(argv: list[str]) -> list[str]:
+    """`--lr -1e-5` as `--lr=-1e-5`: argparse takes "-1e-5" (unlike "-1" or "-0.5") for an
+    option and reports that --lr "expected one argument"."""
+    out: list[str] = []
+    for arg in argv:
+        if out and out[-1].startswith("--") and "=" not in out[-1] and NEGATIVE_NUMBER.match(arg):
+            out[-1] += "=" + arg
+        else:
+            out.append(arg)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # --debug may stand anywhere before a "--", so it works after any subcommand too.
+    end = argv.index("--") if "--" in argv else len(argv)
+    debug = "--debug" in argv[:end] or os.environ.get("POSTTRAIN_DEBUG", "") not in ("", "0")
+    argv = [a for i, a in enumerate(argv) if a != "--debug" or i >= end]
+    args = build_parser().parse_args(_join_negative_numbers(argv))
+    command = " ".join(x for x in (args.command, getattr(args, "data_command", None),
+                                   getattr(args, "annotate_command", None)) if x)
     try:
         if args.command == "generate":
             run_generate(args)
@@ -227,14 +271,23 @@ def main(argv: list[str] | None = None) -> int:
             import_module("posttrain.models.chat_template").save_with_chat_template(args.model, args.template,
                                                                                    args.output)
         else:
-            given = {k: v for k, v in vars(args).items() if k not in ("command", "config")}
+            given = {k: v for k, v in vars(args).items() if k not in ("command", "config", "debug")}
             cfg = build_config(CONFIGS[args.command], args.config, given)
             import_module(TRAINERS[args.command]).train(cfg)
-    except (ValueError, FileNotFoundError) as err:
-        if os.environ.get("POSTTRAIN_DEBUG"):
+    except EXPECTED_ERRORS as err:
+        if debug:
             raise
-        print(f"posttrain {args.command}: error: {err}", file=sys.stderr)
+        print(f"posttrain {command}: error: {error_line(err)}", file=sys.stderr)
         return 2
+    except Exception as err:  # a bug, not a bad input: one line here, the traceback under --debug
+        if debug:
+            raise
+        if "No space left on device" in str(err):  # safetensors' SafetensorError wraps the OS's ENOSPC
+            print(f"posttrain {command}: error: no space left on device ({error_line(err)})", file=sys.stderr)
+            return 2
+        print(f"posttrain {command}: internal error: {type(err).__name__}: {error_line(err)} "
+              "(run again with --debug for the traceback)", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -12,6 +12,7 @@ import ast
 import math
 import dataclasses
 import inspect
+import re
 import textwrap
 import types
 import typing
@@ -20,9 +21,7 @@ from pathlib import Path
 
 import yaml
 
-PRECISIONS = ("auto", "bf16", "fp32")
 SCHEDULERS = ("linear", "cosine", "constant")
-OVERLONG = ("truncate", "drop")
 
 
 class ConfigError(ValueError):
@@ -93,11 +92,18 @@ class TrainConfig:
     """Checkpoints to keep; older ones are deleted."""
     resume: bool = False
     """Continue from the newest checkpoint in output_dir."""
+    overwrite: bool = False
+    """Replace the run (finished or different) already in output_dir instead of refusing to start."""
     report_to: str = "none"
     """Extra tracker: none or tensorboard (metrics.jsonl is always written)."""
 
     def validate(self) -> None:
         """Raise ConfigError for the first value no run could use."""
+        # Choice lists are the keys of the modules that act on them, imported here so that
+        # reading a config (and the CLI's --help) does not import torch.
+        from posttrain.data.load import OVERLONG
+        from posttrain.models.precision import PRECISIONS
+
         _check_choice(self, "precision", PRECISIONS)
         _check_choice(self, "lr_scheduler", SCHEDULERS)
         _check_choice(self, "overlong", OVERLONG)
@@ -147,9 +153,6 @@ class SFTConfig(TrainConfig):
                "the template's tokens")
 
 
-PAIRINGS = ("all", "best_vs_rest")
-
-
 @dataclass
 class RMConfig(TrainConfig):
     """Reward model: a scalar head on the LM, trained with the Bradley–Terry loss."""
@@ -166,6 +169,8 @@ class RMConfig(TrainConfig):
     """Reward-centring coefficient: adds center_coef·(r_w + r_l)² to keep scores near 0."""
 
     def validate(self) -> None:
+        from posttrain.data.formats import PAIRINGS
+
         super().validate()
         _check_choice(self, "pairing", PAIRINGS)
         _check(self, "min_score_gap", self.min_score_gap >= 0, "must be ≥ 0")
@@ -196,8 +201,11 @@ class DPOConfig(TrainConfig):
     """Scored lists form a pair only when the score gap exceeds this."""
 
     def validate(self) -> None:
+        from posttrain.data.formats import PAIRINGS
+        from posttrain.losses.dpo import DPO_LOSSES
+
         super().validate()
-        _check_choice(self, "loss", ("sigmoid", "robust", "ipo", "hinge", "simpo", "orpo"))
+        _check_choice(self, "loss", tuple(DPO_LOSSES))
         _check_choice(self, "pairing", PAIRINGS)
         _check(self, "beta", self.beta > 0, "must be > 0")
         _check(self, "label_smoothing", 0 <= self.label_smoothing < 0.5, "must be in [0, 0.5)")
@@ -222,14 +230,13 @@ class KTOConfig(TrainConfig):
     """Scored lists form a pair only when the score gap exceeds this."""
 
     def validate(self) -> None:
+        from posttrain.data.formats import PAIRINGS
+
         super().validate()
         _check_choice(self, "pairing", PAIRINGS)
         for name in ("beta", "desirable_weight", "undesirable_weight"):
             _check(self, name, getattr(self, name) > 0, "must be > 0")
         _check(self, "min_score_gap", self.min_score_gap >= 0, "must be ≥ 0")
-
-
-KL_ESTIMATOR_NAMES = ("k1", "k3")
 
 
 @dataclass
@@ -285,7 +292,7 @@ class PPOConfig(TrainConfig):
     kl_coef: float = 0.05
     """β of the per-token KL penalty (its start value when adaptive_kl_target > 0)."""
     kl_estimator: str = "k1"
-    """Per-token KL estimator in the reward: k1 (log π/π_ref) or k3."""
+    """Per-token KL estimator in the reward: k1 (log π/π_ref), k2 (½·log² π/π_ref) or k3 (π_ref/π − 1 − log π_ref/π)."""
     adaptive_kl_target: float = 0.0
     """Adapt β towards this KL per response (Ziegler et al. 2019); 0 keeps β fixed."""
     adaptive_kl_horizon: float = 10000.0
@@ -302,6 +309,8 @@ class PPOConfig(TrainConfig):
     """Append some prompts, responses and scores to samples.jsonl every this many iterations (0: never)."""
 
     def validate(self) -> None:
+        from posttrain.losses.kl import KL_ESTIMATORS
+
         super().validate()
         _check(self, "overlong", self.overlong == "drop", "must be drop: prompts are never truncated")
         _check(self, "grad_accum", self.grad_accum == 1,
@@ -311,7 +320,7 @@ class PPOConfig(TrainConfig):
         _check(self, "reward_fn", not self.reward_fn or ":" in self.reward_fn, "must be module:function")
         _check(self, "value_model", not (self.value_head and self.value_model),
                "cannot be given with value_head (the head sits on the policy)")
-        _check_choice(self, "kl_estimator", KL_ESTIMATOR_NAMES)
+        _check_choice(self, "kl_estimator", tuple(KL_ESTIMATORS))
         for name in ("max_new_tokens", "rollout_batch_size", "num_minibatches", "ppo_epochs"):
             _check(self, name, getattr(self, name) >= 1, "must be ≥ 1")
         for name in ("critic_lora_r", "samples_steps"):
@@ -343,8 +352,10 @@ class PPOConfig(TrainConfig):
         return self.rollout_batch_size // world_size, local, local // self.batch_size
 
     def global_batch(self, world_size: int) -> int:
-        """Rollouts per optimizer step across all processes (one minibatch)."""
-        return self.rollout_batch_size // self.num_minibatches
+        """Rollouts per optimizer step across all processes (one minibatch); ConfigError when the
+        sizes do not divide over world_size processes."""
+        _, per_process, _ = self.sizes(world_size)
+        return per_process * world_size
 
 
 @dataclass
@@ -460,8 +471,10 @@ class GRPOConfig(TrainConfig):
         return local_prompts, minibatch, minibatch // self.batch_size
 
     def global_batch(self, world_size: int) -> int:
-        """Responses per optimizer step across all processes (one minibatch)."""
-        return self.rollout_batch_size * self.num_generations // self.num_minibatches
+        """Responses per optimizer step across all processes (one minibatch); ConfigError when the
+        sizes do not divide over world_size processes."""
+        _, per_process, _ = self.sizes(world_size)
+        return per_process * world_size
 
 
 @dataclass
@@ -516,6 +529,11 @@ def field_types(cls: type) -> dict[str, type]:
     return out
 
 
+# YAML 1.1 (PyYAML) reads `1e-4` and `5E3` as strings: its floats need a dot ("1.0e-4") and a
+# signed exponent. YAML 1.2 and every user mean a number, so float fields take these strings.
+YAML12_FLOAT = re.compile(r"[-+]?(\.[0-9]+|[0-9]+(\.[0-9]*)?)([eE][-+]?[0-9]+)?")
+
+
 def coerce(cls: type, key: str, value, where: str):
     """Check one value from YAML against the field's type; ints are accepted for floats."""
     kinds = field_types(cls)
@@ -523,6 +541,8 @@ def coerce(cls: type, key: str, value, where: str):
         raise ConfigError(f"{where}: unknown key {key!r} for {cls.__name__}")
     kind = kinds[key]
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if kind is float and isinstance(value, str) and YAML12_FLOAT.fullmatch(value.strip()):
         return float(value)
     if kind is not bool and isinstance(value, bool) or not isinstance(value, kind):
         raise ConfigError(f"{where}: {key}={value!r} should be of type {kind.__name__}")

@@ -59,8 +59,8 @@ TRAINER_MODULES = {"sft": "posttrain.trainers.sft", "rm": "posttrain.trainers.re
                    "ppo": "posttrain.trainers.ppo", "grpo": "posttrain.trainers.grpo",
                    "rloo": "posttrain.trainers.grpo"}
 """Trainer kinds → the module whose `train(cfg)` runs them (their keys: CONFIGS[kind]'s fields)."""
-RECIPE_OWNED = ("output_dir", "resume")
-"""Trainer keys the recipe sets itself: the stage folder, and whether to resume into it."""
+RECIPE_OWNED = ("output_dir", "resume", "overwrite")
+"""Trainer keys the recipe sets itself: the stage folder, and whether to resume into it or replace it."""
 
 
 @dataclass(frozen=True)
@@ -83,14 +83,14 @@ class FunctionStage:
 
 
 STAGE_KINDS: dict[str, FunctionStage] = {
-    "python": FunctionStage("posttrain.recipes:python_stage", "output", "data.jsonl"),
-    "concat": FunctionStage("posttrain.recipes:concat_files", "output", "data.jsonl"),
-    "sample": FunctionStage("posttrain.recipes:sample_stage", "output", "samples.jsonl", resumable=True),
+    "python": FunctionStage("posttrain.recipe_stages:python_stage", "output", "data.jsonl"),
+    "concat": FunctionStage("posttrain.recipe_stages:concat_files", "output", "data.jsonl"),
+    "sample": FunctionStage("posttrain.recipe_stages:sample_stage", "output", "samples.jsonl", resumable=True),
     "judge": FunctionStage("posttrain.scoring.files:judge_file", "output", "judged.jsonl"),
     "best_of_n": FunctionStage("posttrain.datagen.best_of_n:best_of_n_file", "output", "sft.jsonl"),
     "template": FunctionStage("posttrain.datagen.templates:template_file", "output", "instructions.jsonl"),
     "mix": FunctionStage("posttrain.datagen.mix:mix_files", "output", "mix.jsonl"),
-    "eval": FunctionStage("posttrain.recipes:eval_stage", "output_dir"),
+    "eval": FunctionStage("posttrain.recipe_stages:eval_stage", "output_dir"),
     "report": FunctionStage("posttrain.eval.report:write_report", "output", "report.html"),
 }
 """The kinds that are not trainers; `recipe_kinds()` lists every kind."""
@@ -297,7 +297,8 @@ def trainer_config(where: str, stage: Stage, values: dict, *, resume: bool):
     cls = CONFIGS[stage.kind]
     try:
         checked = {k: coerce(cls, k, v, f"{where}: stage {stage.name!r}") for k, v in values.items()}
-        cfg = cls(**checked, output_dir=str(stage.folder), resume=resume)
+        # A stage folder without DONE or checkpoints holds only a partial run of this stage: replace it.
+        cfg = cls(**checked, output_dir=str(stage.folder), resume=resume, overwrite=not resume)
         cfg.validate()
     except ConfigError as err:
         message = str(err)
@@ -401,7 +402,9 @@ def run_stage(where: str, stage: Stage, values: dict) -> None:
         {"name": stage.name, "kind": stage.kind, **values}, sort_keys=False))
     with (stage.folder / "log.txt").open("a") as log, quiet_libraries(log):
         if stage.kind in TRAINER_MODULES:
-            resume = (stage.folder / "checkpoints").is_dir() and any((stage.folder / "checkpoints").iterdir())
+            # A complete checkpoint, not the `.tmp` of a write cut short (trainers.common.checkpoints).
+            resume = (stage.folder / "checkpoints").is_dir() and any(
+                not p.name.endswith(".tmp") for p in (stage.folder / "checkpoints").iterdir())
             cfg = trainer_config(where, stage, values, resume=resume)
             import_module(TRAINER_MODULES[stage.kind]).train(cfg)
             return
@@ -446,76 +449,3 @@ def link(output_dir: Path, stage: Stage) -> None:
     temporary.unlink(missing_ok=True)
     temporary.symlink_to(stage.folder.name)
     temporary.replace(target)
-
-
-# ---------------------------------------------------------------- small stage kinds
-
-
-def concat_files(files: list[str], output: str) -> int:
-    """Concatenate JSONL files (e.g. human-written and judged preferences) into `output`;
-    returns the line count. FileNotFoundError / ValueError name the file and line."""
-    from posttrain.scoring.files import write_jsonl_atomic
-
-    if not isinstance(files, list) or not files:
-        raise ValueError(f"concat: 'files' must be a non-empty list of JSONL files, got {files!r}")
-    records = []
-    for name in files:
-        path = Path(name)
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: no such file")
-        for number, line in enumerate(path.read_text().splitlines(), start=1):
-            if line.strip():
-                try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError as err:
-                    raise ValueError(f"{path}: line {number}: not JSON ({err.msg})") from None
-    write_jsonl_atomic(output, records)
-    print(f"concatenated {len(records)} records from {len(files)} files into {output}")
-    return len(records)
-
-
-def python_stage(function: str, output: str, args: dict | None = None) -> Any:
-    """Your own data step: `function` ("module:function", looked up from the current folder
-    first, as fn: judges are) is called as function(output=PATH, **args) and writes PATH. The
-    stage's hash covers the module's source file, so editing the function re-runs the stage."""
-    from posttrain.scoring.function import load_reward_fn
-
-    if args is not None and not isinstance(args, dict):
-        raise ValueError(f"python: 'args' must be a mapping of keyword arguments, got {args!r}")
-    fn = load_reward_fn(function)   # the same "module:function" lookup as fn: specs
-    result = fn(output=output, **(args or {}))
-    if not Path(output).exists():
-        raise ValueError(f"python: {function} returned without writing {output}")
-    return result
-
-
-def eval_stage(models: dict, baseline: str, data: str, judge: str, output_dir: str, *, baseline_label: str = "baseline",
-               n_samples: int = 1, max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0,
-               top_k: int = 0, seed: int = 0, judge_used_in_training: bool = False, kl_samples: int = 1,
-               batch_size: int = 8, precision: str = "auto", confidence: float = 0.95) -> None:
-    """`posttrain eval` with flat sampling keys; writes eval.json and eval.md into the stage folder.
-    run_recipe sets judge_used_in_training itself when an upstream stage used the same judge."""
-    from posttrain.eval.run import evaluate
-    from posttrain.sampling import SamplingParams
-
-    if not isinstance(models, dict) or not models:
-        raise ValueError(f"eval: 'models' must be a mapping {{label: model}}, got {models!r}")
-    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-                            seed=seed)
-    evaluate(models, baseline, data, judge, baseline_label=baseline_label, output_dir=output_dir,
-             n_samples=n_samples, params=params, judge_used_in_training=judge_used_in_training,
-             kl_samples=kl_samples, batch_size=batch_size, precision=precision, confidence=confidence, verbose=False)
-
-
-def sample_stage(model: str, data: str, output: str, *, n: int = 4, max_new_tokens: int = 128,
-                 temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, stop_strings: list | None = None,
-                 seed: int = 0, batch_size: int = 8, precision: str = "auto", max_prompt_length: int = 1024,
-                 skip_invalid: bool = False) -> int | None:
-    """`posttrain sample` with flat keys (SamplingParams' fields); returns its stopping signal."""
-    from posttrain.sampling import SamplingParams
-    from posttrain.sampling.files import sample_file
-
-    params = SamplingParams(n=n, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-                            stop_strings=tuple(stop_strings or ()), seed=seed)
-    return sample_file(model, data, output, params, batch_size=batch_size, precision=precision,
-                       max_prompt_length=max_prompt_length, skip_invalid=skip_invalid)

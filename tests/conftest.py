@@ -13,6 +13,7 @@ import torch
 
 from posttrain.models.cache import cache_root
 from posttrain.models.tiny import build_tiny_model, build_tiny_tokenizer, tiny_model_path
+from process_groups import spawner
 
 
 @pytest.fixture(scope="session")
@@ -46,6 +47,13 @@ def smollm2_path(posttrain_cache: Path) -> Path:
     from posttrain.models.embedded import embedded_model_path
 
     return embedded_model_path(posttrain_cache)
+
+
+@pytest.fixture
+def spawn():
+    """`spawn(cmd, **popen_kwargs)`: a subprocess in a process group of its own, killed with
+    everything it started when the test ends, passed or failed (tests/process_groups.py)."""
+    yield from spawner()
 
 
 @pytest.fixture

@@ -137,7 +137,7 @@ def test_recipe_file_errors(tmp_path):
         run_recipe(bad)
 
 
-def test_an_interrupted_trainer_stage_resumes_from_its_checkpoint(tmp_path):
+def test_an_interrupted_trainer_stage_resumes_from_its_checkpoint(tmp_path, spawn):
     """SIGTERM during the SFT stage: the trainer checkpoints and exits 143; the second run
     resumes that stage (not from step 0) and finishes the recipe."""
     raw = recipe(tmp_path)
@@ -146,8 +146,8 @@ def test_an_interrupted_trainer_stage_resumes_from_its_checkpoint(tmp_path):
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(raw))
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "posttrain.cli", "run", str(path)], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = spawn([sys.executable, "-m", "posttrain.cli", "run", str(path)], cwd=ROOT, env=env,
+                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     metrics = None
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:   # wait for a few steps of training

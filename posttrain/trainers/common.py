@@ -5,10 +5,13 @@ subclasses anything from this module: each trainer calls these helpers from its 
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import math
 import os
 import random
+import re
 import shutil
 import signal
 import sys
@@ -19,6 +22,7 @@ from typing import NoReturn
 
 import numpy as np
 import torch
+import yaml
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 from transformers import get_scheduler
@@ -124,7 +128,8 @@ def checkpoints(output_dir: str | Path) -> list[Path]:
 
 
 def save_checkpoint(accelerator: Accelerator, cfg: TrainConfig, step: int, extra: dict | None = None) -> Path:
-    """Model, optimizer, scheduler and RNG states via accelerate, plus our own step counter.
+    """Model, optimizer, scheduler and RNG states via accelerate, plus our own step counter, the
+    run's config, its data fingerprint and the process count (what --resume checks against).
 
     Written to `checkpoint-N.tmp` and renamed when complete, so a crash mid-write never
     leaves a folder that --resume would pick up. Keeps the newest `save_total_limit`.
@@ -138,9 +143,10 @@ def save_checkpoint(accelerator: Accelerator, cfg: TrainConfig, step: int, extra
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
     if accelerator.is_main_process:
-        state = {"step": step, **(extra or {})}
+        fingerprint = json.loads((Path(cfg.output_dir) / FINGERPRINT).read_text())
+        state = {"step": step, "world_size": accelerator.num_processes, "fingerprint": fingerprint, **(extra or {})}
         (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1))
-        (tmp / "config.yaml").write_text(to_yaml(cfg))
+        (tmp / "config.yaml").write_text(to_yaml(run_config(cfg)))
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         for old in checkpoints(cfg.output_dir)[:-cfg.save_total_limit]:
@@ -150,7 +156,8 @@ def save_checkpoint(accelerator: Accelerator, cfg: TrainConfig, step: int, extra
 
 
 def resume_from_checkpoint(accelerator: Accelerator, cfg: TrainConfig) -> dict:
-    """Load the newest checkpoint into the prepared objects; returns its trainer state."""
+    """Load the newest checkpoint into the prepared objects; returns its trainer state.
+    check_output_dir has already checked that the checkpoint belongs to this run."""
     found = checkpoints(cfg.output_dir)
     if not found:
         raise ValueError(f"--resume: no checkpoint under {Path(cfg.output_dir) / 'checkpoints'}")
@@ -159,6 +166,224 @@ def resume_from_checkpoint(accelerator: Accelerator, cfg: TrainConfig) -> dict:
     state = json.loads((latest / "trainer_state.json").read_text())
     accelerator.print(f"resumed from {latest} at step {state['step']}")
     return state
+
+
+# ---------------------------------------------------------------- the run folder
+
+FINGERPRINT = "fingerprint.json"
+"""The run's data fingerprint (data_fingerprint), copied into every checkpoint."""
+FINISHED = "finished.json"
+"""Written last by a completed run: the final model's step and the files it consists of."""
+FINAL_TMP = "final-model.tmp"
+"""Where the final model is written before its files are moved into the run folder."""
+RUN_FILES = ("config.yaml", "metrics.jsonl", "samples.jsonl", FINGERPRINT, FINISHED)
+"""Files a run writes besides its model and checkpoints (--overwrite removes them)."""
+MODEL_FILES = ("config.json", "adapter_config.json", "model.safetensors", "adapter_model.safetensors",
+               "model.safetensors.index.json", "pytorch_model.bin")
+"""Files that make a folder a model folder: a run must not write its model over one unasked."""
+SAFE_TO_CHANGE = ("max_steps", "logging_steps", "eval_steps", "save_steps", "save_total_limit", "samples_steps",
+                  "report_to", "resume", "overwrite", "output_dir")
+"""Keys a resumed run may change: they decide how long it runs and what it reports, not the updates.
+max_steps may change only between two step counts (not to or from 0, "derive from epochs")."""
+
+
+def run_config(cfg: TrainConfig) -> TrainConfig:
+    """The config as saved in the run folder: without the one-off resume / overwrite switches, so
+    `--config OUT/config.yaml` starts nothing destructive and `--resume` is always explicit."""
+    return dataclasses.replace(cfg, resume=False, overwrite=False)
+
+
+def source_fingerprint(source: str) -> str:
+    """sha256 of what a data source holds: a file's bytes, or a folder's files (relative names and
+    contents); a source that is not a local path (a hub id) can only be named: `name:SOURCE`."""
+    path = Path(source)
+    match = re.fullmatch(r"(?P<path>.+):(?P<split>[A-Za-z_][\w.-]*(\[[^\]]*\])?)", source)
+    split = ""
+    if not path.exists() and match and Path(match["path"]).exists():
+        path, split = Path(match["path"]), match["split"]
+    if not path.exists():
+        return f"name:{source}"
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    digest = hashlib.sha256(split.encode())
+    for file in files:
+        digest.update(str(file.relative_to(path) if file != path else "").encode() + b"\0")
+        with file.open("rb") as f:
+            digest.update(hashlib.file_digest(f, "sha256").digest())
+    return f"sha256:{digest.hexdigest()}"
+
+
+def data_fingerprint(cfg: TrainConfig) -> dict[str, str]:
+    """Fingerprints of the training and held-out data; they stand for `data` and `eval_data` when
+    a resumed or repeated run is compared with the one in its folder (a moved file is the same data)."""
+    return {"data": source_fingerprint(cfg.data),
+            "eval_data": source_fingerprint(cfg.eval_data) if cfg.eval_data else ""}
+
+
+def config_differences(saved: dict, current: dict, saved_fingerprint: dict | None,
+                       current_fingerprint: dict) -> list[str]:
+    """`key (saved → current)` for every key that makes `current` another run than `saved`.
+
+    saved / current: configs as plain mappings (YAML). Keys in SAFE_TO_CHANGE do not count;
+    data and eval_data are compared by fingerprint when `saved_fingerprint` is known, by name else.
+    """
+    out = []
+    for key in sorted(set(saved) | set(current)):
+        if key in SAFE_TO_CHANGE or (saved_fingerprint is not None and key in ("data", "eval_data")):
+            continue
+        if saved.get(key, "(absent)") != current.get(key, "(absent)"):
+            out.append(f"{key} ({saved.get(key, '(absent)')!r} → {current.get(key, '(absent)')!r})")
+    if (saved.get("max_steps", 0) == 0) != (current.get("max_steps", 0) == 0):
+        out.append(f"max_steps ({saved.get('max_steps')!r} → {current.get('max_steps')!r})")
+    for key in ("data", "eval_data"):
+        if saved_fingerprint is not None and saved_fingerprint.get(key) != current_fingerprint[key]:
+            out.append(f"{key} ({current.get(key)!r}: {short(saved_fingerprint.get(key))} → "
+                       f"{short(current_fingerprint[key])})")
+    return out
+
+
+def short(fingerprint: str | None) -> str:
+    """A fingerprint cut to `sha256:` and 12 hex digits, for messages."""
+    if not fingerprint:
+        return "none"
+    return fingerprint[:19] + "…" if len(fingerprint) > 19 and fingerprint.startswith("sha256:") else fingerprint
+
+
+def check_output_dir(cfg: TrainConfig, world_size: int) -> dict[str, str]:
+    """Refuse, before anything is written, an output folder this run must not use; returns the data
+    fingerprint for prepare_output_dir.
+
+    A fresh run refuses a folder holding checkpoints, a finished run or any model, or the start of
+    a different run, unless cfg.overwrite. A resumed run needs a checkpoint written by the same run:
+    the same config except SAFE_TO_CHANGE, the same data, the same process count, and max_steps
+    not below the checkpoint's step. Every process checks, so every process raises alike.
+    """
+    out = Path(cfg.output_dir)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"output_dir={cfg.output_dir!r} is a file, not a folder")
+    if Path(cfg.model).expanduser().resolve() == out.resolve():
+        raise ValueError(f"output_dir={cfg.output_dir!r} is the folder of the model it trains; choose another")
+    if cfg.resume and cfg.overwrite:
+        raise ValueError("--resume and --overwrite contradict each other: continue the run or replace it")
+    fingerprint = data_fingerprint(cfg)
+    current = yaml.safe_load(to_yaml(cfg))
+    found = checkpoints(out)
+    if cfg.resume:
+        if not found:
+            raise ValueError(f"--resume: no checkpoint under {out / 'checkpoints'}")
+        latest = found[-1]
+        state = json.loads((latest / "trainer_state.json").read_text())
+        saved = yaml.safe_load((latest / "config.yaml").read_text())
+        differences = config_differences(saved, current, state.get("fingerprint"), fingerprint)
+        if state.get("world_size", world_size) != world_size:
+            differences.append(f"processes ({state['world_size']} → {world_size})")
+        if differences:
+            raise ValueError(f"--resume: {latest} was written by another run; it differs in "
+                             f"{', '.join(differences)}. Resume with its settings (--config {out / 'config.yaml'}) "
+                             "or start a new run in another --output-dir")
+        if 0 < cfg.max_steps < state["step"]:
+            raise ValueError(f"--resume: max_steps={cfg.max_steps} is below the step of {latest} "
+                             f"({state['step']}); give max_steps ≥ {state['step']}")
+        return fingerprint
+    if cfg.overwrite or not out.exists():
+        return fingerprint
+    if found:
+        raise ValueError(f"{out}: already holds checkpoints (newest {found[-1].name}); pass --resume to continue "
+                         "that run, --overwrite to replace it, or choose another --output-dir")
+    model_files = [name for name in MODEL_FILES if (out / name).exists()]
+    if (out / FINISHED).exists() or model_files:
+        what = "a finished run" if (out / FINISHED).exists() else f"a model ({model_files[0]})"
+        raise ValueError(f"{out}: already holds {what}; pass --overwrite to replace it or choose another --output-dir")
+    if (out / "config.yaml").is_file():
+        saved = yaml.safe_load((out / "config.yaml").read_text())
+        saved_fingerprint = (json.loads((out / FINGERPRINT).read_text()) if (out / FINGERPRINT).is_file()
+                             else None)
+        differences = config_differences(saved, current, saved_fingerprint, fingerprint)
+        if differences:
+            raise ValueError(f"{out}: holds the start of another run (it differs in {', '.join(differences)}); "
+                             "pass --overwrite to replace it or choose another --output-dir")
+    return fingerprint
+
+
+def clear_run(out: Path) -> None:
+    """Remove what an earlier run wrote to `out`: checkpoints, RUN_FILES and its final model (the
+    files FINISHED lists, else MODEL_FILES). Other files (a recipe's stage.yaml and log.txt) stay."""
+    listed = json.loads((out / FINISHED).read_text())["files"] if (out / FINISHED).is_file() else MODEL_FILES
+    for name in (*listed, *RUN_FILES, "checkpoints", FINAL_TMP):
+        path = out / Path(name).name   # a name only: never outside the run folder
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
+
+
+def trim_rows(path: Path, step: int) -> int:
+    """Keep the JSON lines of `path` whose "step" is ≤ `step` (those logged before the checkpoint
+    a run resumes from; a line cut short by a kill goes too). Returns how many were removed."""
+    if not path.is_file():
+        return 0
+    kept, removed = [], 0
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            removed += 1
+            continue
+        if row.get("step", 0) <= step:
+            kept.append(line + "\n")
+        else:
+            removed += 1
+    if removed:
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(kept))
+        os.replace(tmp, path)
+    return removed
+
+
+def prepare_output_dir(accelerator: Accelerator, cfg: TrainConfig, fingerprint: dict[str, str]) -> None:
+    """The first write to the run folder, once data, judges and models have loaded and
+    check_output_dir has passed: a fresh run clears what an earlier one left (a partial run of the
+    same config, or anything with --overwrite); a resumed one drops metric and sample rows logged
+    after its checkpoint. Then the config and the data fingerprint are saved."""
+    out = Path(cfg.output_dir)
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        if cfg.resume:
+            step = json.loads((checkpoints(out)[-1] / "trainer_state.json").read_text())["step"]
+            shutil.rmtree(out / FINAL_TMP, ignore_errors=True)
+            for name in ("metrics.jsonl", "samples.jsonl"):
+                if removed := trim_rows(out / name, step):
+                    accelerator.print(f"{out / name}: removed {removed} rows logged after step {step}")
+        else:
+            clear_run(out)
+        (out / FINGERPRINT).write_text(json.dumps(fingerprint, indent=1))
+        (out / "config.yaml").write_text(to_yaml(run_config(cfg)))
+    accelerator.wait_for_everyone()
+    accelerator.print("resolved config:\n" + to_yaml(cfg).rstrip())
+
+
+def save_final_model(out: Path, save, step: int) -> None:
+    """`save(folder)` into out/FINAL_TMP, then its files renamed into `out` (a rename needs no
+    space, so a full disk fails before any file of the old model is touched) and FINISHED
+    written last: a folder without FINISHED never passes for a finished run."""
+    tmp = out / FINAL_TMP
+    shutil.rmtree(tmp, ignore_errors=True)
+    save(tmp)
+    names = sorted(p.name for p in tmp.iterdir())
+    # An earlier final model's files that this one lacks (an adapter beside merged weights)
+    # would make a folder that loads as neither.
+    earlier = json.loads((out / FINISHED).read_text())["files"] if (out / FINISHED).is_file() else []
+    (out / FINISHED).unlink(missing_ok=True)
+    for name in (*set(earlier) - set(names), *names):
+        target = out / Path(name).name
+        if target.is_dir() and not target.is_symlink():
+            shutil.rmtree(target)
+        else:
+            target.unlink(missing_ok=True)
+    for name in names:
+        os.replace(tmp / name, out / name)
+    tmp.rmdir()
+    (tmp.with_name(FINISHED + ".tmp")).write_text(json.dumps({"step": step, "files": names}, indent=1))
+    os.replace(tmp.with_name(FINISHED + ".tmp"), out / FINISHED)
 
 
 # ---------------------------------------------------------------- metrics and progress
@@ -187,21 +412,6 @@ class RunLog:
 
     def close(self) -> None:
         self.bar.close()
-
-
-def prepare_output_dir(accelerator: Accelerator, cfg: TrainConfig) -> None:
-    """Create the run folder, refuse to mix a fresh run into an old one, save the config."""
-    out = Path(cfg.output_dir)
-    if accelerator.is_main_process:
-        if not cfg.resume and checkpoints(out):
-            raise ValueError(f"{out}: already holds checkpoints; pass --resume to continue it "
-                             "or choose another --output-dir")
-        out.mkdir(parents=True, exist_ok=True)
-        if not cfg.resume:
-            (out / "metrics.jsonl").unlink(missing_ok=True)
-        (out / "config.yaml").write_text(to_yaml(cfg))
-    accelerator.wait_for_everyone()
-    accelerator.print("resolved config:\n" + to_yaml(cfg).rstrip())
 
 
 # ---------------------------------------------------------------- signals
@@ -247,31 +457,55 @@ def checkpoint_and_exit(accelerator: Accelerator, cfg: TrainConfig, log: "RunLog
     sys.exit(128 + signum)
 
 
-def finish_run(accelerator: Accelerator, cfg: TrainConfig, log: "RunLog", save, what: str) -> Path:
-    """The end of a completed run: the main process calls `save(out_dir)`, all wait, and
-    accelerate is shut down last (it ends the trackers and tears down the process group, so
-    no collective may follow). Returns the output folder."""
+def finish_run(accelerator: Accelerator, cfg: TrainConfig, log: "RunLog", save, what: str, *, step: int,
+               command: str, extra: dict | None = None) -> Path:
+    """The end of a completed run: the main process writes the model with `save(folder)` through
+    save_final_model, all wait, and accelerate is shut down last (it ends the trackers and tears
+    down the process group, so no collective may follow). Returns the output folder.
+
+    If the final save fails (a full disk, say), the trained state of `step` (with the trainer's
+    `extra` state) is kept as a checkpoint and the error names it and the command that finishes
+    the run; `command` is the CLI command (sft, dpo, …)."""
     log.close()
     accelerator.wait_for_everyone()
     out = Path(cfg.output_dir)
+    failure: Exception | None = None
     if accelerator.is_main_process:
-        save(out)
-    accelerator.wait_for_everyone()
+        try:
+            save_final_model(out, save, step)
+        except Exception as err:  # whatever stopped the save, the trained weights must survive it
+            failure = err
+            shutil.rmtree(out / FINAL_TMP, ignore_errors=True)   # frees the space the partial model took
+    if global_sum(accelerator, failure is not None):
+        raise final_save_error(accelerator, cfg, what, step, command, extra, failure) from failure
     accelerator.print(f"saved the {what} to {out}")
     accelerator.end_training()
     return out
 
 
-def optimizer_step(accelerator: Accelerator, model, optimizer, scheduler, max_grad_norm: float) -> float:
-    """Clip the global gradient norm (when max_grad_norm > 0), step, schedule, zero the grads.
+def final_save_error(accelerator: Accelerator, cfg: TrainConfig, what: str, step: int, command: str,
+                     extra: dict | None, failure: Exception | None) -> ValueError:
+    """Checkpoint the trained state after a failed final save; the one-line error that says where."""
+    cause = (" ".join(str(failure).split()) or type(failure).__name__) if failure else "on the main process"
+    out = Path(cfg.output_dir)
+    try:
+        kept = save_checkpoint(accelerator, cfg, step, extra)
+    except Exception as err:
+        shutil.rmtree(out / "checkpoints" / f"{CHECKPOINT_PREFIX}{step:07d}.tmp", ignore_errors=True)
+        found = checkpoints(out)
+        return ValueError(f"{out}: saving the final {what} failed ({cause}) and so did a checkpoint of step {step} "
+                          f"({' '.join(str(err).split())}); the newest complete checkpoint is "
+                          f"{found[-1] if found else 'none'}")
+    return ValueError(f"{out}: saving the final {what} failed ({cause}); the trained state of step {step} is kept "
+                      f"in {kept}. Finish with: posttrain {command} --config {out / 'config.yaml'} --resume")
 
-    Returns the norm before clipping, NaN when clipping is off (the norm is then never computed).
-    """
-    grad_norm = (float(accelerator.clip_grad_norm_(model.parameters(), max_grad_norm))
-                 if max_grad_norm > 0 else float("nan"))
-    optimizer.step()
+
+def optimizer_step(accelerator: Accelerator, model, optimizer, scheduler, max_grad_norm: float,
+                   guard: "NonFiniteGuard", *, step: int, batch: str) -> float:
+    """Clip the global gradient norm (when max_grad_norm > 0), step unless the guard skips a
+    non-finite update, schedule, zero the grads. Returns the norm before clipping."""
+    grad_norm = guard.apply(accelerator, model, optimizer, max_grad_norm, step=step, batch=batch)
     scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
     return grad_norm
 
 
@@ -290,3 +524,72 @@ class Throughput:
         rate = self.tokens / max(now - self.start, 1e-9)
         self.tokens, self.start = 0, now
         return rate
+
+
+# ---------------------------------------------------------------- non-finite updates
+
+
+class NonFiniteError(ValueError):
+    """A run stopped because its updates or weights held NaN or ±inf; one line, as the CLI prints it."""
+
+
+MAX_SKIPPED_IN_A_ROW = 3
+"""Non-finite updates in a row after which a run stops: one is an outlier batch, skipped as
+fp16 loss scalers skip an overflow; three mean the model or data is broken."""
+
+
+def batch_records(examples, items: list[int], source: str) -> str:
+    """"records [3, 17] of SOURCE": the 1-based record numbers of examples[i] for i in items
+    (each example's source_index), for messages about a batch."""
+    return f"records {sorted({examples[i].source_index + 1 for i in items})} of {source}"
+
+
+class NonFiniteGuard:
+    """Keeps NaN and ±inf out of the weights, for every trainer alike.
+
+    ``apply`` steps the optimizer only when the global gradient norm is finite; a skipped step
+    is counted (``metrics``: "train/skipped_steps") and printed with its batch. After
+    MAX_SKIPPED_IN_A_ROW in a row the run stops with NonFiniteError naming the step, the batch
+    and the last good checkpoint. ``check_weights`` runs before the final save. The count starts
+    at 0 in a resumed run.
+    """
+
+    def __init__(self, cfg: TrainConfig, command: str):
+        self.output_dir, self.command = Path(cfg.output_dir), command
+        self.skipped, self.in_a_row = 0, 0
+
+    def apply(self, accelerator: Accelerator, model, optimizer, max_grad_norm: float, *, step: int,
+              batch: str) -> float:
+        """Clip to max_grad_norm (> 0) or only measure the norm (0); step if it is finite; zero
+        the grads. Every process sees the same all-reduced norm, so all decide alike."""
+        limit = max_grad_norm if max_grad_norm > 0 else math.inf
+        grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), limit))
+        finite = math.isfinite(grad_norm)
+        if finite:
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        self.in_a_row = 0 if finite else self.in_a_row + 1
+        if not finite:
+            self.skipped += 1
+            accelerator.print(f"step {step}: gradient norm {grad_norm} on {batch}; update skipped "
+                              f"({self.skipped} so far)")
+        if self.in_a_row >= MAX_SKIPPED_IN_A_ROW:
+            raise NonFiniteError(f"step {step}: {self.in_a_row} updates in a row had a non-finite gradient "
+                                 f"(norm {grad_norm}; this one on {batch}); stopped without applying them. "
+                                 f"Last good checkpoint: {self._last_checkpoint()}")
+        return grad_norm
+
+    def metrics(self) -> dict[str, int]:
+        return {"train/skipped_steps": self.skipped}
+
+    def check_weights(self, model: torch.nn.Module) -> None:
+        """NonFiniteError naming the first parameter holding NaN or ±inf, if any."""
+        for name, param in model.named_parameters():
+            if not torch.isfinite(param).all():
+                raise NonFiniteError(f"{self.output_dir}: parameter {name} holds NaN or ±inf; the final model "
+                                     f"was not saved. Last good checkpoint: {self._last_checkpoint()}")
+
+    def _last_checkpoint(self) -> str:
+        found = checkpoints(self.output_dir)
+        return (f"{found[-1]} (resume with: posttrain {self.command} --config {self.output_dir / 'config.yaml'} "
+                "--resume)" if found else "none (no checkpoint was written; see --save-steps)")

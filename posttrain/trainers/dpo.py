@@ -29,15 +29,17 @@ from posttrain.models import load_causal_lm, load_tokenizer, resolve_model_path
 from posttrain.models.cache import cache_root
 from posttrain.models.logprobs import TokenLogprobs
 from posttrain.models.lora import apply_lora, save_model
+from posttrain.models.value import disable_dropout
 from posttrain.models.pairs import PairBatch, collate_pairs, sequence_logps
 from posttrain.models.reference import (AdaptersOff, FrozenCopy, Precomputed, load_cached_logps, reference_cache_key,
                                         reference_mode, save_cached_logps)
 from posttrain.ops import aggregate
 from posttrain.trainers.common import (RunLog, StopRequest, Throughput, build_optimizer, build_scheduler,
                                        checkpoint_and_exit, finish_run, global_sum, make_accelerator,
-                                       micro_batches, optimizer_step, prepare_output_dir,
+                                       micro_batches, optimizer_step, prepare_output_dir, check_output_dir,
                                        resume_from_checkpoint, save_checkpoint, seed_everything, step_items,
                                        total_steps)
+from posttrain.trainers.common import NonFiniteGuard, batch_records
 
 
 @dataclass
@@ -168,7 +170,7 @@ def train(cfg: DPOConfig) -> Path:
     # Data is validated before the output folder is touched: a bad record leaves nothing behind.
     train_set = load_pairs(cfg, cfg.data, tokenizer, accelerator.print)
     eval_set = load_pairs(cfg, cfg.eval_data, tokenizer, accelerator.print) if cfg.eval_data else None
-    prepare_output_dir(accelerator, cfg)
+    fingerprint = check_output_dir(cfg, accelerator.num_processes)
 
     model = load_causal_lm(cfg.model)
     # The reference is the starting model, so it is taken before anything changes the policy.
@@ -184,6 +186,8 @@ def train(cfg: DPOConfig) -> Path:
     if cfg.lora_r:
         model = apply_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
                            target_modules=cfg.lora_target_modules)
+    # Policy and reference log-probs are compared: the policy's passes must not drop out either.
+    disable_dropout(model)
     policy = TokenLogprobs(model).train()
     world = accelerator.num_processes
     steps = total_steps(cfg, len(train_set.pairs), world)
@@ -193,8 +197,10 @@ def train(cfg: DPOConfig) -> Path:
     if mode == "adapters_off":
         reference = AdaptersOff(accelerator.unwrap_model(policy), accelerator.device, accelerator.autocast)
     accelerator.print(f"loss {cfg.loss}, reference: {mode}, prefix sharing: {cfg.prefix_sharing}")
+    prepare_output_dir(accelerator, cfg, fingerprint)
     start = resume_from_checkpoint(accelerator, cfg)["step"] if cfg.resume else 0
 
+    guard = NonFiniteGuard(cfg, "dpo")
     log = RunLog(accelerator, cfg, steps, start, "dpo")
     speed = Throughput()
     stop = StopRequest()
@@ -224,7 +230,8 @@ def train(cfg: DPOConfig) -> Path:
                 add_to(sums, stats)
                 speed.add(batch.pairs)
             # 6. Clip, step, schedule.
-            grad_norm = optimizer_step(accelerator, policy, optimizer, scheduler, cfg.max_grad_norm)
+            grad_norm = optimizer_step(accelerator, policy, optimizer, scheduler, cfg.max_grad_norm, guard,
+                                       step=step + 1, batch=batch_records(train_set.pairs, items, cfg.data))
 
             done = step + 1
             if done % cfg.logging_steps == 0 or done == steps:
@@ -233,6 +240,7 @@ def train(cfg: DPOConfig) -> Path:
                 rate = global_sum(accelerator, speed.rate())
                 log.log(done, {"loss/train": train_loss, **means, "perf/pairs_per_s": rate,
                                "optim/lr": scheduler.get_last_lr()[0], "optim/grad_norm": grad_norm,
+                               **guard.metrics(),
                                "train/epoch": done * cfg.global_batch(world) / len(train_set.pairs)})
                 log.progress(0, {"loss": f"{train_loss:.4f}", "acc": f"{means['rewards/accuracy']:.2f}",
                                  "pairs/s": f"{rate:.1f}"})
@@ -252,5 +260,6 @@ def train(cfg: DPOConfig) -> Path:
 
     def save(out: Path) -> None:
         save_model(accelerator.unwrap_model(policy).model, tokenizer, out, merge_lora=cfg.merge_lora)
+    guard.check_weights(policy)
 
-    return finish_run(accelerator, cfg, log, save, "model")
+    return finish_run(accelerator, cfg, log, save, "model", step=steps, command="dpo")

@@ -39,8 +39,9 @@ from posttrain.ops import LOSS_TYPES, aggregate, aggregate_count, masked_sum
 from posttrain.sampling import Generation, Sampler, SamplingParams
 from posttrain.scoring import load_scorer, score_generation
 from posttrain.trainers.common import (RunLog, StopRequest, build_optimizer, build_scheduler, checkpoint_and_exit,
-                                       finish_run, global_sum, make_accelerator, prepare_output_dir,
+                                       finish_run, global_sum, make_accelerator, prepare_output_dir, check_output_dir,
                                        resume_from_checkpoint, save_checkpoint, seed_everything, step_items)
+from posttrain.trainers.common import NonFiniteGuard, batch_records
 
 SAMPLES_PER_LOG = 8
 """Responses of the main process written to samples.jsonl each samples_steps iterations."""
@@ -116,11 +117,13 @@ def logprobs_of(net: PolicyAndValue, reference, gen: Generation, cfg: GRPOConfig
     return {name: torch.cat(chunks) for name, chunks in parts.items()}
 
 
-def policy_epochs(model, optimizer, accelerator, gen: Generation, advantages, old, ref, cfg: GRPOConfig) -> dict:
+def policy_epochs(model, optimizer, accelerator, gen: Generation, advantages, old, ref, cfg: GRPOConfig, *,
+                  guard: NonFiniteGuard, step: int, batch: str) -> dict:
     """Stage 6: num_iterations passes over the responses in minibatches, one optimizer step
     each, accumulated over micro-batches with one global normaliser (ops.aggregate). old / ref:
     [B, A] log-probs or None (then the ratio is taken against the detached current log-probs,
-    which is exactly 1 on the first pass: TRL's shortcut for μ = 1)."""
+    which is exactly 1 on the first pass: TRL's shortcut for μ = 1). The guard skips a
+    non-finite update (iteration `step`, prompts `batch`)."""
     world, device = accelerator.num_processes, accelerator.device
     _, per_minibatch, _ = cfg.sizes(world)
     mode = LOSS_TYPES[cfg.loss_type]
@@ -148,16 +151,14 @@ def policy_epochs(model, optimizer, accelerator, gen: Generation, advantages, ol
                                             clip_eps_high=cfg.clip_eps_high, beta=kl_coef)
                     accelerator.backward(aggregate(loss, mask, mode, normalizer=normalizer))
                 n = int(mask.sum())
-                if kl_coef > 0:
-                    sums["policy/kl_k3"] += float(stats["policy/kl_k3"]) * n
                 sums["loss/policy"] += float(masked_sum(loss.detach(), mask))
-                sums["policy/clipfrac"] += float(stats["policy/clipfrac"]) * n
-                sums["policy/approxkl"] += float(stats["policy/approx_kl"]) * n
+                # The loss's statistics are logged under their own names (token means, summed here).
+                for key, value in stats.items():
+                    sums[key] += float(value) * n
                 sums["tokens"] += n
+            grad_norm = guard.apply(accelerator, model, optimizer, cfg.max_grad_norm, step=step, batch=batch)
             if cfg.max_grad_norm > 0:
-                sums["optim/grad_norm"] += float(accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm))
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+                sums["optim/grad_norm"] += grad_norm
             sums["steps"] += 1
     totals = {key: global_sum(accelerator, value) for key, value in sums.items()}
     stats = {key: value / max(totals["tokens"], 1) for key, value in totals.items()
@@ -210,7 +211,7 @@ def train(cfg: GRPOConfig) -> Path:
                                             skip_invalid=cfg.skip_invalid)
         accelerator.print(report.summary())
     reward = build_reward(cfg, tokenizer, accelerator)
-    prepare_output_dir(accelerator, cfg)
+    fingerprint = check_output_dir(cfg, accelerator.num_processes)
     net, reference = build_networks(cfg)
     if reference is not None:
         reference.to(accelerator.device)
@@ -219,6 +220,7 @@ def train(cfg: GRPOConfig) -> Path:
     scheduler = build_scheduler(optimizer, cfg, iterations)
     model, optimizer, scheduler = accelerator.prepare(net, optimizer, scheduler)
     net = accelerator.unwrap_model(model)
+    prepare_output_dir(accelerator, cfg, fingerprint)
     start = resume_from_checkpoint(accelerator, cfg)["step"] if cfg.resume else 0
     sampler = Sampler(net.policy, tokenizer, precision=cfg.precision,
                       batch_size=local_prompts * cfg.num_generations)
@@ -227,6 +229,7 @@ def train(cfg: GRPOConfig) -> Path:
     # first pass's ratio is 1 by construction and the forward is skipped.
     needs_old = cfg.num_iterations > 1 or cfg.num_minibatches > 1 or cfg.kl_in_reward
     command = "rloo" if isinstance(cfg, RLOOConfig) else "grpo"
+    guard = NonFiniteGuard(cfg, command)
     log = RunLog(accelerator, cfg, iterations, start, command)
     samples_path = Path(cfg.output_dir) / "samples.jsonl"
     evaluate_now = partial(evaluate, net, reference, sampler, eval_prompts, reward, cfg, accelerator)
@@ -260,7 +263,8 @@ def train(cfg: GRPOConfig) -> Path:
             rolled = time.perf_counter()
             # 6. Policy epochs.
             stats = policy_epochs(model, optimizer, accelerator, gen, token_advantages, forward.get("old"),
-                                  forward.get("ref"), cfg)
+                                  forward.get("ref"), cfg, guard=guard, step=it + 1,
+                                  batch=batch_records(prompts, indices, cfg.data))
             scheduler.step()
             sampler.sync()
             done, now = it + 1, time.perf_counter()
@@ -273,7 +277,7 @@ def train(cfg: GRPOConfig) -> Path:
                        **{key: global_sum(accelerator, value) / world for key, value in judge_means.items()},
                        **stats, "time/rollout": rolled - began, "time/update": now - rolled,
                        "perf/episodes_per_s": cfg.rollout_batch_size * cfg.num_generations / (now - began),
-                       "optim/lr": scheduler.get_last_lr()[0]}
+                       "optim/lr": scheduler.get_last_lr()[0], **guard.metrics()}
             if kl is not None:
                 metrics["objective/kl"] = global_sum(accelerator, float(kl.sum())) / n
             if done % cfg.logging_steps == 0 or done == iterations:
@@ -294,4 +298,5 @@ def train(cfg: GRPOConfig) -> Path:
     def save(out: Path) -> None:
         save_model(net.policy, tokenizer, out, merge_lora=cfg.merge_lora)
 
-    return finish_run(accelerator, cfg, log, save, "policy")
+    guard.check_weights(model)
+    return finish_run(accelerator, cfg, log, save, "policy", step=iterations, command=command)

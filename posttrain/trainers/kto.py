@@ -38,14 +38,16 @@ from posttrain.losses.kto import kto_loss, kto_reference_point
 from posttrain.models import load_causal_lm, load_tokenizer
 from posttrain.models.logprobs import TokenLogprobs
 from posttrain.models.lora import apply_lora, save_model
+from posttrain.models.value import disable_dropout
 from posttrain.models.pairs import PairBatch, collate_pairs, sequence_logps
 from posttrain.models.reference import AdaptersOff, FrozenCopy, reference_mode
 from posttrain.ops import aggregate, masked_sum
 from posttrain.trainers.common import (RunLog, StopRequest, Throughput, build_optimizer, build_scheduler,
                                        checkpoint_and_exit, finish_run, global_sum, make_accelerator,
-                                       micro_batches, optimizer_step, prepare_output_dir,
+                                       micro_batches, optimizer_step, prepare_output_dir, check_output_dir,
                                        resume_from_checkpoint, save_checkpoint, seed_everything, step_items,
                                        total_steps)
+from posttrain.trainers.common import NonFiniteGuard, batch_records
 
 
 @dataclass
@@ -195,7 +197,7 @@ def train(cfg: KTOConfig) -> Path:
     train_set = load_examples(cfg, cfg.data, tokenizer, accelerator.print)
     eval_set = load_examples(cfg, cfg.eval_data, tokenizer, accelerator.print) if cfg.eval_data else None
     accelerator.print(balance(cfg, train_set))
-    prepare_output_dir(accelerator, cfg)
+    fingerprint = check_output_dir(cfg, accelerator.num_processes)
 
     model = load_causal_lm(cfg.model)
     mode = reference_mode(True, precompute=False, lora=cfg.lora_r > 0)
@@ -206,6 +208,8 @@ def train(cfg: KTOConfig) -> Path:
     if cfg.lora_r:
         model = apply_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
                            target_modules=cfg.lora_target_modules)
+    # Policy and reference log-probs are compared: the policy's passes must not drop out either.
+    disable_dropout(model)
     policy = TokenLogprobs(model).train()
     steps = total_steps(cfg, len(train_set.examples), world)
     optimizer = build_optimizer(policy, cfg)
@@ -214,10 +218,12 @@ def train(cfg: KTOConfig) -> Path:
     if mode == "adapters_off":
         reference = AdaptersOff(accelerator.unwrap_model(policy), accelerator.device, accelerator.autocast)
     accelerator.print(f"reference: {mode}")
+    prepare_output_dir(accelerator, cfg, fingerprint)
     start = resume_from_checkpoint(accelerator, cfg)["step"] if cfg.resume else 0
     device, all_reduce = accelerator.device, partial(accelerator.reduce, reduction="sum")
     weights = dict(beta=cfg.beta, desirable_weight=cfg.desirable_weight, undesirable_weight=cfg.undesirable_weight)
 
+    guard = NonFiniteGuard(cfg, "kto")
     log = RunLog(accelerator, cfg, steps, start, "kto")
     speed = Throughput()
     stop = StopRequest()
@@ -249,7 +255,9 @@ def train(cfg: KTOConfig) -> Path:
                 add_to(sums, example_stats(loss, stats, policy_logps, labels))
                 speed.add(len(labels))
             # 6. Clip, step, schedule.
-            grad_norm = optimizer_step(accelerator, policy, optimizer, scheduler, cfg.max_grad_norm)
+            grad_norm = optimizer_step(accelerator, policy, optimizer, scheduler, cfg.max_grad_norm, guard,
+                                       step=step + 1,
+                                       batch=batch_records(train_set.examples, [i for i, _ in items], cfg.data))
 
             done = step + 1
             if done % cfg.logging_steps == 0 or done == steps:
@@ -258,6 +266,7 @@ def train(cfg: KTOConfig) -> Path:
                 rate = global_sum(accelerator, speed.rate())
                 log.log(done, {"loss/train": train_loss, **means, "kl/z0": float(z0), "perf/examples_per_s": rate,
                                "optim/lr": scheduler.get_last_lr()[0], "optim/grad_norm": grad_norm,
+                               **guard.metrics(),
                                "train/epoch": done * cfg.global_batch(world) / len(train_set.examples)})
                 log.progress(0, {"loss": f"{train_loss:.4f}", "z0": f"{float(z0):.3f}", "ex/s": f"{rate:.1f}"})
             log.progress(1, {})
@@ -275,5 +284,6 @@ def train(cfg: KTOConfig) -> Path:
 
     def save(out: Path) -> None:
         save_model(accelerator.unwrap_model(policy).model, tokenizer, out, merge_lora=cfg.merge_lora)
+    guard.check_weights(policy)
 
-    return finish_run(accelerator, cfg, log, save, "model")
+    return finish_run(accelerator, cfg, log, save, "model", step=steps, command="kto")

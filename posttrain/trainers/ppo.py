@@ -41,8 +41,9 @@ from posttrain.sampling import Generation, Sampler, SamplingParams
 from posttrain.scoring import RewardModelScorer, load_scorer, same_tokenization, score_generation
 from posttrain.trainers.common import (RunLog, StopRequest, build_optimizer, build_scheduler,
                                        checkpoint_and_exit, finish_run, global_sum, make_accelerator,
-                                       prepare_output_dir, resume_from_checkpoint, save_checkpoint,
+                                       prepare_output_dir, check_output_dir, resume_from_checkpoint, save_checkpoint,
                                        seed_everything, step_items)
+from posttrain.trainers.common import NonFiniteGuard, batch_records
 from posttrain.trainers.kl_control import AdaptiveKLController, FixedKLController
 
 SAMPLES_PER_LOG = 8
@@ -60,6 +61,7 @@ def build_networks(cfg: PPOConfig) -> tuple[PolicyAndValue, torch.nn.Module | No
     lora = dict(alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, target_modules=cfg.lora_target_modules)
     if cfg.lora_r:
         policy = apply_lora(policy, r=cfg.lora_r, **lora)
+        disable_dropout(policy)  # the adapters' own dropout
     if cfg.value_head:
         head = new_value_head(policy.config.hidden_size)
         return PolicyAndValue(policy, value_head=head, temperature=cfg.temperature), reference
@@ -72,6 +74,7 @@ def build_networks(cfg: PPOConfig) -> tuple[PolicyAndValue, torch.nn.Module | No
         rm = critic.reward_model
         critic = ValueModel(RewardModel(apply_lora(rm.model, r=cfg.critic_lora_r, task_type="SEQ_CLS", **lora),
                                         rm.tokenizer))
+        disable_dropout(critic)
     return PolicyAndValue(policy, critic=critic, temperature=cfg.temperature), reference
 
 
@@ -128,10 +131,12 @@ def advantages_and_returns(rollout: Rollout, cfg: PPOConfig, kl_coef: float, red
     return advantages, returns, kl
 
 
-def ppo_epochs(model, optimizer, accelerator, rollout: Rollout, advantages, returns, cfg: PPOConfig) -> dict:
+def ppo_epochs(model, optimizer, accelerator, rollout: Rollout, advantages, returns, cfg: PPOConfig, *,
+               guard: NonFiniteGuard, step: int, batch: str) -> dict:
     """Stage 6: ppo_epochs passes over the rollouts in minibatches, one optimizer step each,
     accumulated over micro-batches with one global token count; stops early when a
-    minibatch's approximate KL to π_old passes early_stop_kl. Returns token-mean stats."""
+    minibatch's approximate KL to π_old passes early_stop_kl. Returns token-mean stats. The
+    guard skips a non-finite update (iteration `step`, prompts `batch`)."""
     world, device = accelerator.num_processes, accelerator.device
     n_local, per_minibatch, _ = cfg.sizes(world)
     sums, epochs_done = defaultdict(float), 0
@@ -160,16 +165,15 @@ def ppo_epochs(model, optimizer, accelerator, rollout: Rollout, advantages, retu
                 kl_sum += float(pg_stats["policy/approx_kl"]) * count
                 for key, value in (("loss/policy", masked_sum(pg.detach(), mask)),
                                    ("loss/value", masked_sum(vf.detach(), mask)),
-                                   ("val/error", masked_sum(error, mask)),
-                                   ("policy/clipfrac", pg_stats["policy/clipfrac"] * count),
-                                   ("val/clipfrac", vf_stats["value/clipfrac"] * count)):
+                                   ("value/error", masked_sum(error, mask))):
                     sums[key] += float(value)
-                sums["policy/approxkl"] += float(pg_stats["policy/approx_kl"]) * count
+                # The losses' statistics are logged under their own names (token means, summed here).
+                for key, value in {**pg_stats, **vf_stats}.items():
+                    sums[key] += float(value) * count
                 sums["tokens"] += count
+            grad_norm = guard.apply(accelerator, model, optimizer, cfg.max_grad_norm, step=step, batch=batch)
             if cfg.max_grad_norm > 0:
-                sums["optim/grad_norm"] += float(accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm))
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+                sums["optim/grad_norm"] += grad_norm
             sums["steps"] += 1
             if cfg.early_stop_kl and global_sum(accelerator, kl_sum) / max(n_tokens, 1) > cfg.early_stop_kl:
                 stop = True
@@ -195,8 +199,8 @@ def rollout_metrics(rollout: Rollout, returns, kl, kl_coef: float, accelerator) 
             "objective/rlhf_reward": (rollout.scores - kl_coef * kl_per_response).sum(),
             "objective/missing_eos": (~rollout.ended).float().sum(),
             "rollout/response_length": mask.sum(-1).float().sum()}
-    token_sums = {"objective/entropy": masked_sum(rollout.entropy, mask), "val/returns": masked_sum(returns, mask),
-                  "val/values": masked_sum(rollout.values, mask)}
+    token_sums = {"objective/entropy": masked_sum(rollout.entropy, mask), "value/returns": masked_sum(returns, mask),
+                  "value/values": masked_sum(rollout.values, mask)}
     n, tokens = global_sum(accelerator, mask.shape[0]), global_sum(accelerator, int(mask.sum()))
     out = {key: global_sum(accelerator, float(v)) / n for key, v in sums.items()}
     out.update({key: global_sum(accelerator, float(v)) / max(tokens, 1) for key, v in token_sums.items()})
@@ -250,7 +254,6 @@ def train(cfg: PPOConfig) -> Path:
     accelerator = make_accelerator(cfg)
     world, rank = accelerator.num_processes, accelerator.process_index
     n_local = cfg.sizes(world)[0]
-    prepare_output_dir(accelerator, cfg)
     seed_everything(cfg.seed)
     tokenizer = load_tokenizer(cfg.model)
     prompts, report = load_prompts(cfg.data, tokenizer, max_prompt_length=cfg.max_length,
@@ -262,6 +265,8 @@ def train(cfg: PPOConfig) -> Path:
                                             skip_invalid=cfg.skip_invalid)
         accelerator.print(report.summary())
     score = build_scorer(cfg, tokenizer, accelerator)
+    # Data and the judge are checked before the output folder; it is written once the models have loaded.
+    fingerprint = check_output_dir(cfg, world)
     net, reference = build_networks(cfg)
     if reference is not None:
         reference.to(accelerator.device)
@@ -273,6 +278,7 @@ def train(cfg: PPOConfig) -> Path:
     kl_ctl = (AdaptiveKLController(cfg.kl_coef, cfg.adaptive_kl_target, cfg.adaptive_kl_horizon)
               if cfg.adaptive_kl_target else FixedKLController(cfg.kl_coef))
     moments = RunningMoments() if cfg.normalize_scores else None
+    prepare_output_dir(accelerator, cfg, fingerprint)
     start = 0
     if cfg.resume:
         state = resume_from_checkpoint(accelerator, cfg)
@@ -282,6 +288,7 @@ def train(cfg: PPOConfig) -> Path:
             moments.load_state_dict(state["moments"])
     # Samples from its own inference copy of the policy (bf16 under bf16), re-synced after each update.
     sampler = Sampler(net.policy, tokenizer, precision=cfg.precision, batch_size=n_local)
+    guard = NonFiniteGuard(cfg, "ppo")
     log = RunLog(accelerator, cfg, iterations, start, "ppo")
     samples_path = Path(cfg.output_dir) / "samples.jsonl"
     evaluate_now = partial(evaluate, net, reference, sampler, eval_prompts, score, cfg, accelerator)
@@ -310,7 +317,8 @@ def train(cfg: PPOConfig) -> Path:
                 rollout, cfg, kl_coef, reduce_sum=lambda t: accelerator.reduce(t, reduction="sum"))
             rolled = time.perf_counter()
             # 6. PPO epochs.
-            stats = ppo_epochs(model, optimizer, accelerator, rollout, advantages, returns, cfg)
+            stats = ppo_epochs(model, optimizer, accelerator, rollout, advantages, returns, cfg, guard=guard,
+                               step=it + 1, batch=batch_records(prompts, indices, cfg.data))
             sampler.sync()
             scheduler.step()
             metrics = rollout_metrics(rollout, returns, kl, kl_coef, accelerator)
@@ -319,7 +327,7 @@ def train(cfg: PPOConfig) -> Path:
             metrics.update(stats)
             metrics.update({"time/rollout": rolled - began, "time/update": now - rolled,
                             "perf/episodes_per_s": cfg.rollout_batch_size / (now - began),
-                            "optim/lr": scheduler.get_last_lr()[0]})
+                            "optim/lr": scheduler.get_last_lr()[0], **guard.metrics()})
             if done % cfg.logging_steps == 0 or done == iterations:
                 log.log(done, metrics)
             log.progress(1, {"score": f"{metrics['objective/scores']:.3f}", "kl": f"{metrics['objective/kl']:.3f}"})
@@ -339,4 +347,6 @@ def train(cfg: PPOConfig) -> Path:
     def save(out: Path) -> None:
         save_model(net.policy, tokenizer, out, merge_lora=cfg.merge_lora)
 
-    return finish_run(accelerator, cfg, log, save, "policy")
+    extra = {"kl_ctl": kl_ctl.state_dict(), "moments": moments.state_dict() if moments else None}
+    guard.check_weights(model)
+    return finish_run(accelerator, cfg, log, save, "policy", step=iterations, command="ppo", extra=extra)

@@ -28,9 +28,10 @@ from posttrain.models.reward import RewardModel
 from posttrain.ops import aggregate
 from posttrain.trainers.common import (RunLog, StopRequest, Throughput, build_optimizer, build_scheduler,
                                        checkpoint_and_exit, finish_run, global_sum, make_accelerator,
-                                       micro_batches, optimizer_step, prepare_output_dir,
+                                       micro_batches, optimizer_step, prepare_output_dir, check_output_dir,
                                        resume_from_checkpoint, save_checkpoint, seed_everything, step_items,
                                        total_steps)
+from posttrain.trainers.common import NonFiniteGuard, batch_records
 
 STATS = ("rewards/accuracy", "rewards/margin", "rewards/chosen", "rewards/rejected")
 
@@ -85,7 +86,7 @@ def evaluate(model, pairs: list[TokenizedPair], cfg: RMConfig, accelerator, pad_
         len(r_w), (r_w > r_l).sum().item(), (r_w - r_l).sum().item(), torch.cat(losses).sum().item(),
         both.sum().item(), both.pow(2).sum().item()])
     mean = total / (2 * n)
-    return {"eval/accuracy": correct / n, "eval/margin": margin / n, "eval/loss": loss / n,
+    return {"eval/rewards/accuracy": correct / n, "eval/rewards/margin": margin / n, "eval/loss": loss / n,
             "eval/reward_mean": mean, "eval/reward_std": math.sqrt(max(squares / (2 * n) - mean ** 2, 0.0)),
             "eval/pairs": n}
 
@@ -110,7 +111,7 @@ def train(cfg: RMConfig) -> Path:
     # Data is validated before the output folder is touched: a bad record leaves nothing behind.
     pairs = load_pairs(cfg, cfg.data, tokenizer, accelerator.print)
     eval_pairs = load_pairs(cfg, cfg.eval_data, tokenizer, accelerator.print) if cfg.eval_data else []
-    prepare_output_dir(accelerator, cfg)
+    fingerprint = check_output_dir(cfg, accelerator.num_processes)
 
     model = build_model(cfg)
 
@@ -119,9 +120,11 @@ def train(cfg: RMConfig) -> Path:
     optimizer = build_optimizer(model, cfg)
     scheduler = build_scheduler(optimizer, cfg, steps)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    prepare_output_dir(accelerator, cfg, fingerprint)
     start = resume_from_checkpoint(accelerator, cfg)["step"] if cfg.resume else 0
 
     pad_id = tokenizer.pad_token_id
+    guard = NonFiniteGuard(cfg, "rm")
     log = RunLog(accelerator, cfg, steps, start, "rm")
     speed = Throughput()
     stop = StopRequest()
@@ -151,7 +154,8 @@ def train(cfg: RMConfig) -> Path:
                     sums[key] += stats[key].item() * len(batch)
                 speed.add(len(batch))
             # 4. Clip, step, schedule.
-            grad_norm = optimizer_step(accelerator, model, optimizer, scheduler, cfg.max_grad_norm)
+            grad_norm = optimizer_step(accelerator, model, optimizer, scheduler, cfg.max_grad_norm, guard,
+                                       step=step + 1, batch=batch_records(pairs, items, cfg.data))
 
             done = step + 1
             if done % cfg.logging_steps == 0 or done == steps:
@@ -159,6 +163,7 @@ def train(cfg: RMConfig) -> Path:
                 rate = global_sum(accelerator, speed.rate())
                 log.log(done, {**train_metrics, "perf/pairs_per_s": rate, "optim/lr": scheduler.get_last_lr()[0],
                                "optim/grad_norm": grad_norm,
+                               **guard.metrics(),
                                "train/epoch": done * cfg.global_batch(world) / len(pairs)})
                 log.progress(0, {"loss": f"{train_metrics['loss/train']:.4f}",
                                  "acc": f"{train_metrics['rewards/accuracy']:.2f}", "pairs/s": f"{rate:.1f}"})
@@ -173,9 +178,11 @@ def train(cfg: RMConfig) -> Path:
     if eval_pairs:
         metrics = evaluate(model, eval_pairs, cfg, accelerator, pad_id)
         log.log(steps, metrics)
-        accelerator.print(f"eval/accuracy {metrics['eval/accuracy']:.4f}  eval/margin {metrics['eval/margin']:.4f}")
+        accelerator.print(f"eval/rewards/accuracy {metrics['eval/rewards/accuracy']:.4f}  "
+                          f"eval/rewards/margin {metrics['eval/rewards/margin']:.4f}")
 
     def save(out: Path) -> None:
         accelerator.unwrap_model(model).save_pretrained(out, merge_lora=cfg.merge_lora)
+    guard.check_weights(model)
 
-    return finish_run(accelerator, cfg, log, save, "reward model")
+    return finish_run(accelerator, cfg, log, save, "reward model", step=steps, command="rm")

@@ -22,9 +22,10 @@ from posttrain.models.logprobs import TokenLogprobs
 from posttrain.ops import aggregate, masked_sum
 from posttrain.trainers.common import (RunLog, StopRequest, Throughput, build_optimizer, build_scheduler,
                                        checkpoint_and_exit, finish_run, global_sum, make_accelerator,
-                                       micro_batches, optimizer_step, prepare_output_dir,
+                                       micro_batches, optimizer_step, prepare_output_dir, check_output_dir,
                                        resume_from_checkpoint, save_checkpoint, seed_everything, step_items,
                                        total_steps)
+from posttrain.trainers.common import NonFiniteGuard
 
 
 def load_units(cfg: SFTConfig, source: str, tokenizer, print_fn) -> list[list]:
@@ -80,7 +81,7 @@ def train(cfg: SFTConfig) -> Path:
     # Data is validated before the output folder is touched: a bad record leaves nothing behind.
     units = load_units(cfg, cfg.data, tokenizer, accelerator.print)
     eval_units = load_units(cfg, cfg.eval_data, tokenizer, accelerator.print) if cfg.eval_data else []
-    prepare_output_dir(accelerator, cfg)
+    fingerprint = check_output_dir(cfg, accelerator.num_processes)
 
     model = load_causal_lm(cfg.model)
     if template is not None:
@@ -97,9 +98,11 @@ def train(cfg: SFTConfig) -> Path:
     optimizer = build_optimizer(policy, cfg)
     scheduler = build_scheduler(optimizer, cfg, steps)
     policy, optimizer, scheduler = accelerator.prepare(policy, optimizer, scheduler)
+    prepare_output_dir(accelerator, cfg, fingerprint)
     start = resume_from_checkpoint(accelerator, cfg)["step"] if cfg.resume else 0
 
     pad_id = tokenizer.pad_token_id
+    guard = NonFiniteGuard(cfg, "sft")
     log = RunLog(accelerator, cfg, steps, start, "sft")
     speed = Throughput()
     stop = StopRequest()
@@ -124,7 +127,8 @@ def train(cfg: SFTConfig) -> Path:
                 nll_sum += masked_sum(per_token.detach(), mask).item()
                 speed.add(sum(len(ex.input_ids) for mb in mine[i] for ex in units[mb]))
             # 4. Clip, step, schedule.
-            grad_norm = optimizer_step(accelerator, policy, optimizer, scheduler, cfg.max_grad_norm)
+            grad_norm = optimizer_step(accelerator, policy, optimizer, scheduler, cfg.max_grad_norm, guard,
+                                       step=step + 1, batch=f"rows {sorted(i + 1 for i in items)} of {cfg.data}")
 
             done = step + 1
             train_loss = global_sum(accelerator, nll_sum) / max(n_loss, 1)
@@ -132,6 +136,7 @@ def train(cfg: SFTConfig) -> Path:
                 rate = global_sum(accelerator, speed.rate())
                 log.log(done, {"loss/train": train_loss, "perf/tokens_per_s": rate,
                                "optim/lr": scheduler.get_last_lr()[0], "optim/grad_norm": grad_norm,
+                               **guard.metrics(),
                                "train/epoch": done * cfg.global_batch(world) / len(units),
                                "train/loss_tokens": n_loss})
                 log.progress(0, {"loss": f"{train_loss:.4f}", "tok/s": f"{rate:.0f}"})
@@ -150,5 +155,6 @@ def train(cfg: SFTConfig) -> Path:
 
     def save(out: Path) -> None:
         save_model(accelerator.unwrap_model(policy).model, tokenizer, out, merge_lora=cfg.merge_lora)
+    guard.check_weights(policy)
 
-    return finish_run(accelerator, cfg, log, save, "model")
+    return finish_run(accelerator, cfg, log, save, "model", step=steps, command="sft")

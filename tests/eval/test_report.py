@@ -46,7 +46,7 @@ def dpo_like_run(folder: Path) -> Path:
 
 def ppo_like_run(folder: Path) -> Path:
     return write_metrics(folder, [{"step": s, "objective/scores": 0.1 * s, "objective/kl": 0.01 * s,
-                                   "policy/approxkl": 0.001, "policy/clipfrac": 0.1, "loss/policy": -0.1,
+                                   "policy/approx_kl": 0.001, "policy/clipfrac": 0.1, "loss/policy": -0.1,
                                    "loss/value": 0.5, "rollout/response_length": 40 - s, "optim/lr": 1e-6}
                                   for s in range(6)])
 
@@ -61,15 +61,15 @@ def test_read_metrics_keeps_numeric_keys_and_the_last_value_of_a_step(tmp_path):
 
 def test_keys_are_grouped_by_quantity_with_their_held_out_twins():
     keys = ["loss/train", "eval/loss", "loss/policy", "optim/lr", "optim/grad_norm", "rewards/accuracy",
-            "eval/rewards/accuracy", "rewards/margin", "rewards/chosen", "objective/kl", "policy/approxkl", "kl/z0",
-            "objective/scores", "rollout/response_length", "eval/response_length", "perf/pairs_per_s", "val/vpred"]
+            "eval/rewards/accuracy", "rewards/margin", "rewards/chosen", "objective/kl", "policy/approx_kl", "kl/z0",
+            "objective/scores", "rollout/response_length", "eval/response_length", "perf/pairs_per_s", "value/vpred"]
     assert group_keys(keys) == [
         ("Loss", ["eval/loss", "loss/policy", "loss/train"]), ("Learning rate", ["optim/lr"]),
         ("Gradient norm", ["optim/grad_norm"]), ("Accuracy", ["eval/rewards/accuracy", "rewards/accuracy"]),
         ("Rewards and margins", ["rewards/chosen", "rewards/margin"]),
-        ("KL", ["kl/z0", "objective/kl", "policy/approxkl"]), ("Objective and scores", ["objective/scores"]),
+        ("KL", ["kl/z0", "objective/kl", "policy/approx_kl"]), ("Objective and scores", ["objective/scores"]),
         ("Response length", ["eval/response_length", "rollout/response_length"]),
-        ("perf", ["perf/pairs_per_s"]), ("val", ["val/vpred"])]
+        ("perf", ["perf/pairs_per_s"]), ("value", ["value/vpred"])]
 
 
 @pytest.mark.parametrize("make, message", [

@@ -43,13 +43,13 @@ def test_sample_writes_n_responses_and_provenance_per_prompt(tmp_path, capsys):
     assert out.read_bytes() == before and "already sampled" in capsys.readouterr().err
 
 
-def test_sigterm_then_rerun_gives_the_uninterrupted_file(tmp_path):
+def test_sigterm_then_rerun_gives_the_uninterrupted_file(tmp_path, spawn):
     data = write_prompts(tmp_path / "prompts.jsonl", 240)
     whole, resumed = tmp_path / "whole.jsonl", tmp_path / "resumed.jsonl"
     assert main(["sample", "--data", str(data), "--output", str(whole), *ARGS]) == 0
     command = [sys.executable, "-m", "posttrain.cli", "sample", "--data", str(data), "--output", str(resumed), *ARGS]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    process = spawn(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     deadline = time.monotonic() + 120
     while not (resumed.exists() and resumed.read_text().count("\n") >= 8):
         assert process.poll() is None and time.monotonic() < deadline, process.stderr.read() if process.poll() else ""

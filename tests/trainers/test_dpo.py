@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
+from process_groups import run_group
 from posttrain import cli
 from posttrain.config import DPOConfig, SFTConfig, build_config
 from posttrain.data import load_preference_pairs
@@ -173,13 +174,13 @@ def cli_args(data: Path, out: Path, steps: int, batch: int) -> list[str]:
             "--max-steps", str(steps), "--batch-size", str(batch)]
 
 
-def test_resume_after_sigterm_reproduces_the_uninterrupted_curve(tmp_path):
+def test_resume_after_sigterm_reproduces_the_uninterrupted_curve(tmp_path, spawn):
     data = write_jsonl(tmp_path / "d.jsonl", toy_pairs(24))
     steps = 30
     whole = dpo.train(config(tmp_path, "whole", data, max_steps=steps, batch_size=2))
     out = tmp_path / "cut"
-    proc = subprocess.Popen([sys.executable, "-m", "posttrain.cli", *cli_args(data, out, steps, 2)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = spawn([sys.executable, "-m", "posttrain.cli", *cli_args(data, out, steps, 2)],
+                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     log = out / "metrics.jsonl"
     deadline = time.time() + 120
     while not (log.is_file() and len(log.read_text().splitlines()) >= 3):
@@ -207,7 +208,7 @@ def test_two_processes_with_precomputed_reference_match_one_process(tmp_path, mo
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            "-m", "posttrain.cli", *cli_args(data, out, 3, 2), "--precompute-ref"]
-    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    result = run_group(cmd, env=env, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     (cached,) = (tmp_path / "cache" / "reference-logps").iterdir()
     expected = starting_logps(data)

@@ -73,7 +73,7 @@ def test_few_steps_with_two_weighted_reward_functions(tmp_path, captured, loss_t
     assert [r["step"] for r in rows] == [1, 2, 3]
     for row in rows:
         assert all(isinstance(v, (int, float)) and v == v for v in row.values())
-        assert row["policy/clipfrac"] == 0 and row["policy/approxkl"] == pytest.approx(0, abs=1e-6)
+        assert row["policy/clipfrac"] == 0 and row["policy/approx_kl"] == pytest.approx(0, abs=1e-6)
         # objective/scores is the weighted sum of the two judges' means.
         assert row["objective/scores"] == pytest.approx(
             row[f"rewards/fn:{__name__}:digit_fraction"] + 0.5 * row[f"rewards/fn:{__name__}:length_bonus"], abs=1e-5)
@@ -134,7 +134,7 @@ def test_learns_a_verifiable_toy_task_on_held_out_prompts(tmp_path, cls, beta):
     assert 0 < last["eval/kl"] < 8.0, evals
 
 
-def test_resume_after_sigterm_reproduces_the_uninterrupted_run(tmp_path):
+def test_resume_after_sigterm_reproduces_the_uninterrupted_run(tmp_path, spawn):
     steps = 6
     kw = dict(max_steps=steps, judges="fn:test_grpo:digit_fraction", num_iterations=2, beta=0.05)
     whole = grpo.train(config(tmp_path, "whole", **kw))
@@ -142,7 +142,7 @@ def test_resume_after_sigterm_reproduces_the_uninterrupted_run(tmp_path):
     (tmp_path / "cut.yaml").write_text(to_yaml(cut))
     cmd = [sys.executable, "-m", "posttrain.cli", "grpo", "--config", str(tmp_path / "cut.yaml")]
     env = {"PYTHONPATH": str(HERE), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=REPO)
+    proc = spawn(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=REPO)
     log = Path(cut.output_dir) / "metrics.jsonl"
     deadline = time.time() + 120
     while not (log.is_file() and len(log.read_text().splitlines()) >= 2):

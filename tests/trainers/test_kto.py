@@ -16,6 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from process_groups import run_group
 from posttrain import cli
 from posttrain.config import ConfigError, KTOConfig, SFTConfig, build_config
 from posttrain.data import load_labelled_completions
@@ -165,14 +166,14 @@ def cli_args(data: Path, out: Path, steps: int, batch: int) -> list[str]:
             "--max-steps", str(steps), "--batch-size", str(batch)]
 
 
-def test_resume_after_sigterm_reproduces_the_uninterrupted_curve(tmp_path):
+def test_resume_after_sigterm_reproduces_the_uninterrupted_curve(tmp_path, spawn):
     data = write_jsonl(tmp_path / "d.jsonl", toy_feedback(24))
     steps = 30
     whole = kto.train(config(tmp_path, "whole", data, max_steps=steps, batch_size=2))
     out = tmp_path / "cut"
-    proc = subprocess.Popen([sys.executable, "-m", "posttrain.cli", *cli_args(data, out, steps, 2)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = spawn([sys.executable, "-m", "posttrain.cli", *cli_args(data, out, steps, 2)],
+                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                 env={**os.environ, "OMP_NUM_THREADS": "1"})
     log = out / "metrics.jsonl"
     deadline = time.time() + 120
     while not (log.is_file() and len(log.read_text().splitlines()) >= 3):
@@ -208,7 +209,7 @@ def test_two_processes_match_one_process(tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            "-m", "posttrain.cli", *cli_args(data, out, 3, 2), "--lr", "1", "--adam-eps", "1",
            "--max-grad-norm", "0"]
-    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    result = run_group(cmd, env=env, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     for x, y in zip(metrics(one), metrics(out)):
         assert y["kl/z0"] == pytest.approx(x["kl/z0"], abs=1e-5) and y["loss/train"] == pytest.approx(x["loss/train"])

@@ -73,10 +73,10 @@ def test_few_steps_with_a_reward_function(tmp_path, tiny_path, captured):
     rows = metrics(out)
     assert [r["step"] for r in rows] == [1, 2, 3]
     keys = ["objective/scores", "objective/kl", "objective/entropy", "objective/kl_coef", "policy/clipfrac",
-            "policy/approxkl", "loss/policy", "loss/value", "val/returns", "val/error",
+            "policy/approx_kl", "value/clipfrac", "loss/policy", "loss/value", "value/returns", "value/error",
             "rollout/response_length", "time/rollout", "time/update", "perf/episodes_per_s"]
     assert all(math.isfinite(r[k]) for r in rows for k in keys)
-    assert rows[0]["objective/kl"] == 0 and rows[0]["policy/approxkl"] < 1e-7 and rows[0]["policy/clipfrac"] == 0
+    assert rows[0]["objective/kl"] == 0 and rows[0]["policy/approx_kl"] < 1e-7 and rows[0]["policy/clipfrac"] == 0
     assert rows[-1]["objective/kl"] != 0
     start = load_file(str(tiny_path / "model.safetensors"))
     after = load_file(str(out / "model.safetensors"))
@@ -145,7 +145,7 @@ def test_policy_learns_a_verifiable_toy_task(tmp_path):
     assert 0 < last["eval/kl"] < 6.0, evals
 
 
-def test_resume_after_sigterm_reproduces_the_uninterrupted_run(tmp_path):
+def test_resume_after_sigterm_reproduces_the_uninterrupted_run(tmp_path, spawn):
     steps = 6
     kw = dict(max_steps=steps, reward_fn="test_ppo:lowercase_fraction", adaptive_kl_target=0.5,
               normalize_scores=True)
@@ -154,7 +154,7 @@ def test_resume_after_sigterm_reproduces_the_uninterrupted_run(tmp_path):
     (tmp_path / "cut.yaml").write_text(to_yaml(cut))
     cmd = [sys.executable, "-m", "posttrain.cli", "ppo", "--config", str(tmp_path / "cut.yaml")]
     env = {"PYTHONPATH": str(HERE), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=REPO)
+    proc = spawn(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=REPO)
     log = Path(cut.output_dir) / "metrics.jsonl"
     deadline = time.time() + 120
     while not (log.is_file() and len(log.read_text().splitlines()) >= 2):
@@ -195,7 +195,10 @@ def test_two_processes_run_and_whiten_over_all_rollouts(tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            "-m", "posttrain.cli", "ppo", "--config", str(tmp_path / "ddp.yaml")]
     env = {**os.environ, "PYTHONPATH": str(HERE), "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
+    # Imported here: the ranks import this file as the reward function's module, without tests/ on their path.
+    from process_groups import run_group
+
+    result = run_group(cmd, env=env, cwd=REPO, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     rows = metrics(Path(cfg.output_dir))
     assert [r["step"] for r in rows] == [1, 2]

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import subprocess
 import sys
 from pathlib import Path
 
@@ -14,6 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from process_groups import run_group
 from posttrain.config import RMConfig, build_config
 from posttrain.models.reward import RewardModel
 from posttrain.trainers import reward
@@ -100,7 +100,7 @@ def test_two_processes_match_one_process(tmp_path):
            "-m", "posttrain.cli", "rm", "--model", "tiny-random", "--data", str(data), "--output-dir", str(out),
            "--precision", "fp32", "--lr", "1e-3", "--warmup-ratio", "0", "--lr-scheduler", "constant",
            "--max-length", "64", "--max-steps", "3", "--batch-size", "2", "--center-coef", "0.01"]
-    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    result = run_group(cmd, env=env, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     a, b = weights(one), weights(out)
     for key in a:
@@ -152,10 +152,10 @@ def test_learning_prefers_the_reply_that_follows_the_instruction(tmp_path):
     held = write_jsonl(tmp_path / "held.jsonl", held_records)
     out = reward.train(config(tmp_path, "run", train, eval_data=str(held), max_steps=100, batch_size=16, lr=5e-3,
                               warmup_ratio=0.05, lr_scheduler="cosine", logging_steps=10, eval_steps=50))
-    evals = [r for r in metrics(out) if "eval/accuracy" in r]
+    evals = [r for r in metrics(out) if "eval/rewards/accuracy" in r]
     assert [r["step"] for r in evals] == [50, 100]
     final = evals[-1]
-    assert final["eval/accuracy"] >= 0.95 and final["eval/margin"] > 1.0 and final["eval/pairs"] == 200
+    assert final["eval/rewards/accuracy"] >= 0.95 and final["eval/rewards/margin"] > 1.0 and final["eval/pairs"] == 200
     assert final["eval/reward_std"] > 0 and "eval/reward_mean" in final
 
     def accuracy(rm: RewardModel) -> float:
@@ -165,7 +165,7 @@ def test_learning_prefers_the_reply_that_follows_the_instruction(tmp_path):
         return (chosen > rejected).float().mean().item()
 
     assert accuracy(RewardModel.from_causal_lm("tiny-random")) < 0.8
-    assert accuracy(RewardModel.from_pretrained(out)) == pytest.approx(final["eval/accuracy"])
+    assert accuracy(RewardModel.from_pretrained(out)) == pytest.approx(final["eval/rewards/accuracy"])
 
 
 def test_bad_record_stops_before_training_or_is_skipped_and_counted(tmp_path, capsys):

@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from process_groups import run_group
 from posttrain.config import SFTConfig, build_config
 from posttrain.trainers import sft
 
@@ -83,7 +84,7 @@ def test_accumulation_equals_one_big_batch(tmp_path):
     assert metrics(big)[0]["loss/train"] == pytest.approx(metrics(small)[0]["loss/train"], abs=1e-6)
 
 
-def test_resume_after_sigterm_reproduces_the_uninterrupted_curve(tmp_path):
+def test_resume_after_sigterm_reproduces_the_uninterrupted_curve(tmp_path, spawn):
     data = write_jsonl(tmp_path / "d.jsonl", toy_records(24))
     steps = 40
     whole = sft.train(config(tmp_path, "whole", data, max_steps=steps, batch_size=2))
@@ -91,7 +92,7 @@ def test_resume_after_sigterm_reproduces_the_uninterrupted_curve(tmp_path):
     cmd = [sys.executable, "-m", "posttrain.cli", "sft", "--model", "tiny-random", "--data", str(data),
            "--output-dir", cut.output_dir, "--precision", "fp32", "--lr", "1e-3", "--warmup-ratio", "0",
            "--lr-scheduler", "constant", "--max-length", "64", "--max-steps", str(steps), "--batch-size", "2"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = spawn(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     log = Path(cut.output_dir) / "metrics.jsonl"
     deadline = time.time() + 120
     while not (log.is_file() and len(log.read_text().splitlines()) >= 3):
@@ -128,7 +129,7 @@ def test_two_processes_match_one_process(tmp_path):
            "-m", "posttrain.cli", "sft", "--model", "tiny-random", "--data", str(data), "--output-dir", str(out),
            "--precision", "fp32", "--lr", "1e-3", "--warmup-ratio", "0", "--lr-scheduler", "constant",
            "--max-length", "64", "--max-steps", "3", "--batch-size", "2"]
-    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    result = run_group(cmd, env=env, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     a, b = weights(one), weights(out)
     for key in a:

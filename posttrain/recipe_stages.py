@@ -1,0 +1,82 @@
+"""The stage kinds of recipes that are not a trainer or an existing command function: small
+adapters with flat keyword arguments (a recipe's keys) around the commands' functions.
+
+Each takes its keys and the path to write (`output` / `output_dir`); posttrain.recipes lists them
+in STAGE_KINDS. `sample_stage` returns the signal that stopped it (None when done), as
+`posttrain sample` does, so an interrupted recipe continues the file.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+def concat_files(files: list[str], output: str) -> int:
+    """Concatenate JSONL files (e.g. human-written and judged preferences) into `output`;
+    returns the line count. FileNotFoundError / ValueError name the file and line."""
+    from posttrain.scoring.files import write_jsonl_atomic
+
+    if not isinstance(files, list) or not files:
+        raise ValueError(f"concat: 'files' must be a non-empty list of JSONL files, got {files!r}")
+    records = []
+    for name in files:
+        path = Path(name)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no such file")
+        for number, line in enumerate(path.read_text().splitlines(), start=1):
+            if line.strip():
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError as err:
+                    raise ValueError(f"{path}: line {number}: not JSON ({err.msg})") from None
+    write_jsonl_atomic(output, records)
+    print(f"concatenated {len(records)} records from {len(files)} files into {output}")
+    return len(records)
+
+
+def python_stage(function: str, output: str, args: dict | None = None) -> Any:
+    """Your own data step: `function` ("module:function", looked up from the current folder
+    first, as fn: judges are) is called as function(output=PATH, **args) and writes PATH. The
+    stage's hash covers the module's source file, so editing the function re-runs the stage."""
+    from posttrain.scoring.function import load_reward_fn
+
+    if args is not None and not isinstance(args, dict):
+        raise ValueError(f"python: 'args' must be a mapping of keyword arguments, got {args!r}")
+    fn = load_reward_fn(function)   # the same "module:function" lookup as fn: specs
+    result = fn(output=output, **(args or {}))
+    if not Path(output).exists():
+        raise ValueError(f"python: {function} returned without writing {output}")
+    return result
+
+
+def eval_stage(models: dict, baseline: str, data: str, judge: str, output_dir: str, *, baseline_label: str = "baseline",
+               n_samples: int = 1, max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0,
+               top_k: int = 0, seed: int = 0, judge_used_in_training: bool = False, kl_samples: int = 1,
+               batch_size: int = 8, precision: str = "auto", confidence: float = 0.95) -> None:
+    """`posttrain eval` with flat sampling keys; writes eval.json and eval.md into the stage folder.
+    run_recipe sets judge_used_in_training itself when an upstream stage used the same judge."""
+    from posttrain.eval.run import evaluate
+    from posttrain.sampling import SamplingParams
+
+    if not isinstance(models, dict) or not models:
+        raise ValueError(f"eval: 'models' must be a mapping {{label: model}}, got {models!r}")
+    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                            seed=seed)
+    evaluate(models, baseline, data, judge, baseline_label=baseline_label, output_dir=output_dir,
+             n_samples=n_samples, params=params, judge_used_in_training=judge_used_in_training,
+             kl_samples=kl_samples, batch_size=batch_size, precision=precision, confidence=confidence, verbose=False)
+
+
+def sample_stage(model: str, data: str, output: str, *, n: int = 4, max_new_tokens: int = 128,
+                 temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, stop_strings: list | None = None,
+                 seed: int = 0, batch_size: int = 8, precision: str = "auto", max_prompt_length: int = 1024,
+                 skip_invalid: bool = False) -> int | None:
+    """`posttrain sample` with flat keys (SamplingParams' fields); returns its stopping signal."""
+    from posttrain.sampling import SamplingParams
+    from posttrain.sampling.files import sample_file
+
+    params = SamplingParams(n=n, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                            stop_strings=tuple(stop_strings or ()), seed=seed)
+    return sample_file(model, data, output, params, batch_size=batch_size, precision=precision,
+                       max_prompt_length=max_prompt_length, skip_invalid=skip_invalid)
