@@ -104,6 +104,8 @@ class TrainConfig:
         from posttrain.data.load import OVERLONG
         from posttrain.models.precision import PRECISIONS
 
+        for name, kind in field_types(type(self)).items():  # 1e999 and .inf parse; no field means them
+            _check(self, name, kind is not float or math.isfinite(getattr(self, name)), "must be a finite number")
         _check_choice(self, "precision", PRECISIONS)
         _check_choice(self, "lr_scheduler", SCHEDULERS)
         _check_choice(self, "overlong", OVERLONG)
@@ -555,13 +557,18 @@ def load_yaml(cls: type, path: str | Path) -> dict:
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.safe_load(path.read_bytes())  # bytes: PyYAML names the offset of a non-UTF-8 byte
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML ({' '.join(str(err).split())})") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: YAML nested too deeply to read") from None
     if raw is None:
         return {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping of config keys, got {type(raw).__name__}")
+    for key in raw:
+        if not isinstance(key, str):
+            raise ConfigError(f"{path}: key {key!r} is not a config key name (a {type(key).__name__})")
     return {key.replace("-", "_"): coerce(cls, key.replace("-", "_"), value, str(path))
             for key, value in raw.items()}
 

@@ -27,7 +27,9 @@ def bradley_terry_loss(
     """
     difference = chosen_rewards - rejected_rewards
     logits = difference if margin is None else difference - margin
-    loss = -F.logsigmoid(logits) + center_coef * (chosen_rewards + rejected_rewards) ** 2
+    loss = -F.logsigmoid(logits)
+    if center_coef:  # not 0·(r_w + r_l)²: the square of rewards ≥ 1.9e19 is inf in float32, and 0·inf NaN
+        loss = loss + center_coef * (chosen_rewards + rejected_rewards) ** 2
     with torch.no_grad():
         stats = {
             "rewards/accuracy": (difference > 0).float().mean(),
