@@ -36,6 +36,14 @@ rounds. A round's accepted lines are appended in one write. A re-run of the same
 a partial last line and the records of the last round in the file (a killed write may have cut
 that round short), then redoes that round: the finished file is the one an uninterrupted run
 writes. A signal (SIGINT, SIGTERM) stops the run after the round in progress.
+
+`max_attempts` bounds the candidates sampled over the file's rounds, counted from round 0: the
+last round it reaches is cut to the attempts left (its first prompts' samples, in slot order,
+the same candidates a whole round starts with). Only rounds that accepted a record leave a
+trace in the file, so a re-run continues from the last round in the file and samples again the
+rounds after it that accepted nothing (all of them, from round 0, when none did): a re-run with
+a larger `max_attempts` writes the file a single run with that bound writes, but may sample more
+than the difference.
 """
 
 from __future__ import annotations
@@ -44,11 +52,13 @@ import hashlib
 import json
 import math
 import random
+import logging
 import re
 import sys
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
@@ -126,13 +136,14 @@ class GenerateSettings:
     def validate(self) -> None:
         """ValueError naming the first setting no run could use."""
         checks = (("examples", self.examples >= 1, "must be ≥ 1"),
-                  ("generated_examples", 0 <= self.generated_examples <= self.examples, "must be in [0, examples]"),
+                  ("generated_examples", 0 <= self.generated_examples <= self.examples,
+                   f"must be in [0, --examples={self.examples}]"),
                   ("prompts_per_round", self.prompts_per_round >= 1, "must be ≥ 1"),
                   ("samples_per_prompt", self.samples_per_prompt >= 1, "must be ≥ 1"),
                   ("rouge_threshold", 0 < self.rouge_threshold <= 1, "must be in (0, 1]"),
                   ("min_instruction_words", self.min_instruction_words >= 1, "must be ≥ 1"),
                   ("max_instruction_words", self.max_instruction_words >= self.min_instruction_words,
-                   "must be ≥ min_instruction_words"),
+                   f"must be ≥ --min-instruction-words={self.min_instruction_words}"),
                   ("blocklist", all(w.strip() == w and w for w in self.blocklist),
                    "words must be non-empty without surrounding spaces"))
         for name, ok, why in checks:
@@ -173,12 +184,25 @@ def sha256(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
-def read_guidelines(path: str) -> str:
-    """The guidelines text, stripped; error if the file is missing or holds only whitespace."""
+def _read_text(flag: str, path: str) -> str:
+    """The UTF-8 text of the file `path` given to `flag`; a one-line error naming flag and file
+    for a folder, a missing file or another encoding."""
     file = Path(path)
+    if file.is_dir():
+        raise ValueError(f"{flag} {path}: is a folder; expected a text file")
     if not file.is_file():
-        raise FileNotFoundError(f"--guidelines {path}: no such file")
-    text = file.read_text(encoding="utf-8").strip()
+        raise FileNotFoundError(f"{flag} {path}: no such file")
+    try:
+        return file.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{flag} {path}: not UTF-8 text ({err.reason} at byte {err.start}); save it as UTF-8"
+                         ) from None
+
+
+def read_guidelines(path: str) -> str:
+    """The guidelines text, stripped; error if the file is missing, a folder, not UTF-8 or holds
+    only whitespace."""
+    text = _read_text("--guidelines", path).strip()
     if not text:
         raise ValueError(f"--guidelines {path}: the file is empty; write the annotation guidelines the model follows")
     return text
@@ -186,10 +210,7 @@ def read_guidelines(path: str) -> str:
 
 def read_blocklist(path: str) -> tuple[str, ...]:
     """Words or phrases, one per line; blank lines and lines starting with '#' are skipped."""
-    file = Path(path)
-    if not file.is_file():
-        raise FileNotFoundError(f"--blocklist {path}: no such file")
-    words = tuple(line.strip() for line in file.read_text(encoding="utf-8").splitlines())
+    words = tuple(line.strip() for line in _read_text("--blocklist", path).splitlines())
     words = tuple(w for w in words if w and not w.startswith("#"))
     if not words:
         raise ValueError(f"--blocklist {path}: no words in the file (one word or phrase per line)")
@@ -355,6 +376,20 @@ def read_progress(output: Path, expected: dict) -> tuple[list[dict], int]:
     return records, kept[-1] if kept else 0
 
 
+@contextmanager
+def _quiet_length_warning():
+    """Hide transformers' "Token indices sequence length is longer than the specified maximum"
+    while prompts are tokenized: _check_inputs compares the length with the model's positions
+    itself and says so in one line."""
+    log = logging.getLogger("transformers.tokenization_utils_base")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
+
+
 def sampler_completions(sampler) -> Complete:
     """`Complete` through a posttrain.sampling.Sampler."""
     def complete(prompts, params):
@@ -375,7 +410,8 @@ def round_prompts(guidelines: str, seeds: list[Task], generated: list[Task], set
         tasks = draw_examples(seeds, generated, settings, rng)
         user, prefill = render_prompt(guidelines, tasks)
         messages = [{"role": "user", "content": user}]
-        ids = tokenize_prompt(messages, tokenizer) + tokenizer.encode(prefill, add_special_tokens=False)
+        with _quiet_length_warning():
+            ids = tokenize_prompt(messages, tokenizer) + tokenizer.encode(prefill, add_special_tokens=False)
         prompts.append(TokenizedPrompt(ids, messages, {}, round_index * settings.prompts_per_round + i))
         shown.append(tasks)
     return prompts, shown
@@ -396,8 +432,9 @@ def _check_inputs(model: str, guidelines: str, seeds: list[Task], params: Sampli
     positions = getattr(AutoConfig.from_pretrained(resolve_model_path(model)), "max_position_embeddings", None)
     longest = sorted(seeds, key=lambda t: -len(t.instruction + t.input + t.output))[: settings.examples]
     user, prefill = render_prompt(guidelines, longest)
-    length = len(tokenize_prompt([{"role": "user", "content": user}], tokenizer)) \
-        + len(tokenizer.encode(prefill, add_special_tokens=False))
+    with _quiet_length_warning():
+        length = len(tokenize_prompt([{"role": "user", "content": user}], tokenizer)) \
+            + len(tokenizer.encode(prefill, add_special_tokens=False))
     if positions is not None and length + params.max_new_tokens > positions:
         raise ValueError(f"--max-new-tokens={params.max_new_tokens}: a prompt showing the {settings.examples} longest "
                          f"seed tasks has {length} tokens, together more than the {positions} positions of {model}")
@@ -410,7 +447,8 @@ def generate_file(model: str, guidelines_path: str, seed_tasks_path: str, output
     """Append accepted tasks to the JSONL file `output` until it holds `n` (see the module docstring).
 
     Everything is validated before the model loads or `output` is touched. Stops early after
-    `max_attempts` candidates in all (default 20·n), or between two rounds on SIGINT / SIGTERM.
+    `max_attempts` candidates over the file's rounds (default 20·n; the last round is cut to fit,
+    see the module docstring), or between two rounds on SIGINT / SIGTERM.
     complete: the sampler to use instead of the model's (tests script it). Returns (the summary,
     the signal that stopped the run or None); the summary line is printed to stderr.
     Errors: ValueError / FileNotFoundError, one line, for a bad setting, guidelines file or seed
@@ -458,8 +496,9 @@ def generate_file(model: str, guidelines_path: str, seed_tasks_path: str, output
         print(f"{output}: continuing after {len(kept)} records; redoing round {first_round}, the last in the file",
               file=sys.stderr)
     generated = [Task(r["self_instruct"]["id"], r["instruction"], r["input"], r["output"]) for r in kept]
-    signal_number = _rounds(complete, tokenizer, guidelines, seeds, generated, out, first_round, n=n, rounds=rounds,
-                            params=params, settings=settings, expected=expected, summary=summary)
+    signal_number = _rounds(complete, tokenizer, guidelines, seeds, generated, out, first_round, n=n,
+                            max_attempts=max_attempts, params=params, settings=settings, expected=expected,
+                            summary=summary)
     summary.total = len(generated)
     print(summary.line(output), file=sys.stderr)
     if signal_number is not None:
@@ -467,15 +506,33 @@ def generate_file(model: str, guidelines_path: str, seed_tasks_path: str, output
               "re-run the same command to continue", file=sys.stderr)
     elif len(generated) < n:
         print(f"posttrain data generate: stopped at --max-attempts={max_attempts} with {len(generated)} of {n} "
-              "records; re-run with a larger --max-attempts to continue", file=sys.stderr)
+              "records; re-run with a larger --max-attempts to continue (rounds after the last one that accepted "
+              "a record are sampled again)", file=sys.stderr)
     return summary, signal_number
 
 
+def _sample_round(complete: Complete, prompts: list[TokenizedPrompt], params: SamplingParams,
+                  attempts: int) -> list[tuple[str, str]]:
+    """The round's first `attempts` candidates in slot order (all prompts × params.n when it
+    allows them): whole prompts, then the first samples of one more. Sample j of a prompt is
+    the same whatever params.n is (the sampler seeds each sequence by prompt and sample index)."""
+    whole, part = divmod(min(attempts, len(prompts) * params.n), params.n)
+    results = complete(prompts[:whole], params) if whole else []
+    if part:
+        results += complete(prompts[whole: whole + 1], replace(params, n=part))
+    expected = whole * params.n + part
+    if len(results) != expected:
+        raise ValueError(f"sampler: {len(results)} results for {expected} candidates asked")
+    return results
+
+
 def _rounds(complete: Complete, tokenizer, guidelines: str, seeds: list[Task], generated: list[Task], out: Path,
-            first_round: int, *, n: int, rounds: int, params: SamplingParams, settings: GenerateSettings,
+            first_round: int, *, n: int, max_attempts: int, params: SamplingParams, settings: GenerateSettings,
             expected: dict, summary: GenerateSummary) -> int | None:
-    """The generation loop: rounds first_round … rounds − 1 until `generated` holds n tasks;
-    appends each round's accepted records in one write. Returns the signal that stopped it, or None."""
+    """The generation loop: rounds from first_round until `generated` holds n tasks or the
+    rounds so far have sampled max_attempts candidates (counted from round 0; the last round is
+    cut to fit); appends each round's accepted records in one write. Returns the signal that
+    stopped it, or None."""
     from rouge_score.rouge_scorer import RougeScorer
     from tqdm import tqdm
 
@@ -485,13 +542,12 @@ def _rounds(complete: Complete, tokenizer, guidelines: str, seeds: list[Task], g
     start = time.perf_counter()
     with stop_on_signal() as caught, out.open("a", encoding="utf-8") as f, \
             tqdm(total=n, initial=len(generated), desc="generate", unit="task", file=sys.stderr) as bar:
-        for round_index in range(first_round, rounds):
+        per_round = settings.prompts_per_round * settings.samples_per_prompt
+        for round_index in range(first_round, math.ceil(max_attempts / per_round)):
             if len(generated) >= n:
                 break
             prompts, shown = round_prompts(guidelines, seeds, generated, settings, params.seed, round_index, tokenizer)
-            results = complete(prompts, params)
-            if len(results) != len(prompts) * params.n:
-                raise ValueError(f"sampler: {len(results)} results for {len(prompts)} prompts × {params.n} samples")
+            results = _sample_round(complete, prompts, params, max_attempts - round_index * per_round)
             summary.sampled += len(results)
             lines = []
             for slot, (text, finish_reason) in enumerate(results):
@@ -553,7 +609,9 @@ def add_parser(data_sub: argparse._SubParsersAction, name: str) -> None:
     p.add_argument("--max-instruction-words", type=int, default=defaults.max_instruction_words,
                    help="drop longer instructions")
     p.add_argument("--max-attempts", type=int, default=None,
-                   help="stop after this many candidates (default: 20 × --n)")
+                   help="stop after this many candidates, counted over the file's rounds (the last round is cut "
+                        "to fit; a re-run samples again the rounds after the last that accepted a record) "
+                        "(default: 20 × --n)")
     add_sampling_flags(p, temperature=0.7)
     p.set_defaults(max_new_tokens=256, top_p=0.9)
 
@@ -563,6 +621,8 @@ def run(args: argparse.Namespace) -> int:
     one stopped it, 1 when --max-attempts ran out first."""
     from posttrain.cli import sampling_params
 
+    if args.blocklist and Path(args.output).resolve() == Path(args.blocklist).resolve():
+        raise ValueError(f"--output {args.output} is the --blocklist file itself")
     settings = GenerateSettings(
         examples=args.examples, generated_examples=args.generated_examples,
         prompts_per_round=args.prompts_per_round, samples_per_prompt=args.samples_per_prompt,

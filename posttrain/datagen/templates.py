@@ -21,17 +21,22 @@ A template file is YAML holding Jinja2 strings, one or more tasks per file:
 A template's *slots* are the variables it reads (`text`, `label`, `options` above). Each
 record's slots are its fields of those names, or the columns `fields` maps to them
 (`{"text": "review", "answer": "answers.text.0"}`: a dotted path reads into objects and lists).
-`options`, where a task lists them and the record has none, is the task's list; an integer
-`label` with options is an index into them (how `datasets` ClassLabel columns store labels).
+A slot's value is a string or a number (a null, a boolean, an object or a list is an error, so no
+Python repr ends up in a prompt); `options` is a list of strings, and where a task lists them and
+the record has none, it is the task's list. With options, `label` is one of them, or an integer
+index into them (how `datasets` ClassLabel columns store labels); anything else is an error.
 
 Templates render in Jinja2's sandbox with undefined variables as errors, and every record must
 fill every slot of its task's templates, so a file either renders whole or fails on its first
-bad record with a one-line error naming the template, the slot and the record. A phrasing is
-drawn per record from one seeded stream (`per_record` distinct ones each), so the same seed
-gives the same file.
+bad record with a one-line error naming the template, the slot and the record. An error while
+rendering (`{{ 1/0 }}`, `{{ text + 1 }}`, a sandbox violation) names the template file and line
+too. The sandbox also bounds what one text may cost: MAX_TEXT characters of output, MAX_LOOP
+items from `range` in all, and `*` / `**` results of that order. A phrasing is drawn per record
+from one seeded stream (`per_record` distinct ones each), so the same seed gives the same file.
 
 Each output line is `{"prompt", "completion", "template": {"task", "id", "source_index"}}`,
-which `posttrain sft` reads unchanged (it ignores the provenance object).
+which `posttrain sft` reads unchanged (it ignores the provenance object). An existing output
+file is replaced, atomically, once every record has rendered.
 """
 
 from __future__ import annotations
@@ -49,12 +54,24 @@ LIBRARY = Path(__file__).with_name("templates")
 TASK_KEYS = {"description", "options", "templates"}
 TEMPLATE_KEYS = {"id", "prompt", "completion"}
 MISSING = object()
+NULL = object()
+
+MAX_TEXT = 1_000_000
+"""Characters one rendered prompt or completion may have (a long document is ~100 k)."""
+MAX_LOOP = 1_000_000
+"""Items `range` may give in all while one text renders (Jinja2's sandbox bounds one call only)."""
+
+
+def _count(n: int, noun: str) -> str:
+    """"1 record", "2 records"."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
 @dataclass
 class Template:
-    """One phrasing of a task: Jinja2 sources for the prompt and the completion, where they
-    come from (`file`, 1-based `line` of the entry), and the slots they read."""
+    """One phrasing of a task: Jinja2 sources for the prompt and the completion (from a file:
+    strings that know their file line, for error messages), where they come from (`file`,
+    1-based `line` of the entry), and the slots they read."""
 
     task: str
     id: str
@@ -99,8 +116,9 @@ class TemplateSummary:
 
     def line(self, source: str, output: str) -> str:
         spread = ", ".join(f"{tid} {n}" for tid, n in sorted(self.per_template.items()))
-        return (f"read {self.records} records from {source}; wrote {self.written} instruction pairs "
-                f"(task {self.task}, {len(self.per_template)} phrasings: {spread}) to {output}")
+        return (f"read {_count(self.records, 'record')} from {source}; wrote "
+                f"{_count(self.written, 'instruction pair')} (task {self.task}, "
+                f"{_count(len(self.per_template), 'phrasing')}: {spread}) to {output}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -110,12 +128,44 @@ class TemplateSummary:
 def _environment():
     """Sandboxed (a template file may come from anyone) and strict: an undefined slot is an
     error, never an empty string. Blocks drop their own line breaks, so a `{% for %}` listing
-    options reads naturally in a YAML block string."""
+    options reads naturally in a YAML block string. `*` and `**` are checked so that one
+    operator cannot build a gigabyte string or a million-digit number."""
     import jinja2
-    from jinja2.sandbox import SandboxedEnvironment
+    from jinja2.sandbox import SandboxedEnvironment, SecurityError
 
-    return SandboxedEnvironment(undefined=jinja2.StrictUndefined, autoescape=False, trim_blocks=True,
-                                lstrip_blocks=True, keep_trailing_newline=False)
+    class Bounded(SandboxedEnvironment):
+        intercepted_binops = frozenset({"*", "**"})
+
+        def call_binop(self, context, operator, left, right):
+            if operator == "*":
+                sequence, times = (left, right) if isinstance(right, int) else (right, left)
+                if isinstance(sequence, (str, list, tuple)) and isinstance(times, int) \
+                        and len(sequence) * times > MAX_TEXT:
+                    raise SecurityError(f"'*' would make {len(sequence) * times} items, more than {MAX_TEXT}")
+            elif isinstance(left, int) and isinstance(right, int) and abs(left) > 1 \
+                    and right * abs(left).bit_length() > 32 * MAX_TEXT:
+                raise SecurityError(f"'**' would make a number of about {right * abs(left).bit_length()} bits")
+            return super().call_binop(context, operator, left, right)
+
+    return Bounded(undefined=jinja2.StrictUndefined, autoescape=False, trim_blocks=True,
+                   lstrip_blocks=True, keep_trailing_newline=False)
+
+
+class _LoopBudget:
+    """A `range` for one rendering that gives at most MAX_LOOP items over all its calls, so
+    nested loops cannot run for hours."""
+
+    def __init__(self):
+        self.left = MAX_LOOP
+
+    def range(self, *args):
+        from jinja2.sandbox import SecurityError
+
+        items = range(*args)
+        self.left -= len(items)
+        if self.left < 0:
+            raise SecurityError(f"the loops' ranges give more than {MAX_LOOP} items in all")
+        return items
 
 
 def _yaml_with_lines(path: Path) -> Any:
@@ -206,7 +256,8 @@ def _task(env, path: Path, name: str, spec: Any) -> Task:
         completion = _expect(entry["completion"], str, path, f"{where}: completion")
         compiled = (_compile(env, prompt, path, f"{name}/{tid}", "prompt"),
                     _compile(env, completion, path, f"{name}/{tid}", "completion"))
-        templates.append(Template(name, str(tid), str(prompt), str(completion), str(path), tid.line,
+        # prompt and completion stay _Located, so that render errors can name their file line.
+        templates.append(Template(name, str(tid), prompt, completion, str(path), tid.line,
                                   _slots(env, prompt, completion), compiled))
     return Task(name, str(spec.get("description", "")), templates, options and [str(o) for o in options], str(path))
 
@@ -254,9 +305,14 @@ def get_task(tasks: dict[str, Task], name: str, where: str = "the template libra
 
 
 def parse_fields(text: str) -> dict[str, str]:
-    """`"slot=column,slot=column"` → {slot: column}; "" → {}."""
+    """`"slot=column,slot=column"` → {slot: column}; "" → {}. An empty entry (`a=b,,c=d`, a
+    trailing comma) is an error: it is most likely a mapping that was lost."""
     mapping: dict[str, str] = {}
-    for item in filter(None, (part.strip() for part in text.split(","))):
+    if not text.strip():
+        return mapping
+    for number, item in enumerate((part.strip() for part in text.split(",")), start=1):
+        if not item:
+            raise ValueError(f"--fields {text!r}: entry {number} is empty; expected SLOT=COLUMN,SLOT=COLUMN")
         slot, sep, column = (s.strip() for s in item.partition("="))
         if not (sep and slot and column):
             raise ValueError(f"--fields: {item!r} is not SLOT=COLUMN")
@@ -267,7 +323,8 @@ def parse_fields(text: str) -> dict[str, str]:
 
 
 def _lookup(record: dict, column: str) -> Any:
-    """The value at a dotted path (`answers.text.0`), or MISSING; a null counts as missing."""
+    """The value at a dotted path (`answers.text.0`), MISSING where the path leads nowhere, or
+    NULL where it passes or ends at a null."""
     value: Any = record
     for key in column.split("."):
         if isinstance(value, dict) and key in value:
@@ -277,7 +334,7 @@ def _lookup(record: dict, column: str) -> Any:
         else:
             return MISSING
         if value is None:
-            return MISSING
+            return NULL
     return value
 
 
@@ -285,46 +342,95 @@ def slot_values(record: dict, task: Task, fields: dict[str, str], *, source: str
     """The values of `task`'s slots for one record (0-based `index` in `source`).
 
     ValueError naming source, record (1-based) and slot: a mapped column the record lacks, a
-    slot that some template reads and the record does not fill (naming that template), an
-    integer label out of the options' range.
+    slot that some template reads and the record does not fill or holds null in (naming that
+    template), a value that is no string or number (`options`: no list of strings), a label
+    that is neither one of the options nor an index into them.
     """
-    from posttrain.data.errors import short_repr
+    from posttrain.data.errors import short_repr, type_name
 
     where = f"{source}: record {index + 1}"
     values = {}
     for slot in task.slots:
         column = fields.get(slot, slot)
         value = _lookup(record, column)
-        if value is MISSING and slot == "options" and task.options:
+        if value in (MISSING, NULL) and slot == "options" and task.options:
             value = task.options
-        if value is MISSING:
+        if value is MISSING or value is NULL:
             user = next(t for t in task.templates if slot in t.slots)
-            hint = (f"--fields {slot}={column} names no column of it" if slot in fields
+            hint = (f"--fields {slot}={column} names no column of it" if slot in fields and value is MISSING
                     else f"map a column to it with --fields {slot}=COLUMN")
-            raise ValueError(f"{where}: template {user.name!r} needs slot {slot!r}, which the record lacks "
-                             f"(its fields: {', '.join(sorted(record))}); {hint}")
+            state = (f"which the record lacks (its fields: {', '.join(sorted(record))})" if value is MISSING
+                     else f"but the record's {column!r} is null")
+            raise ValueError(f"{where}: template {user.name!r} needs slot {slot!r}, {state}; {hint}")
+        if slot == "options":
+            if not (isinstance(value, list) and value and all(isinstance(o, str) for o in value)):
+                raise ValueError(f"{where}: slot 'options' (column {column!r}): expected a non-empty list of "
+                                 f"strings, got {type_name(value)} {short_repr(value)}")
+        elif isinstance(value, bool) or not isinstance(value, (str, int, float)):
+            raise ValueError(f"{where}: slot {slot!r} (column {column!r}): expected a string or a number, got "
+                             f"{type_name(value)} {short_repr(value)}")
         values[slot] = value
     label, options = values.get("label"), values.get("options")
-    if isinstance(label, int) and not isinstance(label, bool) and isinstance(options, list):
-        if not 0 <= label < len(options):
-            raise ValueError(f"{where}: slot 'label': {label} is no index into the {len(options)} options "
-                             f"{short_repr(options)}")
-        values["label"] = options[label]
+    if "label" in values and options is not None:
+        if isinstance(label, int):
+            if not 0 <= label < len(options):
+                raise ValueError(f"{where}: slot 'label': {label} is no index into the {len(options)} options "
+                                 f"{short_repr(options)}")
+            values["label"] = options[label]
+        elif label not in options:
+            raise ValueError(f"{where}: slot 'label': {short_repr(label)} is not one of the {len(options)} options "
+                             f"{short_repr(options)} nor an index into them")
     return values
+
+
+def _render_bounded(compiled, values: dict[str, Any]) -> str:
+    """The text `compiled` renders on `values`, at most MAX_TEXT characters, with MAX_LOOP
+    `range` items in all (SecurityError past either)."""
+    from jinja2.sandbox import SecurityError
+
+    chunks, size = [], 0
+    for chunk in compiled.generate({**values, "range": _LoopBudget().range}):
+        size += len(chunk)
+        if size > MAX_TEXT:
+            raise SecurityError(f"the text passes {MAX_TEXT} characters")
+        chunks.append(chunk)
+    return "".join(chunks)
+
+
+def _template_line(err: BaseException) -> int | None:
+    """The template line the error was raised on: Jinja2 rewrites tracebacks so that a
+    template's frames carry the file name "<template>" and its own line numbers."""
+    line, tb = None, err.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_code.co_filename == "<template>":
+            line = tb.tb_lineno
+        tb = tb.tb_next
+    return line
+
 
 
 def render(template: Template, values: dict[str, Any], *, source: str, index: int) -> dict[str, str]:
     """{"prompt", "completion"} of `template` on one record's slot values, each stripped.
-    ValueError naming template and record if rendering fails or gives an empty text."""
+    ValueError naming record, template, template file and line if rendering fails (a Jinja2
+    or Python error, the sandbox's bounds) or gives an empty text."""
     import jinja2
 
+    # What a template can raise while rendering: Jinja2's errors (undefined slots, the sandbox's
+    # SecurityError) and Python's from the operations it runs ({{ 1/0 }}, {{ text + 1 }}, 10 ** -1 // 0).
+    errors = (jinja2.TemplateError, TypeError, ValueError, ArithmeticError, LookupError, AttributeError)
     where = f"{source}: record {index + 1}: template {template.name!r}"
     out = {}
     for part, compiled in zip(("prompt", "completion"), template.compiled):
         try:
-            text = compiled.render(values).strip()
-        except jinja2.TemplateError as err:  # sandbox violations and strict undefined inside slots
-            raise ValueError(f"{where}: {part}: {type(err).__name__}: {str(err).splitlines()[0]}") from None
+            text = _render_bounded(compiled, values).strip()
+        except errors as err:
+            text_source, line = getattr(template, part), _template_line(err)
+            if line is not None and isinstance(text_source, _Located):
+                at = text_source.file_line(line)
+            else:
+                at = f"line {template.line}" + (f" (line {line} of the {part})" if line else "")
+            message = (str(err).splitlines() or [""])[0]
+            raise ValueError(f"{where}: {part} ({template.file}: {at}): {type(err).__name__}: {message}") from None
         if not text:
             raise ValueError(f"{where}: {part} renders empty")
         out[part] = text
@@ -364,8 +470,10 @@ def template_file(source: str, task: str, output: str, *, templates: str | None 
     from posttrain.scoring.files import check_output, write_jsonl_atomic
 
     mapping = parse_fields(fields)
-    chosen = get_task(load_templates(templates), task, templates or "the template library")
     check_output(output, source)
+    if templates is not None and Path(output).resolve() == Path(templates).resolve():
+        raise ValueError(f"--output {output} is the --templates file itself")
+    chosen = get_task(load_templates(templates), task, templates or "the template library")
     records = read_records(source)
     pairs = instruction_pairs(records, chosen, fields=mapping, per_record=per_record, seed=seed, source=source)
     write_jsonl_atomic(output, pairs)
@@ -389,7 +497,9 @@ def add_parser(data_sub: argparse._SubParsersAction, name: str) -> argparse.Argu
                    help="read a slot from another column, e.g. text=document,answer=answers.text.0")
     p.add_argument("--per-record", type=int, default=1, help="distinct phrasings written per record (default: 1)")
     p.add_argument("--seed", type=int, default=0, help="seed of the phrasing draw (default: 0)")
-    p.add_argument("--output", required=True, help="JSONL of {prompt, completion, template} for `posttrain sft`")
+    p.add_argument("--output", required=True,
+                   help="JSONL of {prompt, completion, template} for `posttrain sft`; an existing file is "
+                        "replaced (atomically, once every record has rendered)")
     return p
 
 

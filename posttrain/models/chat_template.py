@@ -244,15 +244,21 @@ def load_tokenizer_with_template(name_or_path: str, spec: str) -> tuple[PreTrain
 
 def save_with_chat_template(model: str, spec: str, output: str | os.PathLike) -> Path:
     """`model` with the template `spec` installed, saved as a new folder `output` (not one that
-    holds files) for the trainers that start from a chat model (rm, dpo, kto, ppo, grpo, rloo).
+    holds files, in a folder that exists) for the trainers that start from a chat model (rm, dpo,
+    kto, ppo, grpo, rloo).
 
     Written to `output.tmp` and renamed, so a failure leaves nothing behind. Returns `output`.
     """
     if not is_chat_template_spec(spec):
         raise ValueError(f"--template {spec!r} is not one of {SPEC_HELP}")
     out = Path(output)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ValueError(f"--output {str(out)!r} already exists and is not an empty folder")
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--output {str(out)!r} is an existing file; expected a new or empty folder")
+    if out.is_dir() and any(out.iterdir()):
+        raise ValueError(f"--output {str(out)!r} is a folder that holds files; expected a new or empty folder")
+    # As every other command: a typo in the parent should not make a new tree of folders.
+    if not out.parent.is_dir():
+        raise ValueError(f"--output {str(out)!r}: folder {str(out.parent)!r} does not exist")
     tokenizer, change = load_tokenizer_with_template(model, spec)
     lm = load_causal_lm(model)
     fit_model_to_tokenizer(lm, tokenizer, change)

@@ -319,7 +319,9 @@ def test_cli_exit_codes_for_signal_and_too_few_attempts(tmp_path, monkeypatch, c
      r"record 2: field 'id': 's-sky' is used twice"),
     ({"seeds": SEEDS[:1]}, r"--seed-tasks: 1 seed tasks; --examples=2 needs at least as many"),
     ({"flags": ["--rouge-threshold", "0"]}, r"--rouge-threshold=0.0 must be in \(0, 1\]"),
-    ({"flags": ["--generated-examples", "3"]}, r"--generated-examples=3 must be in \[0, examples\]"),
+    ({"flags": ["--generated-examples", "3"]}, r"--generated-examples=3 must be in \[0, --examples=2\]"),
+    ({"flags": ["--min-instruction-words", "10", "--max-instruction-words", "5"]},
+     r"--max-instruction-words=5 must be ≥ --min-instruction-words=10$"),
     ({"flags": ["--blocklist", "/nonexistent/words.txt"]}, r"--blocklist /nonexistent/words.txt: no such file"),
     ({"flags": ["--max-new-tokens", "2000"]}, r"--max-new-tokens=2000: a prompt showing the 2 longest seed tasks"),
 ])
@@ -328,7 +330,7 @@ def test_bad_input_is_a_one_line_error_and_nothing_is_written(tmp_path, capsys, 
     argv = cli(tmp_path, *flags, seeds=change.get("seeds", SEEDS), guidelines=change.get("guidelines", GUIDELINES))
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("posttrain data: error:") and len(err.splitlines()) == 1
+    assert re.match(r"posttrain data( generate)?: error:", err) and len(err.splitlines()) == 1
     assert re.search(message, err), err
     assert not (tmp_path / "gen.jsonl").exists()
 
@@ -371,3 +373,71 @@ def test_the_shipped_seed_tasks_and_guidelines_pass_the_filters():
     for i, task in enumerate(seeds):
         score, _ = self_instruct.most_similar(task.instruction, seeds[:i], scorer)
         assert score < settings.rouge_threshold, task.id
+
+
+# --- fresh-user findings --------------------------------------------------------------------
+
+def test_max_attempts_is_an_exact_bound_and_a_larger_one_continues_to_the_same_file(tmp_path):
+    """`--max-attempts 1` sampled a whole round (8 candidates) and 20 sampled 24: now the last
+    round is cut to the attempts left, and its candidates are the first ones of the whole round."""
+    summary, _ = generate(tmp_path, tmp_path / "one.jsonl", hashed(), n=50, max_attempts=1,
+                          settings=GenerateSettings())
+    assert summary.sampled == 1
+    summary, _ = generate(tmp_path, tmp_path / "twenty.jsonl", hashed(), n=50, max_attempts=20,
+                          settings=GenerateSettings())
+    assert summary.sampled == 20  # 2 rounds of 2 prompts × 4 samples, then 4 of the third: its first prompt
+    # SETTINGS: 4 candidates a round. 6 attempts = round 0 and half of round 1; a re-run with 12
+    # ends with the file one run with 12 writes.
+    whole, _ = generate(tmp_path, tmp_path / "whole.jsonl", hashed(), n=50, max_attempts=12)
+    assert whole.sampled == 12
+    cut, _ = generate(tmp_path, tmp_path / "resumed.jsonl", hashed(), n=50, max_attempts=6)
+    assert cut.sampled == 6
+    generate(tmp_path, tmp_path / "resumed.jsonl", hashed(), n=50, max_attempts=12)
+    assert (tmp_path / "resumed.jsonl").read_bytes() == (tmp_path / "whole.jsonl").read_bytes()
+    assert whole.accepted > 0
+
+
+def test_a_cut_round_samples_the_first_prompts_whole_then_part_of_one(tmp_path):
+    complete = scripted([" Name three rivers of Europe.\nOutput: Rhine, Danube, Seine.",
+                         " Convert ten miles into kilometres.\nOutput: About 16 km.",
+                         " Suggest a title for a cooking blog.\nOutput: Pan and Plate."])
+    summary, _ = generate(tmp_path, tmp_path / "gen.jsonl", complete, n=50, max_attempts=3)
+    # SETTINGS: 2 prompts × 2 samples; 3 attempts = prompt 1 whole, then 1 sample of prompt 2.
+    assert [len(call) for call in complete.prompts] == [1, 1] and summary.sampled == 3
+    assert complete.prompts[0][0].source_index == 0 and complete.prompts[1][0].source_index == 1
+    assert [r["self_instruct"]["slot"] for r in read_jsonl(tmp_path / "gen.jsonl")] == [0, 1, 2]
+
+
+def test_the_blocklist_file_is_not_overwritten_by_output(tmp_path, capsys):
+    (tmp_path / "words.txt").write_text("banana\n")
+    argv = cli(tmp_path, "--n", "3", "--blocklist", str(tmp_path / "words.txt"))
+    argv[argv.index("--output") + 1] = str(tmp_path / "." / "words.txt")
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith(f"--output {tmp_path / '.' / 'words.txt'} is the --blocklist file itself")
+    assert (tmp_path / "words.txt").read_text() == "banana\n"
+
+
+def test_guidelines_in_latin1_or_a_folder_name_the_file(tmp_path, capsys):
+    argv = cli(tmp_path, "--n", "3")
+    (tmp_path / "l1gl.txt").write_bytes("caf\xe9 guidelines: write short tasks.".encode("latin-1"))  # 0xe9 at byte 3
+    argv[argv.index("--guidelines") + 1] = str(tmp_path / "l1gl.txt")
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"--guidelines {tmp_path / 'l1gl.txt'}: not UTF-8 text (invalid continuation byte at byte 3)" in err
+    (tmp_path / "adir").mkdir()
+    argv[argv.index("--guidelines") + 1] = str(tmp_path / "adir")
+    assert main(argv) == 2
+    assert capsys.readouterr().err.strip().endswith(f"--guidelines {tmp_path / 'adir'}: is a folder; expected a "
+                                                    "text file")
+    assert not (tmp_path / "gen.jsonl").exists()
+
+
+def test_a_prompt_past_the_model_is_one_line_without_the_transformers_warning(tmp_path, capfd, caplog):
+    long_guidelines = " ".join(WORDS * 120)  # 3,600 words, past the tiny model's 2,048 positions
+    assert main(cli(tmp_path, "--n", "3", guidelines=long_guidelines)) == 2
+    err = capfd.readouterr().err.strip()
+    # Under pytest the transformers logger's records land in caplog rather than on stderr.
+    assert not [r for r in caplog.records if "Token indices sequence length" in r.getMessage()]
+    assert "Token indices sequence length" not in err and len(err.splitlines()) == 1
+    assert re.search(r"--max-new-tokens=40: a prompt showing the 2 longest seed tasks has \d+ tokens", err), err

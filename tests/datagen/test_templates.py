@@ -5,6 +5,7 @@ spread evenly; sources from CSV and a `save_to_disk` folder with a ClassLabel co
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -197,7 +198,8 @@ def test_a_user_template_file_renders_in_the_sandbox(tmp_path):
     assert code == 0
     assert [(r["prompt"], r["completion"]) for r in read_jsonl(out)] == [("Greet ADA.", "Hello, Ada!")]
     # The sandbox refuses the dunder walk that reaches Python's internals; the error names template and record.
-    with pytest.raises(ValueError, match=r"names.jsonl: record 1: template 'escape/mro': prompt: \w+Error"):
+    with pytest.raises(ValueError, match=r"names.jsonl: record 1: template 'escape/mro': prompt \(.*mine.yaml: "
+                                         r"line 10 \(line 1 of the string\)\): SecurityError"):
         instruction_pairs([{"name": "Ada"}], tasks["escape"], source=str(data))
     with pytest.raises(ValueError, match=r"--per-record 2: expected 1 to 1"):
         instruction_pairs([{"name": "Ada"}], tasks["greet"], per_record=2)
@@ -230,3 +232,102 @@ def test_csv_and_a_saved_dataset_with_integer_class_labels(tmp_path):
     assert code == 0 and "postponed" in read_jsonl(out)[0]["completion"]
     with pytest.raises(ValueError, match=r"record 1: slot 'label': 2 is no index into the 2 options"):
         instruction_pairs([{"text": "x", "label": 2}], LIBRARY["sentiment"])
+
+
+
+# --- fresh-user findings --------------------------------------------------------------------
+
+def test_output_may_not_be_the_template_file(tmp_path, capsys):
+    """`--templates ok3.yaml --output ok3.yaml` exited 0 and replaced the YAML."""
+    yaml_text = 'tasks:\n  greet:\n    templates:\n      - {id: a, prompt: "Hi {{ name }}", completion: "Hello"}\n'
+    (tmp_path / "ok3.yaml").write_text(yaml_text)
+    data = write_jsonl(tmp_path / "names.jsonl", [{"name": "Ada"}])
+    code = main(["data", "template", "--source", str(data), "--task", "greet",
+                 "--templates", str(tmp_path / "ok3.yaml"), "--output", str(tmp_path / "." / "ok3.yaml")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.endswith(f"--output {tmp_path / '.' / 'ok3.yaml'} is the --templates file itself")
+    assert (tmp_path / "ok3.yaml").read_text() == yaml_text
+
+
+RUNTIME = [
+    ("{{ 1/0 }}", r"ZeroDivisionError: division by zero"),
+    ("{{ text + 1 }}", r"TypeError: can only concatenate str"),
+    ("{% for i in range(100000000) %}{{ i }}{% endfor %}", r"SecurityError: the loops' ranges give more than 1000000"),
+    # Each range is small, together they are 10^10 iterations.
+    ("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}{{ text }}",
+     r"SecurityError: the loops' ranges give more than 1000000"),
+    ("{{ text * 100000000 }}", r"SecurityError: '\*' would make 200000000 items"),
+    ("{{ 9 ** 100000000 }}", r"SecurityError: '\*\*' would make a number"),
+    # Caught between chunks of output, outside the template's code: the template's entry (line 7) is named.
+    ("{% for i in range(90000) %}{{ text }}{{ text }}{{ text }}{{ text }}{{ text }}{{ text }}{% endfor %}",
+     r"line 7\): SecurityError: the text passes 1000000 characters"),
+]
+
+
+@pytest.mark.parametrize("prompt, message", RUNTIME)
+def test_a_runtime_error_in_a_template_is_one_line_naming_file_line_template_and_record(tmp_path, capsys, prompt,
+                                                                                         message):
+    """{{ 1/0 }}, {{ text + 1 }} and a huge range were "internal error … (run again with --debug)", exit 1."""
+    path = tmp_path / "bad.yaml"
+    path.write_text("tasks:\n  t:\n    templates:\n      - id: ok\n        prompt: '{{ text }}'\n"
+                    "        completion: x\n      - id: broken\n        prompt: |\n          Read this.\n"
+                    f"          {prompt}\n        completion: x\n")
+    data = write_jsonl(tmp_path / "d.jsonl", [{"text": "ok"}, {"text": "hi"}])
+    code, out = template(tmp_path, "--source", str(data), "--task", "t", "--templates", str(path), "--per-record", "2")
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and not out.exists() and len(err.splitlines()) == 1
+    # File line 10 is the block's second line, the one with the failing expression.
+    if not message.startswith("line"):
+        message = r"line 10\): " + message
+    assert re.search(rf"d.jsonl: record 1: template 't/broken': prompt \(.*bad.yaml: {message}", err), err
+
+
+def test_labels_outside_the_options_and_values_that_are_no_text_are_refused(tmp_path, capsys):
+    """{"text":"ok","label":"neutral"} wrote completion "neutral"; "label": true wrote "True";
+    "text": {"a": 1} wrote a Python repr."""
+    sentiment = LIBRARY["sentiment"]
+    cases = [({"text": "ok", "label": "neutral"},
+              r"record 1: slot 'label': 'neutral' is not one of the 2 options \['negative', 'positive'\] nor an "
+              r"index into them"),
+             ({"text": "ok", "label": True}, r"record 1: slot 'label' \(column 'label'\): expected a string or a "
+                                             r"number, got boolean True"),
+             ({"text": {"a": 1}, "label": "positive"},
+              r"record 1: slot 'text' \(column 'text'\): expected a string or a number, got object \{'a': 1\}"),
+             ({"text": "ok", "label": 5}, r"record 1: slot 'label': 5 is no index into the 2 options")]
+    for record, message in cases:
+        data = write_jsonl(tmp_path / "s.jsonl", [record])
+        code, out = template(tmp_path, "--source", str(data), "--task", "sentiment")
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and not out.exists() and len(err.splitlines()) == 1
+        assert re.search(message, err), err
+    # The options' own names and integer indices still render.
+    pairs = instruction_pairs([{"text": "ok", "label": "positive"}, {"text": "ok", "label": 0}], sentiment)
+    assert "positive" in pairs[0]["completion"] and "negative" in pairs[1]["completion"]
+    with pytest.raises(ValueError, match=r"slot 'options' \(column 'options'\): expected a non-empty list of strings"):
+        instruction_pairs([{"text": "ok", "label": "a", "options": "a or b"}], sentiment)
+
+
+def test_a_null_field_is_called_null_and_an_empty_fields_entry_is_an_error(tmp_path, capsys):
+    with pytest.raises(ValueError, match=r"record 1: template 'sentiment/\w+' needs slot 'text', but the record's "
+                                         r"'text' is null; map a column"):
+        instruction_pairs([{"text": None, "label": "positive"}], LIBRARY["sentiment"])
+    data = write_jsonl(tmp_path / "r.jsonl", [{"review": "Fine.", "stars": "positive"}])
+    code, out = template(tmp_path, "--source", str(data), "--task", "sentiment", "--fields", "text=review,,label=stars")
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and not out.exists()
+    assert err.endswith("--fields 'text=review,,label=stars': entry 2 is empty; expected SLOT=COLUMN,SLOT=COLUMN")
+    with pytest.raises(ValueError, match="entry 2 is empty"):
+        parse_fields("text=review,")
+    assert parse_fields("") == {} and parse_fields(" text = review ") == {"text": "review"}
+
+
+def test_the_summary_counts_in_the_singular(tmp_path, capsys):
+    data = write_jsonl(tmp_path / "one.jsonl", [{"text": "Fine.", "label": "positive"}])
+    code, out = template(tmp_path, "--source", str(data), "--task", "sentiment")
+    assert code == 0
+    line = capsys.readouterr().out.strip()
+    assert line.startswith(f"read 1 record from {data}; wrote 1 instruction pair (task sentiment, 1 phrasing: ")
+    # --output replaces an existing file.
+    out.write_text("old\n")
+    assert template(tmp_path, "--source", str(data), "--task", "sentiment")[0] == 0
+    assert read_jsonl(out)[0]["template"]["source_index"] == 0

@@ -113,3 +113,74 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, args, messag
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1
     assert not out.exists() and not list(tmp_path.glob(".mix.jsonl*"))
+
+
+# --- fresh-user findings --------------------------------------------------------------------
+
+def run_mix(tmp_path, capsys, *args: str) -> tuple[int, str]:
+    out = tmp_path / "mix.jsonl"
+    code = main(["data", "mix", *args, "--output", str(out)])
+    return code, capsys.readouterr().err.strip()
+
+
+def test_a_weight_that_is_no_number_is_named(tmp_path, capsys, monkeypatch):
+    """`data mix A.jsonl:abc B.jsonl` said "unsupported file type '.jsonl'; expected .jsonl, …"."""
+    monkeypatch.chdir(tmp_path)
+    write_jsonl(tmp_path / "A.jsonl", [{"prompt": "p", "completion": "c"}] * 3)
+    write_jsonl(tmp_path / "B.jsonl", [{"prompt": "q", "completion": "d"}] * 3)
+    code, err = run_mix(tmp_path, capsys, "A.jsonl:abc", "B.jsonl", "--n", "4")
+    assert code == 2 and err.endswith("A.jsonl:abc: weight 'abc' is not a number") and len(err.splitlines()) == 1
+    with pytest.raises(ValueError, match="weight 'x' is not a number"):
+        parse_source("missing.parquet:x")
+    # A hub id with a split is still a source without a weight, and so is a file whose name has a colon.
+    (tmp_path / "c:d.jsonl").write_text("")
+    assert parse_source("org/name:train[:10]").weight is None and parse_source("c:d.jsonl").path == "c:d.jsonl"
+    assert not (tmp_path / "mix.jsonl").exists()
+
+
+def test_the_same_file_by_another_path_is_given_twice(tmp_path, capsys, monkeypatch):
+    """`data mix A.jsonl ./A.jsonl` was accepted."""
+    monkeypatch.chdir(tmp_path)
+    write_jsonl(tmp_path / "A.jsonl", [{"prompt": "p", "completion": "c"}] * 3)
+    code, err = run_mix(tmp_path, capsys, "A.jsonl", "./A.jsonl", "--n", "4")
+    assert code == 2 and err.endswith("source given twice: ./A.jsonl (= A.jsonl)")
+    assert not (tmp_path / "mix.jsonl").exists()
+
+
+def test_records_posttrain_sft_cannot_read_are_refused_unless_any_shape(tmp_path, capsys):
+    """Mixing {text, label} with {prompt, completion} exited 0 and failed later in sft."""
+    a = write_jsonl(tmp_path / "a.jsonl", [{"text": "fine", "label": "positive"}] * 2)
+    b = write_jsonl(tmp_path / "b.jsonl", [{"prompt": "p", "completion": "c"}] * 2)
+    code, err = run_mix(tmp_path, capsys, str(b), str(a), "--n", "4")
+    assert code == 2 and len(err.splitlines()) == 1 and f"{a}: record 1: " in err, err
+    assert not (tmp_path / "mix.jsonl").exists()
+    # Every sft shape mixes; --any-shape mixes anything.
+    c = write_jsonl(tmp_path / "c.jsonl", [{"messages": [{"role": "user", "content": "u"},
+                                                         {"role": "assistant", "content": "a"}]},
+                                           {"instruction": "i", "input": "", "output": "o"}])
+    assert run_mix(tmp_path, capsys, str(b), str(c), "--n", "4")[0] == 0
+    assert run_mix(tmp_path, capsys, str(b), str(a), "--n", "4", "--any-shape")[0] == 0
+    assert len(read_jsonl(tmp_path / "mix.jsonl")) == 4
+
+
+def test_n_far_beyond_the_sources_is_refused_up_front(tmp_path, capsys):
+    """`data mix … --n 100000000` was OOM-killed."""
+    a = write_jsonl(tmp_path / "a.jsonl", [{"prompt": "p", "completion": "c"}] * 3)
+    b = write_jsonl(tmp_path / "b.jsonl", [{"prompt": "q", "completion": "d"}] * 3)
+    code, err = run_mix(tmp_path, capsys, str(a), str(b), "--n", "100000000")
+    assert code == 2 and err.endswith("--n 100000000: expected 1 to 10000000 records")
+    code, err = run_mix(tmp_path, capsys, str(a), str(b), "--n", "601")
+    assert code == 2 and err.endswith("--n 601 is more than 100 × the 6 records of the sources (600)")
+    assert not (tmp_path / "mix.jsonl").exists()
+    assert run_mix(tmp_path, capsys, str(a), str(b), "--n", "600")[0] == 0
+
+
+def test_the_closing_lines_count_in_the_singular_and_output_is_replaced(tmp_path, capsys):
+    a = write_jsonl(tmp_path / "a.jsonl", [{"prompt": "p", "completion": "c"}])
+    out = tmp_path / "mix.jsonl"
+    out.write_text("old\n")
+    assert main(["data", "mix", str(a), "--n", "1", "--output", str(out)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == f"wrote 1 record to {out}"
+    assert lines[1].startswith(f"  {a}: 1 of 1 record (100.0% of the mixture")
+    assert read_jsonl(out) == [{"prompt": "p", "completion": "c", "mix": {"source": str(a), "index": 0}}]

@@ -234,7 +234,23 @@ def test_chat_template_command_writes_a_folder_every_command_loads(base_path, tm
     assert AutoTokenizer.from_pretrained(out).pad_token == "<|im_end|>"
     # A second run into the same folder, and a bad template, stop with one line and write nothing.
     assert main(["chat-template", "--model", str(base_path), "--template", "chatml", "--output", str(out)]) == 2
-    assert "already exists" in capsys.readouterr().err
+    assert "is a folder that holds files; expected a new or empty folder" in capsys.readouterr().err
     bad = tmp_path / "bad"
     assert main(["chat-template", "--model", str(base_path), "--template", "x.txt", "--output", str(bad)]) == 2
     assert not bad.exists() and not (tmp_path / "bad.tmp").exists()
+
+
+def test_chat_template_refuses_a_missing_parent_folder_and_an_existing_file(base_path, tmp_path, monkeypatch,
+                                                                           capsys):
+    """Fresh-user findings: `--output nodir/sub/ct5` made the missing folders, and `--output
+    A.jsonl` (an existing file) was called "not an empty folder"."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["chat-template", "--model", str(base_path), "--template", "chatml", "--output", "nodir/sub/ct5"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith("--output 'nodir/sub/ct5': folder 'nodir/sub' does not exist") and len(err.splitlines()) == 1
+    assert not (tmp_path / "nodir").exists()
+    (tmp_path / "A.jsonl").write_text("{}\n")
+    assert main(["chat-template", "--model", str(base_path), "--template", "chatml", "--output", "A.jsonl"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith("--output 'A.jsonl' is an existing file; expected a new or empty folder")
+    assert (tmp_path / "A.jsonl").read_text() == "{}\n"
