@@ -45,6 +45,9 @@ MAX_BODY_BYTES = 16 * 1024
 """Largest request body: a label with a MAX_COMMENT_CHARS comment fits with room to spare."""
 MAX_COMMENT_CHARS = 2000
 SUBMIT_ID = re.compile(r"^[A-Za-z0-9_-]{8,64}$")
+MAX_ITEM_ID = 2**63 - 1
+"""SQLite's largest integer: an item id past it cannot even be looked up (Python's sqlite3 raises
+OverflowError), so it is refused as out of range."""
 SECURITY_HEADERS = {
     "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; "
                                "img-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
@@ -92,6 +95,17 @@ def _json_body(fields: dict[str, type | tuple[type, ...]], required: tuple[str, 
         if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds):
             raise BadRequest(f"malformed body: field {name!r} has the wrong type ({type(value).__name__})")
     return body
+
+
+def _item_id(body: dict[str, Any]) -> int | None:
+    """The body's "item_id" (an int or None, as _json_body checked), refused unless it is an item
+    id SQLite can hold: 1 to MAX_ITEM_ID."""
+    item_id = body["item_id"]
+    if item_id is not None and not 1 <= item_id <= MAX_ITEM_ID:
+        text = str(item_id)
+        raise BadRequest(f"malformed body: field 'item_id' out of range: expected 1 to {MAX_ITEM_ID}, got "
+                         f"{text if len(text) <= 40 else text[:37] + '...'}")
+    return item_id
 
 
 def _item_json(mode: str, a: Assignment | None) -> dict[str, Any] | None:
@@ -214,13 +228,13 @@ def _add_routes(app: Flask, db: AnnotationDB, mode: str, per_item: int) -> None:
         except UnicodeEncodeError as err:
             raise BadRequest(f"malformed body: field 'comment' holds a lone surrogate at character {err.start} "
                              "(not valid Unicode text)") from None
-        stored = db.submit(g.annotator.id, submit_id=body["submit_id"], item_id=body["item_id"],
+        stored = db.submit(g.annotator.id, submit_id=body["submit_id"], item_id=_item_id(body),
                            screen_choice=body["choice"], comment=comment)
         return jsonify(saved=True, repeated=not stored, progress=progress())
 
     @app.post("/api/undo")
     def undo() -> Response:
         body = _json_body({"item_id": (int, type(None))}, ("item_id",))
-        undone = db.undo(g.annotator.id, shown_item_id=body["item_id"])
+        undone = db.undo(g.annotator.id, shown_item_id=_item_id(body))
         return jsonify(undone=undone, item=_item_json(mode, db.next_item(g.annotator.id, per_item)),
                        progress=progress())

@@ -18,6 +18,9 @@ better?) or one reply (mode "single": good or bad?). Per input record:
   mode its chosen and its rejected reply, as two items.
 * `{prompt, completion}` (single mode only): the completion.
 
+A file holds one of these record kinds; a file mixing them is refused (a record's "messages",
+when present, must be a conversation, not a string).
+
 An item is identified by a hash of its prompt and replies (the replies' order ignored), so
 loading a file twice, or two files that share a pair, adds each item once.
 """
@@ -31,9 +34,12 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from posttrain.annotate import MODES
+from posttrain.annotate import MODES, plural
 from posttrain.data import RecordError, preference_pairs, sampled_responses, sft_messages
+from posttrain.data.errors import short_repr
 
+KIND_NAMES = {"samples": "samples {prompt | messages, responses}", "pair": "preference {prompt, chosen, rejected}",
+              "completion": "{prompt, completion}"}
 RECORD_HELP = "{prompt | messages, responses} | {prompt, chosen, rejected} | {prompt, completion} (single mode)"
 
 
@@ -67,16 +73,17 @@ class LoadSummary:
     skipped_prompts: Counter = field(default_factory=Counter)
     """Prompts that gave no item, by reason."""
     left_out_responses: Counter = field(default_factory=Counter)
-    """Responses that were not used, by reason."""
+    """Responses that were not used, by reason ("empty", "repeated")."""
 
     def line(self, source: str) -> str:
-        parts = [f"{source}: read {self.records} records, formed {self.items} items "
+        parts = [f"{source}: read {plural(self.records, 'record')}, formed {plural(self.items, 'item')} "
                  f"({self.added} new, {self.items - self.added} already loaded)"]
         if self.skipped_prompts:
-            parts.append(f"skipped {sum(self.skipped_prompts.values())} prompts ("
+            parts.append(f"skipped {plural(sum(self.skipped_prompts.values()), 'prompt')} ("
                          + ", ".join(f"{n} {why}" for why, n in self.skipped_prompts.most_common()) + ")")
         if self.left_out_responses:
-            parts.append("left out " + ", ".join(f"{n} {why}" for why, n in self.left_out_responses.most_common()))
+            parts.append("left out " + ", ".join(plural(n, f"{why} response")
+                                                 for why, n in self.left_out_responses.most_common()))
         return "; ".join(parts)
 
 
@@ -86,9 +93,9 @@ def usable_responses(responses: list[str]) -> tuple[list[int], Counter]:
     kept, seen, left_out = [], set(), Counter()
     for i, text in enumerate(responses):
         if not text.strip():
-            left_out["empty responses"] += 1
+            left_out["empty"] += 1
         elif text in seen:
-            left_out["repeated responses"] += 1
+            left_out["repeated"] += 1
         else:
             kept.append(i)
             seen.add(text)
@@ -135,8 +142,23 @@ def items_from_records(records: list[dict], *, source: str, mode: str,
     if pairs_per_prompt < 0:
         raise ValueError(f"--pairs-per-prompt {pairs_per_prompt}: expected ≥ 0 (0: every pair)")
     items, summary = [], LoadSummary(records=len(records))
+    first_kind = None
     for index, record in enumerate(records):
         kind = _kind(record, source, index, mode)
+        first_kind = first_kind or kind
+        if kind != first_kind:
+            # Replies to compare and pairs to verify are different tasks (status counts agreement
+            # with a file's preferences), so one file, and one load, holds one of them.
+            field_name = next(k for k in ("responses", "chosen", "rejected", "completion") if record.get(k) is not None)
+            raise RecordError(source, index + 1, field_name, f"a {KIND_NAMES[kind]} record, but record 1 is a "
+                              f"{KIND_NAMES[first_kind]} record; put each kind in a file of its own",
+                              reason="mixed record shapes")
+        if isinstance(record.get("messages"), str):
+            # The data layer reads a string prompt as one user turn; "messages" names a
+            # conversation, so a string there is a wrong field, not a prompt.
+            raise RecordError(source, index + 1, "messages", "expected a list of {role, content} messages, got "
+                              f"string {short_repr(record['messages'])} (a text prompt goes in 'prompt')",
+                              reason="non-list messages")
         where = {"file": source, "record": index}
         if kind == "samples":
             sample = sampled_responses(record, source=source, index=index, min_responses=0)

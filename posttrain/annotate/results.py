@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from itertools import combinations
 from typing import Any
 
+from posttrain.annotate import plural
 from posttrain.annotate.storage import PAIR_CHOICES, SINGLE_CHOICES, AnnotationDB
 
 EXPORT_VOTE_NAMES = {"first": "chosen", "second": "rejected"}
@@ -100,8 +101,9 @@ def _votes(db: AnnotationDB) -> tuple[dict[int, dict[str, str]], dict[int, list[
 
 
 def status(db: AnnotationDB) -> dict[str, Any]:
-    """Progress, labels per annotator, agreement and the share of each choice, as plain data."""
-    mode, per_item = db.mode or "pair", db.per_item or 1
+    """Progress, labels per annotator, agreement and the share of each choice, as plain data.
+    mode is None (and choices empty) while the database holds no items."""
+    mode, per_item = db.mode, db.per_item or 1
     labels, _ = _votes(db)
     items = db.items()
     counts = [len(labels.get(row["id"], {})) for row in items]
@@ -113,7 +115,7 @@ def status(db: AnnotationDB) -> dict[str, Any]:
         "complete": sum(c >= per_item for c in counts), "started": sum(0 < c < per_item for c in counts),
         "unlabelled": sum(c == 0 for c in counts), "labels": n_labels,
         "annotators": {name: per_annotator.get(name, 0) for name in db.annotators()},
-        "choices": {c: choices.get(c, 0) for c in (PAIR_CHOICES if mode == "pair" else SINGLE_CHOICES)},
+        "choices": {c: choices.get(c, 0) for c in {"pair": PAIR_CHOICES, "single": SINGLE_CHOICES, None: ()}[mode]},
         "agreement": agreement(labels),
     }
     if mode == "pair":
@@ -129,7 +131,10 @@ def status(db: AnnotationDB) -> dict[str, Any]:
 def format_status(s: dict[str, Any]) -> str:
     """The status as the lines `posttrain annotate status` prints."""
     pct = lambda x: "n/a" if x is None else f"{100 * x:.1f}%"  # noqa: E731
-    lines = [f"{s['db']}: {s['mode']} mode, {s['per_item']} label(s) wanted per item",
+    if s["mode"] is None:
+        return (f"{s['db']}: no items yet (`posttrain annotate serve --db {s['db']} --data FILE` loads them)\n"
+                "annotators: " + (", ".join(s["annotators"]) or "none yet"))
+    lines = [f"{s['db']}: {s['mode']} mode, {plural(s['per_item'], 'label')} wanted per item",
              f"items: {s['items']} — {s['complete']} complete, {s['started']} started, {s['unlabelled']} unlabelled",
              f"labels: {s['labels']} — " + ", ".join(f"{c} {n}" for c, n in s["choices"].items())]
     if s["mode"] == "pair":
@@ -138,9 +143,10 @@ def format_status(s: dict[str, Any]) -> str:
     a = s["agreement"]
     if a["items"]:
         kappa = "n/a" if a["kappa"] is None else f"{a['kappa']:.3f}"
-        lines.append(f"agreement on {a['items']} items labelled more than once: raw {pct(a['raw'])} of "
-                     f"{a['label_pairs']} label pairs; Cohen's kappa {kappa} (mean over {a['annotator_pairs']} "
-                     f"annotator pairs, weighted by shared items; {a['annotator_pairs_undefined']} undefined)")
+        lines.append(f"agreement on {plural(a['items'], 'item')} labelled more than once: raw {pct(a['raw'])} of "
+                     f"{plural(a['label_pairs'], 'label pair')}; Cohen's kappa {kappa} (mean over "
+                     f"{plural(a['annotator_pairs'], 'annotator pair')}, weighted by shared items; "
+                     f"{a['annotator_pairs_undefined']} undefined)")
     else:
         lines.append("agreement: no item labelled more than once yet")
     v = s.get("verified")
@@ -150,6 +156,10 @@ def format_status(s: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+LEFT_OUT_SINGULAR = {"split votes": "split vote", "ties by majority": "tie by majority"}
+"""ExportSummary.left_out's reasons that read differently after a count of 1."""
+
+
 @dataclass
 class ExportSummary:
     items: int = 0
@@ -157,11 +167,14 @@ class ExportSummary:
     left_out: Counter = field(default_factory=Counter)
 
     def left_out_text(self) -> str:
-        return "left out " + ", ".join(f"{n} {why}" for why, n in self.left_out.most_common()) if self.left_out \
-            else "no items"
+        if not self.left_out:
+            return "no items"
+        return "left out " + ", ".join(f"{n} {LEFT_OUT_SINGULAR.get(why, why) if n == 1 else why}"
+                                       for why, n in self.left_out.most_common())
 
     def line(self, output: str) -> str:
-        text = f"wrote {self.written} records to {output} from {self.items} items (majority vote)"
+        text = (f"wrote {plural(self.written, 'record')} to {output} from {plural(self.items, 'item')} "
+                "(majority vote)")
         return text + (f"; {self.left_out_text()}" if self.left_out else "")
 
 
@@ -178,7 +191,7 @@ def export_records(db: AnnotationDB, *, min_votes: int = 1) -> tuple[list[dict],
     """The records the labels give (module docstring), in item order, and the summary."""
     if min_votes < 1:
         raise ValueError(f"--min-votes {min_votes}: expected ≥ 1")
-    mode = db.mode or "pair"
+    mode = db.mode
     labels, comments = _votes(db)
     out, summary = [], ExportSummary()
     for row in db.items():

@@ -43,6 +43,10 @@ if TYPE_CHECKING:  # items.py loads the data layer (and torch); the server needs
     from posttrain.annotate.items import Item
 
 SCHEMA_VERSION = "1"
+DB_SUFFIXES = (".sqlite", ".sqlite3", ".db")
+"""The names a new database may have."""
+SQLITE_HEADER = b"SQLite format 3\x00"
+"""The first 16 bytes of every SQLite database file (sqlite.org/fileformat2.html, "The Database Header")."""
 ASSIGNMENT_TTL_S = 30 * 60
 """How long an item stays reserved for an annotator who opened it and went away."""
 
@@ -126,17 +130,39 @@ def choice_to_screen(mode: str, choice: str, left_reply: int) -> str:
     return choice
 
 
+def check_db_path(path: Path, *, create: bool) -> None:
+    """Raise unless `path` is an SQLite file, or (create) a new file that may become one: its
+    folder exists and its name ends in one of DB_SUFFIXES. FileNotFoundError for a missing file
+    or folder, ValueError for anything else, each one line naming the path."""
+    if path.is_dir():
+        raise ValueError(f"--db {path}: is a folder; expected an SQLite file, such as {path / 'annotations.sqlite'}")
+    if path.exists() and not path.is_file():
+        raise ValueError(f"--db {path}: not a regular file; expected an SQLite file")
+    if path.is_file():
+        with path.open("rb") as f:
+            head = f.read(len(SQLITE_HEADER))
+        # An empty file is an empty SQLite database (SQLite's own convention); anything else must
+        # start with SQLite's header, so a data file given as --db is refused, not overwritten.
+        if head and head != SQLITE_HEADER:
+            raise ValueError(f"--db {path}: not an SQLite database (it starts with {head[:16]!r})")
+        return
+    if not create:
+        raise FileNotFoundError(f"--db {path}: no such file (`posttrain annotate serve` creates it)")
+    if path.suffix.lower() not in DB_SUFFIXES:
+        names = f"{', '.join(DB_SUFFIXES[:-1])} or {DB_SUFFIXES[-1]}"
+        raise ValueError(f"--db {path}: a new database's name must end in {names} (so that a mistyped data file "
+                         "path does not become a database)")
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"--db {path}: folder {path.parent} does not exist")
+
+
 class AnnotationDB:
     """The database at `path`; safe to share between threads (one connection per thread,
     writes serialised by a lock here and by `BEGIN IMMEDIATE` across processes)."""
 
     def __init__(self, path: str | Path, *, create: bool = False):
         self.path = Path(path)
-        if not self.path.is_file():
-            if not create:
-                raise FileNotFoundError(f"--db {path}: no such file (`posttrain annotate serve` creates it)")
-            if not self.path.parent.is_dir():
-                raise FileNotFoundError(f"--db {path}: folder {self.path.parent} does not exist")
+        check_db_path(self.path, create=create)
         self._local = threading.local()
         self._write_lock = threading.Lock()
         try:
@@ -195,6 +221,12 @@ class AnnotationDB:
             con.close()
             self._local.con = None
 
+    def __enter__(self) -> AnnotationDB:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
     # ---- meta ---------------------------------------------------------------------------
 
     def meta(self, key: str) -> str | None:
@@ -217,9 +249,10 @@ class AnnotationDB:
 
     # ---- items --------------------------------------------------------------------------
 
-    def add_items(self, items: list[Item], mode: str) -> int:
-        """Store the items not already stored (by Item.key), in one transaction; how many were new.
-        ValueError if the database holds items of the other mode."""
+    def add_items(self, items: list[Item], mode: str, *, per_item: int | None = None) -> int:
+        """Store the items not already stored (by Item.key), and `per_item` as the per-item
+        target if given, in one transaction; how many items were new. ValueError if the
+        database holds items of the other mode."""
         if mode not in MODES:
             raise ValueError(f"--mode {mode!r}: expected one of {list(MODES)}")
         now = time.time()
@@ -229,6 +262,8 @@ class AnnotationDB:
                 raise ValueError(f"--db {self.path}: holds {held[0]}-mode items; this run asked for --mode {mode} "
                                  "(use another --db)")
             con.execute("INSERT OR IGNORE INTO meta VALUES ('mode', ?)", (mode,))
+            if per_item is not None:
+                con.execute("INSERT OR REPLACE INTO meta VALUES ('per_item', ?)", (str(per_item),))
             before = con.total_changes
             con.executemany(
                 "INSERT OR IGNORE INTO items (key, prompt, replies, source, created) VALUES (?, ?, ?, ?, ?)",

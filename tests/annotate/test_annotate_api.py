@@ -125,6 +125,11 @@ def test_writes_need_the_csrf_token_and_a_same_origin(setup, headers, message):
     ('{"submit_id": "abc", "item_id": 1, "choice": "left"}', 400, "field 'submit_id' must be 8-64"),
     ('{"submit_id": "abcdefgh", "item_id": 1, "choice": "good"}', 400, "field 'choice' must be one of"),
     ('{"submit_id": "abcdefgh", "item_id": 1, "choice": "left", "x": 1}', 400, "unexpected field 'x'"),
+    # Past SQLite's 64-bit integers (the fresh-user finding: a 500 with an OverflowError traceback).
+    ('{"submit_id": "abcdefgh9", "item_id": 99999999999999999999999, "choice": "left"}', 400,
+     "malformed body: field 'item_id' out of range: expected 1 to 9223372036854775807, got 99999999999999999999999"),
+    ('{"submit_id": "abcdefgh9", "item_id": 9223372036854775808, "choice": "left"}', 400, "'item_id' out of range"),
+    ('{"submit_id": "abcdefgh9", "item_id": 0, "choice": "left"}', 400, "'item_id' out of range"),
     ('{"submit_id": "abcdefgh", "item_id": 1, "choice": "left", "comment": "' + "c" * 2001 + '"}', 400,
      "field 'comment' is 2001 characters"),
     ('{"submit_id": "abcdefgh", "item_id": 1, "choice": "left", "comment": "\\ud800"}', 400, "lone surrogate"),
@@ -269,6 +274,17 @@ def test_undo_reopens_the_last_label_and_a_stale_undo_is_refused(setup):
     assert a.post("/api/undo", {}).status_code == 400
 
 
+def test_an_undo_with_an_item_id_out_of_range_is_a_400_and_changes_nothing(setup):
+    db, tokens, c = setup
+    item = c["ann"].next()
+    assert c["ann"].label(item["id"], "left", SID).status_code == 200
+    for item_id in (99999999999999999999999, -(2**63) - 1, 0):
+        response = c["ann"].http.post("/api/undo", data=f'{{"item_id": {item_id}}}',
+                                      headers=c["ann"].headers(**{"Content-Type": "application/json"}))
+        assert response.status_code == 400 and "field 'item_id' out of range" in response.get_json()["error"]
+    assert len(live_judgements(db)) == 1
+
+
 def test_undo_with_no_open_item_and_slots_stay_within_n(tmp_path):
     db, tokens = make_db(tmp_path, pair_records(1), names=("ann", "bob"))
     c = clients(db, tokens, per_item=1)
@@ -281,7 +297,7 @@ def test_undo_with_no_open_item_and_slots_stay_within_n(tmp_path):
 
 
 def test_single_mode_good_or_bad(tmp_path):
-    records = [{"prompt": "p", "responses": ["r1", "r2", " "]}, {"prompt": "q", "completion": "c"}]
+    records = [{"prompt": "p", "responses": ["r1", "r2", " "]}, {"prompt": "q", "responses": ["c"]}]
     db, tokens = make_db(tmp_path, records, mode="single")
     a = clients(db, tokens)["ann"]
     assert a.get("/api/session").get_json()["mode"] == "single"

@@ -30,11 +30,11 @@ def test_samples_become_every_pair_of_usable_responses():
     assert items[0].replies == ([{"role": "assistant", "content": "a"}], [{"role": "assistant", "content": "b"}])
     assert items[3].prompt == CHAT
     assert summary.skipped_prompts == {"with fewer than 2 usable responses": 2}
-    assert summary.left_out_responses == {"empty responses": 2, "repeated responses": 1}
+    assert summary.left_out_responses == {"empty": 2, "repeated": 1}
     summary.added = 3
     assert summary.line("s.jsonl") == ("s.jsonl: read 4 records, formed 4 items (3 new, 1 already loaded); skipped 2 "
                                        "prompts (2 with fewer than 2 usable responses); left out 2 empty responses, "
-                                       "1 repeated responses")
+                                       "1 repeated response")
 
 
 def test_a_seeded_subset_of_pairs_is_the_same_on_every_load():
@@ -58,8 +58,8 @@ def test_pairs_to_verify_and_single_mode_items():
     items, _ = items_from_records(pairs, source="p", mode="pair")
     assert [i.replies[0][0]["content"] for i in items] == ["good", "hi"]
     assert items[1].prompt == CHAT and items[0].source == {"file": "p", "record": 0, "given": "first"}
-    single, _ = items_from_records(pairs + [{"prompt": CHAT, "completion": "hey"}, {"prompt": "Q", "responses": ["x"]}],
-                                   source="p", mode="single")
+    files = (pairs, [{"prompt": CHAT, "completion": "hey"}], [{"prompt": "Q", "responses": ["x"]}])   # one kind each
+    single = [item for records in files for item in items_from_records(records, source="p", mode="single")[0]]
     assert [(i.replies[0][0]["content"], i.source.get("given")) for i in single] == [
         ("good", "chosen"), ("bad", "rejected"), ("hi", "chosen"), ("go away", "rejected"), ("hey", None), ("x", None)]
     assert single[4].prompt == CHAT
@@ -73,10 +73,27 @@ def test_pairs_to_verify_and_single_mode_items():
     ({"prompt": "", "responses": ["a", "b"]}, "pair", "field 'prompt': expected a non-empty string"),
     ({"prompt": "Q", "chosen": "a", "rejected": "a"}, "pair", "field 'rejected': expected a response different"),
     ({"text": "Q"}, "single", "expected the fields of one record shape"),
+    ({"messages": "hi", "responses": ["a", "b"]}, "pair", "record 1: field 'messages': expected a list of "
+                                                          "\\{role, content\\} messages, got string 'hi'"),
+    ({"messages": "hi", "chosen": "a", "rejected": "b"}, "single", "field 'messages': expected a list"),
 ])
 def test_bad_records_stop_the_load_naming_file_record_and_field(record, mode, message):
     with pytest.raises(RecordError, match=message):
         items_from_records([record], source="d.jsonl", mode=mode)
+
+
+@pytest.mark.parametrize("mode", ["pair", "single"])
+def test_a_file_mixing_record_kinds_is_refused_at_the_first_record_of_another_kind(mode):
+    samples = {"prompt": "Q", "responses": ["a", "b"]}
+    pair = {"prompt": "P", "chosen": "good", "rejected": "bad"}
+    with pytest.raises(RecordError, match=r"^d.jsonl: record 3: field 'chosen': a preference \{prompt, chosen, "
+                                          r"rejected\} record, but record 1 is a samples .* in a file of its own$"):
+        items_from_records([samples, samples, pair], source="d.jsonl", mode=mode)
+    with pytest.raises(RecordError, match="record 2: field 'responses': a samples .* but record 1 is a preference"):
+        items_from_records([pair, samples], source="d.jsonl", mode=mode)
+    if mode == "single":
+        with pytest.raises(RecordError, match="record 2: field 'completion': a \\{prompt, completion\\} record"):
+            items_from_records([pair, {"prompt": "Q", "completion": "c"}], source="d.jsonl", mode=mode)
 
 
 def test_bad_options():
