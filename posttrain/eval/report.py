@@ -279,6 +279,14 @@ recorded by whoever ran the eval).</p>
 <td class="num">{{ "%.1f" % m.mean_length_tokens }}</td><td class="num">{{ "%.0f" % (m.eos_rate * 100) }} %</td></tr>
 {% endfor %}
 </table>
+<ul class="verdicts">
+{% for m in r.models %}{% set c = m.vs_baseline %}
+<li>{{ m.label }}: {% if c.win_interval[0] > 0.5 %}<b>better</b> than {{ r.baseline.label }} by this judge (the whole
+{{ "%.0f" % (r.confidence * 100) }} % interval is above 0.5){% elif c.win_interval[1] < 0.5 %}<b>worse</b> than
+{{ r.baseline.label }} by this judge (the whole interval is below 0.5){% else %}<b>no measurable difference</b> from
+{{ r.baseline.label }} by this judge (the interval holds 0.5){% endif %}.</li>
+{% endfor %}
+</ul>
 <img src="data:image/png;base64,{{ ev.plot }}" alt="win rates of {{ ev.name }}">
 <details open><summary>Answers side by side ({{ r.samples | length }} prompts; first answer each; green: the judge
 preferred the model's answer, red: the baseline's)</summary>

@@ -140,6 +140,8 @@ def test_report_renders_in_chromium_with_every_plot_and_escaped_text(browser, ar
     showcase = browser.find_element("id", "showcase").text
     assert "Once upon a time…" in showcase and "start" in showcase and "tuned" in showcase
     assert "took no part in building the training data" in text
+    # Against itself every answer ties: the interval is [0.5, 0.5] and the page says so in words.
+    assert "tuned: no measurable difference from start by this judge (the interval holds 0.5)." in text
 
     height = browser.execute_script("return document.documentElement.scrollHeight")
     browser.set_window_size(1280, min(height + 100, 6000))
@@ -157,3 +159,20 @@ def test_nothing_to_report_or_an_output_folder_is_refused(tmp_path, capsys):
     assert "is a folder" in capsys.readouterr().err
     assert main(["report", str(run), "--output", str(tmp_path / "missing" / "r.html")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("interval, words", [((0.55, 0.8), "tuned: better than start by this judge"),
+                                             ((0.1, 0.45), "tuned: worse than start by this judge"),
+                                             ((0.45, 0.55), "tuned: no measurable difference from start")])
+def test_the_report_says_in_words_whether_the_interval_clears_one_half(eval_file, interval, words):
+    import html
+    import re
+
+    from posttrain.eval.report import read_eval, render_report
+
+    result = read_eval(eval_file)
+    result["models"][0]["vs_baseline"]["win_interval"] = list(interval)
+    result["models"][0]["vs_baseline"]["win_rate"] = sum(interval) / 2   # the plot draws the interval around it
+    text = html.unescape(re.sub(r"<[^>]+>", "", render_report({}, {"eval": result})))
+    assert words in " ".join(text.split())
+
