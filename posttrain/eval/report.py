@@ -22,7 +22,7 @@ from pathlib import Path
 
 from jinja2 import Environment
 
-from posttrain.eval.format import FORMAT, SHOWCASE_PROMPT
+from posttrain.eval.format import FORMAT, SHOWCASE_PROMPT, write_text_atomic
 
 GROUPS = (
     ("Loss", lambda k: k == "loss" or k.startswith("loss/")),
@@ -190,12 +190,7 @@ def write_report(run_dirs: list[str | os.PathLike] | dict[str, str], evals: list
     runs = {name: read_metrics(d) for name, d in named_runs.items()}
     results = {name: read_eval(e) for name, e in named_evals.items()}
     page = render_report(runs, results, title=title)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(page, encoding="utf-8")
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_text_atomic(out, page)
     print(f"wrote {out} ({len(runs)} runs, {len(results)} evals, {len(page) // 1024} KiB)")
     return out
 

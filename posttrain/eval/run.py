@@ -26,7 +26,7 @@ import torch
 from tqdm.auto import tqdm
 
 from posttrain.data import TokenizedPrompt, load_prompts, tokenize_prompt
-from posttrain.eval.format import FORMAT, SHOWCASE_PROMPT
+from posttrain.eval.format import FORMAT, SHOWCASE_PROMPT, write_text_atomic
 from posttrain.eval.kl import sequence_logprobs
 from posttrain.eval.metrics import (bootstrap_interval, kl_estimate, length_controlled_interval,
                                     length_controlled_win_rate, outcomes_from_scores, win_rate)
@@ -435,8 +435,8 @@ def write_result(result: EvalResult, output_dir: str | os.PathLike) -> None:
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     data = result.to_dict()
-    _write_atomic(out / "eval.json", json.dumps(data, ensure_ascii=False, indent=1) + "\n")
-    _write_atomic(out / "eval.md", result.markdown() + "\n\n" + side_by_side(data) + "\n")
+    write_text_atomic(out / "eval.json", json.dumps(data, ensure_ascii=False, indent=1) + "\n")
+    write_text_atomic(out / "eval.md", result.markdown() + "\n\n" + side_by_side(data) + "\n")
 
 
 def side_by_side(result: dict) -> str:
@@ -453,11 +453,3 @@ def side_by_side(result: dict) -> str:
         lines.append(f"| {cell(row['prompt'])} | " + " | ".join(cell(row["answers"][l][0]) for l in labels) + " |")
     return "\n".join(lines)
 
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
