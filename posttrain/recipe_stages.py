@@ -44,7 +44,11 @@ def python_stage(function: str, output: str, args: dict | None = None) -> Any:
     if args is not None and not isinstance(args, dict):
         raise ValueError(f"python: 'args' must be a mapping of keyword arguments, got {args!r}")
     fn = load_reward_fn(function)   # the same "module:function" lookup as fn: specs
-    result = fn(output=output, **(args or {}))
+    try:
+        result = fn(output=output, **(args or {}))
+    except Exception as err:  # any failure of user code becomes one line naming it
+        first = (str(err).strip().splitlines() or [""])[0]
+        raise ValueError(f"{function} raised {type(err).__name__}{': ' + first if first else ''}") from err
     if not Path(output).exists():
         raise ValueError(f"python: {function} returned without writing {output}")
     return result

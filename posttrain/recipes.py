@@ -53,6 +53,7 @@ import yaml
 from posttrain.config import CONFIGS, ConfigError, coerce
 
 REFERENCE = re.compile(r"\$\{([A-Za-z0-9_.-]+)\}")
+FUNCTION_SPEC = re.compile(r"\bfn:([A-Za-z0-9_.]+:[A-Za-z0-9_]+)")
 NAME = re.compile(r"[A-Za-z0-9_.-]+")
 TRAINER_MODULES = {"sft": "posttrain.trainers.sft", "rm": "posttrain.trainers.reward",
                    "dpo": "posttrain.trainers.dpo", "kto": "posttrain.trainers.kto",
@@ -162,6 +163,12 @@ def parse_stages(where: str, raw: dict) -> tuple[Path, list[Stage]]:
         if stage.name in stages:
             raise RecipeError(f"{where}: stage {index + 1}: name {stage.name!r} is used twice")
         stages[stage.name] = stage
+    used = {key for stage in stages.values() for key in stage_keys(stage.kind)}
+    for key in defaults:
+        if key.replace("-", "_") not in used:
+            close = difflib.get_close_matches(key, sorted(used), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise RecipeError(f"{where}: 'defaults' key {key!r} is a key of no stage's kind in this recipe{hint}")
     for stage in stages.values():
         for ref in stage.needs:
             if ref not in stages:
@@ -271,6 +278,8 @@ def plan(output_dir: Path, stages: list[Stage]) -> None:
         files = {s: file_digest(s) for s in literal_strings(stage.keys)}
         if stage.kind == "python":
             files["source"] = module_digest(str(stage.keys.get("function", "")))
+        for spec in FUNCTION_SPEC.findall(json.dumps(stage.keys)):   # fn: judges' code counts too
+            files[f"fn:{spec}"] = module_digest(spec)
         identity = {"kind": stage.kind, "keys": stage.keys, "files": {k: v for k, v in files.items() if v},
                     "needs": {n: by_name[n].hash for n in stage.needs}}
         stage.hash = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:12]
@@ -329,8 +338,9 @@ def run_recipe(source: str | Path | dict, *, from_stage: str | None = None, dry_
     width = max(len(s.name) for s in stages)
     for number, stage in enumerate(stages, start=1):
         head = f"[{number:>{len(str(len(stages)))}}/{len(stages)}] {stage.name:<{width}} {stage.kind:<9}"
+        resumable = stage.kind in TRAINER_MODULES or STAGE_KINDS[stage.kind].resumable
         state = ("forced" if stage.name in forced else "cached" if stage.done
-                 else "resume" if stage.folder.exists() else "run")
+                 else "resume" if stage.folder.exists() and resumable else "run")
         if dry_run:
             echo(f"{head} {state:<6} {stage.folder}")
             continue
@@ -344,7 +354,17 @@ def run_recipe(source: str | Path | dict, *, from_stage: str | None = None, dry_
         values = substitute(stage.keys, outputs)
         if stage.kind == "eval" and judge_took_part(values.get("judge", ""), stage, stages, outputs):
             values["judge_used_in_training"] = True
-        run_stage(where, stage, values)
+        try:
+            run_stage(where, stage, values)
+        except SystemExit as stop:   # a trainer or sampler stopped by SIGINT/SIGTERM, its state saved
+            if stop.code not in (0, None):
+                print(f"stage {stage.name!r} stopped (exit {stop.code}); run the recipe again to resume it",
+                      file=sys.stderr)
+            raise
+        except (ValueError, OSError) as err:
+            if not resumable:   # nothing of a non-resumable stage is worth keeping
+                shutil.rmtree(stage.folder, ignore_errors=True)
+            raise RecipeError(f"stage {stage.name!r} ({stage.kind}): {err}") from err
         (stage.folder / "DONE").write_text(f"{time.perf_counter() - start:.1f} s\n")
         link(output_dir, stage)
         echo(f"{head} {'resumed' if state == 'resume' else 'ran'} in {time.perf_counter() - start:.0f} s → {stage.output}")

@@ -194,3 +194,36 @@ def test_a_python_stage_that_writes_nothing_is_an_error(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="lazy_step:write returned without writing"):
         run_recipe(raw, echo=lambda line: None)
     assert not (tmp_path / "out" / "made").exists()
+
+
+def test_a_stage_that_fails_is_named_and_leaves_no_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "boom_step.py").write_text("def write(output):\n    open(output, 'w').write('half')\n"
+                                           "    raise RuntimeError('data step exploded')\n")
+    raw = {"output_dir": str(tmp_path / "out"), "stages": [
+        {"name": "made", "kind": "python", "function": "boom_step:write"}]}
+    with pytest.raises(RecipeError, match=r"^stage 'made' \(python\): boom_step:write raised RuntimeError: "
+                                          r"data step exploded$"):
+        run_recipe(raw, echo=lambda line: None)
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_a_typo_in_defaults_is_an_error(tmp_path):
+    raw = recipe(tmp_path, defaults={"precison": "fp32"})
+    with pytest.raises(RecipeError, match="'defaults' key 'precison' is a key of no stage's kind in this recipe "
+                                          r"\(did you mean 'precision'\?\)"):
+        run_recipe(raw, echo=lambda line: None)
+
+
+def test_editing_an_fn_judge_module_reruns_the_stage(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    judge = tmp_path / "my_judge.py"
+    judge.write_text("def score(prompts, responses):\n    return [0.0] * len(responses)\n")
+    raw = recipe(tmp_path)
+    raw["stages"][2]["judge"] = "fn:my_judge:score"
+    before: list[str] = []
+    run_recipe(raw, dry_run=True, echo=before.append)
+    judge.write_text(judge.read_text() + "# edited\n")
+    after: list[str] = []
+    run_recipe(raw, dry_run=True, echo=after.append)
+    assert before[:2] == after[:2] and before[2] != after[2] and before[3] != after[3]

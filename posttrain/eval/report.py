@@ -187,6 +187,10 @@ def write_report(run_dirs: list[str | os.PathLike] | dict[str, str], evals: list
         raise ValueError(f"--output {output}: folder {out.parent} does not exist")
     named_runs = run_dirs if isinstance(run_dirs, dict) else {str(d): d for d in run_dirs}
     named_evals = evals if isinstance(evals, dict) else {str(e): e for e in evals}
+    inputs = [Path(e) for e in named_evals.values()] + [Path(d) / "metrics.jsonl" for d in named_runs.values()]
+    for path in inputs:
+        if path.resolve() == out.resolve():
+            raise ValueError(f"--output {output} is one of the report's inputs ({path}); choose another file")
     runs = {name: read_metrics(d) for name, d in named_runs.items()}
     results = {name: read_eval(e) for name, e in named_evals.items()}
     page = render_report(runs, results, title=title)

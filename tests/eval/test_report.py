@@ -176,3 +176,12 @@ def test_the_report_says_in_words_whether_the_interval_clears_one_half(eval_file
     text = html.unescape(re.sub(r"<[^>]+>", "", render_report({}, {"eval": result})))
     assert words in " ".join(text.split())
 
+
+
+def test_the_report_never_overwrites_its_inputs(eval_file, tmp_path, capsys):
+    run = dpo_like_run(tmp_path / "dpo")
+    before = eval_file.read_bytes(), (run / "metrics.jsonl").read_bytes()
+    assert main(["report", "--eval", str(eval_file), "--output", str(eval_file)]) == 2
+    assert main(["report", str(run), "--output", str(run / "metrics.jsonl")]) == 2
+    assert "is one of the report's inputs" in capsys.readouterr().err
+    assert (eval_file.read_bytes(), (run / "metrics.jsonl").read_bytes()) == before
