@@ -4,29 +4,64 @@ Each command starts in a session of its own, so the process and everything it st
 ranks, a trainer's workers) share one process group; on the way out, passed or failed, the whole
 group is killed. `subprocess.run(..., timeout=)` alone kills only the direct child: a torchrun
 launcher dies and its ranks stay, one of them waiting for a peer that never comes.
+
+The group is not enough by itself: torchrun starts each rank in a session of its own, so a rank
+whose launcher was killed leaves the group, keeps the test's pipes open and blocks its reads.
+Every command therefore also carries a marker in its environment, inherited by everything it
+starts, and teardown kills every process that holds the marker (read from /proc).
 """
 from __future__ import annotations
 
 import os
 import signal
 import subprocess
+import uuid
+from pathlib import Path
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 
+MARKER = "POSTTRAIN_TEST_PROCESS"
+
+
+def marked(popen_kwargs: dict) -> tuple[str, dict]:
+    """(a new marker, popen_kwargs whose env carries it)."""
+    marker = uuid.uuid4().hex
+    env = dict(popen_kwargs.get("env") or os.environ)
+    env[MARKER] = marker
+    return marker, {**popen_kwargs, "env": env}
+
+
+def kill_marked(marker: str) -> None:
+    """SIGKILL every process whose environment holds MARKER=marker (a rank that left the group)."""
+    needle = f"{MARKER}={marker}".encode()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and int(entry.name) != os.getpid():
+            try:
+                if needle in (entry / "environ").read_bytes().split(b"\0"):
+                    os.kill(int(entry.name), signal.SIGKILL)
+            except (OSError, ValueError):   # gone already, or not ours to read
+                pass
+
+
 def kill_group(proc: subprocess.Popen) -> None:
-    """SIGKILL every process in `proc`'s group (started with start_new_session=True), then reap it."""
+    """SIGKILL every process in `proc`'s group (started with start_new_session=True) and every
+    process carrying its marker, then reap it."""
     try:
         os.killpg(proc.pid, signal.SIGKILL)
     except ProcessLookupError:  # the group has already emptied
         pass
+    if getattr(proc, "marker", None):
+        kill_marked(proc.marker)
     proc.wait()
 
 
 @contextmanager
 def process_group(cmd: list[str], **popen_kwargs) -> Iterator[subprocess.Popen]:
     """Popen(cmd) in a new session; its whole process group is killed when the block exits."""
+    marker, popen_kwargs = marked(popen_kwargs)
     proc = subprocess.Popen(cmd, start_new_session=True, **popen_kwargs)
+    proc.marker = marker
     with proc:
         try:
             yield proc
@@ -55,7 +90,9 @@ def spawner() -> Iterator:
     started: list[subprocess.Popen] = []
 
     def start(cmd: list[str], **popen_kwargs) -> subprocess.Popen:
-        started.append(subprocess.Popen(cmd, start_new_session=True, **popen_kwargs))
+        marker, kwargs = marked(popen_kwargs)
+        started.append(subprocess.Popen(cmd, start_new_session=True, **kwargs))
+        started[-1].marker = marker
         return started[-1]
 
     yield start

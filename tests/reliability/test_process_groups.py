@@ -71,3 +71,14 @@ def test_every_multi_process_test_takes_a_free_port_and_the_group_helper():
         assert not re.search(r"MASTER_PORT|master[-_]port|\b29[0-9]{3}\b", text), f"{path.name}: hard-coded port"
         assert "subprocess.run(" not in text and "subprocess.Popen(" not in text, \
             f"{path.name}: launches a process without process_groups (its ranks could outlive the test)"
+
+
+def test_a_grandchild_in_a_session_of_its_own_is_killed_too():
+    """torchrun starts its ranks with setsid: the group kill misses them, the marker does not."""
+    code = ("import subprocess, sys, time; "
+            "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)'], start_new_session=True); "
+            "time.sleep(600)")
+    start = time.monotonic()
+    with pytest.raises(AssertionError, match="still running after 2"):
+        run_group([sys.executable, "-c", code], timeout=2)
+    assert time.monotonic() - start < 30   # the pipe reader was not left waiting on the orphan
