@@ -38,7 +38,7 @@ PUBLIC = {
     "chat_generation": "posttrain.sampling", "chat_replies": "posttrain.sampling",
     "load_scorer": "posttrain.scoring", "load_judge": "posttrain.scoring",
     # evaluation and recipes
-    "evaluate": "posttrain.eval.run", "run_recipe": "posttrain.recipes",
+    "evaluate": "posttrain.eval.run", "evaluate_many": "posttrain.eval.run", "run_recipe": "posttrain.recipes",
 }
 """Public name → "module" (same name there) or "module:name"."""
 

@@ -54,22 +54,34 @@ def python_stage(function: str, output: str, args: dict | None = None) -> Any:
     return result
 
 
-def eval_stage(models: dict, baseline: str, data: str, judge: str, output_dir: str, *, baseline_label: str = "baseline",
-               n_samples: int = 1, max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0,
-               top_k: int = 0, seed: int = 0, judge_used_in_training: bool = False, kl_samples: int = 1,
-               batch_size: int = 8, precision: str = "auto", confidence: float = 0.95) -> None:
-    """`posttrain eval` with flat sampling keys; writes eval.json and eval.md into the stage folder.
+def eval_stage(models: dict, data: str, judge: str, output_dir: str, *, baseline: str | None = None,
+               baseline_label: str = "baseline", baselines: dict | None = None, n_samples: int = 1,
+               max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int = 0,
+               judge_used_in_training: bool = False, kl_samples: int = 1, batch_size: int = 8,
+               precision: str = "auto", confidence: float = 0.95) -> None:
+    """`posttrain eval` with flat sampling keys. Against one `baseline`: eval.json and eval.md in
+    the stage folder; against several (`baselines`: {label: model}, every model's answers
+    sampled once): in a folder per baseline label, `${stage}/LABEL/eval.json`.
     run_recipe sets judge_used_in_training itself when an upstream stage used the same judge."""
-    from posttrain.eval.run import evaluate
+    from posttrain.eval.run import evaluate, evaluate_many
     from posttrain.sampling import SamplingParams
 
     if not isinstance(models, dict) or not models:
         raise ValueError(f"eval: 'models' must be a mapping {{label: model}}, got {models!r}")
+    if (baseline is None) == (baselines is None):
+        raise ValueError("eval: give either 'baseline' (one model) or 'baselines' ({label: model}), not "
+                         + ("both" if baseline is not None else "neither"))
+    if baselines is not None and (not isinstance(baselines, dict) or not baselines):
+        raise ValueError(f"eval: 'baselines' must be a mapping {{label: model}}, got {baselines!r}")
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                             seed=seed)
-    evaluate(models, baseline, data, judge, baseline_label=baseline_label, output_dir=output_dir,
-             n_samples=n_samples, params=params, judge_used_in_training=judge_used_in_training,
-             kl_samples=kl_samples, batch_size=batch_size, precision=precision, confidence=confidence, verbose=False)
+    options = dict(output_dir=output_dir, n_samples=n_samples, params=params,
+                   judge_used_in_training=judge_used_in_training, kl_samples=kl_samples, batch_size=batch_size,
+                   precision=precision, confidence=confidence, verbose=False)
+    if baselines is None:
+        evaluate(models, baseline, data, judge, baseline_label=baseline_label, **options)
+    else:
+        evaluate_many(models, baselines, data, judge, **options)
 
 
 def sample_stage(model: str, data: str, output: str, *, n: int = 4, max_new_tokens: int = 128,

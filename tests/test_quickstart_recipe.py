@@ -24,8 +24,9 @@ def tiny_quickstart(tmp_path: Path) -> dict:
     for stage in raw["stages"]:
         if stage.get("model") == "smollm2-135m-instruct":
             stage["model"] = "tiny-random"
-        if stage.get("baseline") == "smollm2-135m-instruct":
-            stage["baseline"] = "tiny-random"
+        if "baselines" in stage:
+            stage["baselines"] = {label: "tiny-random" if model == "smollm2-135m-instruct" else model
+                                  for label, model in stage["baselines"].items()}
         if "max_steps" in stage:
             stage["max_steps"] = 2
         if stage["kind"] in ("sample", "eval", "ppo"):
@@ -42,8 +43,12 @@ def test_the_quickstart_recipe_runs_every_stage_on_the_tiny_model(tmp_path, monk
     names = [s["name"] for s in yaml.safe_load((ROOT / "recipes" / "quickstart.yaml").read_text())["stages"]]
     assert [line.split()[2] if line.startswith("[ ") else line.split()[1] for line in lines[:-2]] == names
     assert lines[-1] == f"report: {tmp_path / 'quickstart' / 'report' / 'report.html'}"
-    result = json.loads((outputs["eval_vs_start"] / "eval.json").read_text())
+    result = json.loads((outputs["eval"] / "start" / "eval.json").read_text())
     assert [m["label"] for m in result["models"]] == ["sft", "dpo", "ppo"] and result["prompts"] == 48
+    # Against SFT: DPO and PPO with SFT's own answers, the very ones it was judged by above.
+    vs_sft = json.loads((outputs["eval"] / "sft" / "eval.json").read_text())
+    assert [m["label"] for m in vs_sft["models"]] == ["dpo", "ppo"] and vs_sft["baseline"]["label"] == "sft"
+    assert [s["answers"]["sft"] for s in vs_sft["samples"]] == [s["answers"]["sft"] for s in result["samples"]]
     # The held-out judge built no training data or reward; the recipe checked, the file says so.
     assert result["judge"]["spec"] == "fn:examples.judges:reading_ease"
     assert result["judge"]["used_in_training"] is False

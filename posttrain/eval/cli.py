@@ -17,8 +17,9 @@ def add_eval_parser(sub) -> None:
                        "models against a baseline, judged pairwise.", formatter_class=OneDefaultHelpFormatter)
     p.add_argument("--model", action="append", required=True, metavar="[LABEL=]MODEL",
                    help="a model to evaluate: built-in name, HF id or folder, optionally labelled (repeat for more)")
-    p.add_argument("--baseline", required=True, metavar="[LABEL=]MODEL",
-                   help="the model every answer is judged against")
+    p.add_argument("--baseline", action="append", required=True, metavar="[LABEL=]MODEL",
+                   help="the model every answer is judged against; repeat to judge against several in one run "
+                        "(each model's answers sampled once; then each baseline's eval goes to OUTPUT_DIR/LABEL/)")
     p.add_argument("--data", required=True, help="prompt records {prompt} or {messages} ending in a user turn")
     p.add_argument("--judge", required=True, metavar="SPEC",
                    help="rm:PATH | fn:module:function (higher score wins) | llm:MODEL (pairwise, both orders)")
@@ -56,13 +57,22 @@ def run_eval(args) -> None:
         if label in models:
             raise ValueError(f"--model {value}: label {label!r} is given twice; label them LABEL=MODEL")
         models[label] = model
-    baseline_label, baseline = labelled(args.baseline)
-    import_module("posttrain.eval.run").evaluate(
-        models, baseline, args.data, args.judge, baseline_label=baseline_label, output_dir=args.output_dir,
-        n_samples=args.n_samples, params=sampling_params(args), judge_used_in_training=args.judge_used_in_training,
-        kl_samples=args.kl_samples, batch_size=args.batch_size, precision=args.precision,
-        max_prompt_length=args.max_prompt_length, rubric=args.rubric, tie_margin=args.tie_margin,
-        confidence=args.confidence)
+    baselines: dict[str, str] = {}
+    for value in args.baseline:
+        label, model = labelled(value)
+        if label in baselines:
+            raise ValueError(f"--baseline {value}: baseline label {label!r} is given twice; label them LABEL=MODEL")
+        baselines[label] = model
+    run = import_module("posttrain.eval.run")
+    options = dict(output_dir=args.output_dir, n_samples=args.n_samples, params=sampling_params(args),
+                   judge_used_in_training=args.judge_used_in_training, kl_samples=args.kl_samples,
+                   batch_size=args.batch_size, precision=args.precision, max_prompt_length=args.max_prompt_length,
+                   rubric=args.rubric, tie_margin=args.tie_margin, confidence=args.confidence)
+    if len(baselines) == 1:
+        (label, model), = baselines.items()
+        run.evaluate(models, model, args.data, args.judge, baseline_label=label, **options)
+    else:
+        run.evaluate_many(models, baselines, args.data, args.judge, **options)
 
 
 def add_report_parser(sub) -> None:

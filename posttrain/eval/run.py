@@ -12,7 +12,6 @@ orders, or the higher `rm:` / `fn:` score (equal: a tie); (5) the metrics of `me
 
 from __future__ import annotations
 
-import html
 import json
 import os
 import sys
@@ -26,7 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from posttrain.data import TokenizedPrompt, load_prompts, tokenize_prompt
-from posttrain.eval.format import FORMAT, SHOWCASE_PROMPT, write_text_atomic
+from posttrain.eval.format import FORMAT, SHOWCASE_PROMPT, markdown_table, side_by_side, write_text_atomic
 from posttrain.eval.kl import sequence_logprobs
 from posttrain.eval.metrics import (bootstrap_interval, kl_estimate, length_controlled_interval,
                                     length_controlled_win_rate, outcomes_from_scores, win_rate)
@@ -95,7 +94,9 @@ class EvalResult:
     showcase: dict | None = None
     """{"prompt", "answers": {label: text}}: every model's answer to SHOWCASE_PROMPT."""
     seconds: dict = field(default_factory=dict)
-    """Wall time per step ("sample/LABEL", "judge")."""
+    """Wall time per step ("sample/LABEL", "kl/BASELINE", "judge"), shared by the evals of one run."""
+    data_summary: str = ""
+    """The prompt file's load line: records read, kept and left out (and why)."""
 
     def to_dict(self) -> dict:
         return {"format": FORMAT, **asdict(self),
@@ -105,38 +106,6 @@ class EvalResult:
     def markdown(self) -> str:
         """A short markdown table of the numbers, after one line naming the judge."""
         return markdown_table(self.to_dict())
-
-
-def _interval(pair) -> str:
-    return f"[{pair[0]:.2f}, {pair[1]:.2f}]"
-
-
-def markdown_table(result: dict) -> str:
-    """The console table of an eval.json dict."""
-    judge = result["judge"]
-    used = ("TOOK PART in building the training data or rewards: not independent evidence"
-            if judge["used_in_training"] else "took no part in training")
-    decoding = ("greedy" if result["sampling"]["temperature"] == 0
-                else f"temperature {result['sampling']['temperature']:g}")
-    lines = [f"judge {judge['spec']} ({used}); {result['prompts']} prompts × {result['n_samples']} "
-             f"answer{'s' if result['n_samples'] > 1 else ''}, {decoding}; intervals: {result['intervals']}", "",
-             f"| model | win rate vs {result['baseline']['label']} | LC win rate | W / T / L | mean score | "
-             f"KL(model‖{result['baseline']['label']}) | length (tokens) | EOS rate |",
-             "|---|---|---|---|---|---|---|---|"]
-    for row in [*result["models"], result["baseline"]]:
-        c = row["vs_baseline"]
-        if c is None:
-            cells = [f"{row['label']} (baseline)", "—", "—", "—"]
-            kl = "—"
-        else:
-            cells = [row["label"], f"{c['win_rate']:.2f} {_interval(c['win_interval'])}",
-                     f"{c['lc_win_rate']:.2f} {_interval(c['lc_interval'])}",
-                     f"{c['wins']} / {c['ties']} / {c['losses']}"]
-            kl = "—" if c["kl"] is None else f"{c['kl']:.3g} ± {c['kl_standard_error']:.2g}"
-        cells += ["—" if row["mean_score"] is None else f"{row['mean_score']:.3g}", kl,
-                  f"{row['mean_length_tokens']:.1f}", f"{row['eos_rate']:.0%}"]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------- sampling
@@ -220,16 +189,22 @@ def _scores(scorer, prompts: list[list[dict]], records: list[dict], answers: Ans
 # ---------------------------------------------------------------- the run
 
 
-def _check_options(models: Mapping[str, str], baseline_label: str, judge: str, n_samples: int,
+def _check_options(models: Mapping[str, str], baselines: Mapping[str, str], judge: str, n_samples: int,
                    params: SamplingParams, kl_samples: int, confidence: float, output_dir) -> None:
     if not models:
         raise ValueError("evaluate: no model to evaluate (give at least one --model)")
-    for label in [*models, baseline_label]:
+    if not baselines:
+        raise ValueError("evaluate: no baseline to judge against (give at least one --baseline)")
+    for label in [*models, *baselines]:
         if not label or not label.strip():
             raise ValueError("evaluate: a model label is empty")
-    if baseline_label in models:
-        raise ValueError(f"evaluate: label {baseline_label!r} names both a model and the baseline; give one "
-                         "another label (LABEL=MODEL)")
+    for label, baseline in baselines.items():
+        if label in models and models[label] != baseline:
+            raise ValueError(f"evaluate: label {label!r} names model {models[label]} and baseline {baseline}; give "
+                             "one another label (LABEL=MODEL)")
+        if not set(models) - {label}:
+            raise ValueError(f"evaluate: label {label!r} names both the only model and the baseline; nothing is left "
+                             "to judge against it")
     parse_spec(judge)
     if n_samples < 1:
         raise ValueError(f"--n-samples={n_samples}: expected at least 1")
@@ -243,6 +218,10 @@ def _check_options(models: Mapping[str, str], baseline_label: str, judge: str, n
         raise ValueError(f"--kl-samples={kl_samples}: expected at least 0")
     if not 0 < confidence < 1:
         raise ValueError(f"confidence={confidence}: expected a level in (0, 1)")
+    _check_output_dir(output_dir)
+
+
+def _check_output_dir(output_dir) -> None:
     if output_dir is not None and Path(output_dir).exists() and not Path(output_dir).is_dir():
         raise ValueError(f"--output-dir {output_dir} is a file; expected a folder")
 
@@ -270,45 +249,88 @@ def evaluate(models: Mapping[str, str], baseline: str, data: str | os.PathLike, 
     print the prompt file's load line and the table (progress bars show either way).
     Errors: ValueError (one line) for a bad option, prompt record or judge, before any model loads.
     """
-    _check_options(models, baseline_label, judge, n_samples, params, kl_samples, confidence, output_dir)
+    _check_output_dir(output_dir)
+    result = evaluate_many(models, {baseline_label: baseline}, data, judge, n_samples=n_samples, params=params,
+                           judge_used_in_training=judge_used_in_training, kl_samples=kl_samples,
+                           batch_size=batch_size, precision=precision, max_prompt_length=max_prompt_length,
+                           rubric=rubric, tie_margin=tie_margin, confidence=confidence, bootstrap_seed=bootstrap_seed,
+                           showcase_prompt=showcase_prompt, verbose=verbose)[baseline_label]
+    if output_dir is not None:
+        write_result(result, output_dir)
+        if verbose:
+            print(f"wrote {Path(output_dir) / 'eval.json'} and eval.md")
+    return result
+
+
+def evaluate_many(models: Mapping[str, str], baselines: Mapping[str, str], data: str | os.PathLike, judge: str, *,
+                  output_dir: str | os.PathLike | None = None, n_samples: int = 1, params: SamplingParams = GREEDY,
+                  judge_used_in_training: bool = False, kl_samples: int = 1, batch_size: int = 8,
+                  precision: str = "auto", max_prompt_length: int = 1024, rubric: str | None = None,
+                  tie_margin: float | None = None, confidence: float = 0.95, bootstrap_seed: int = 0,
+                  showcase_prompt: str | None = SHOWCASE_PROMPT, verbose: bool = True) -> dict[str, EvalResult]:
+    """`evaluate` against several baselines ({label: model}) in one run: every model's answers
+    are sampled once, whether it is judged, judged against, or both (the SFT model of a recipe is
+    judged against the start and is the baseline of DPO and PPO). A label naming a model and a
+    baseline must name the same model, which is not judged against itself.
+
+    Returns {baseline label: EvalResult}; with `output_dir`, each is written as eval.json and
+    eval.md into output_dir/LABEL/. Other options and errors: `evaluate`.
+    """
+    _check_options(models, baselines, judge, n_samples, params, kl_samples, confidence, output_dir)
+    for base in baselines if output_dir is not None else ():
+        if base in (".", "..") or "/" in base or "\\" in base:
+            raise ValueError(f"baseline label {base!r}: it names the folder OUTPUT_DIR/LABEL its eval goes to; "
+                             "use a plain name")
     resolved = resolve_precision(precision)
-    inputs, summary = _prompts_of_each(models, baseline, baseline_label, str(data), max_prompt_length)
-    prompts = inputs[baseline_label][1]
+    everyone = {**baselines, **models}
+    inputs, summary = _prompts_of_each(everyone, next(iter(baselines)), str(data), max_prompt_length)
+    prompts = inputs[next(iter(baselines))][1]
     judged_by, judge_meta = _load_judge(judge, rubric, tie_margin, batch_size, precision)
     judge_meta["used_in_training"] = bool(judge_used_in_training)
     if verbose:
         print(summary, file=sys.stderr)
+    pairs = [(label, base) for base in baselines for label in models if label != base]
     seconds: dict[str, float] = {}
-    answers, kl = _sample_all({baseline_label: baseline, **models}, baseline_label, inputs,
-                              replace(params, n=n_samples), kl_samples=kl_samples, batch_size=batch_size,
-                              precision=resolved, showcase_prompt=showcase_prompt, seconds=seconds)
+    params = replace(params, n=n_samples)
+    answers, kl_runs = _sample_all(everyone, {label for label, _ in pairs}, inputs, params, kl_samples=kl_samples,
+                                   batch_size=batch_size, precision=resolved, showcase_prompt=showcase_prompt,
+                                   seconds=seconds)
+    kl = _kl_against_baselines(pairs, everyone, inputs, kl_runs, batch_size=batch_size, precision=resolved,
+                               seconds=seconds)
     start = time.perf_counter()
-    scores, outcomes, verdicts = _judge_all(judged_by, prompts, answers, list(models), baseline_label)
+    scores, outcomes, verdicts = _judge_all(judged_by, prompts, answers, pairs)
     seconds["judge"] = time.perf_counter() - start
 
-    def result_of(label: str, name: str, comparison: Comparison | None) -> ModelResult:
+    def result_of(label: str, comparison: Comparison | None) -> ModelResult:
         a = answers[label]
-        return ModelResult(label, name, float(np.mean(a.lengths)), float(_chars(a).mean()),
+        return ModelResult(label, everyone[label], float(np.mean(a.lengths)), float(_chars(a).mean()),
                            float(np.mean([[r == "eos" for r in row] for row in a.finish_reasons])),
                            float(scores[label].mean()) if scores else None, comparison)
 
-    base_chars = _chars(answers[baseline_label])
-    results = [result_of(label, name, _compare(outcomes[label], _chars(answers[label]) - base_chars, kl[label],
-                                               confidence, bootstrap_seed))
-               for label, name in models.items()]
-    showcase = None if showcase_prompt is None else {
-        "prompt": showcase_prompt, "answers": {label: a.showcase for label, a in answers.items()}}
-    result = EvalResult(judge_meta, result_of(baseline_label, baseline, None), results, len(prompts), n_samples,
-                        {**asdict(replace(params, n=n_samples)), "stop_strings": list(params.stop_strings),
-                         "precision": resolved}, confidence,
-                        _sample_rows(prompts, answers, scores, outcomes, verdicts), showcase, seconds)
-    if output_dir is not None:
-        write_result(result, output_dir)
-    if verbose:
-        print(result.markdown())
+    results = {}
+    for base in baselines:
+        judged = [label for label in models if label != base]
+        rows = [result_of(label, _compare(outcomes[label, base], _chars(answers[label]) - _chars(answers[base]),
+                                          kl[label, base], confidence, bootstrap_seed)) for label in judged]
+        shown = [base, *judged]
+        showcase = None if showcase_prompt is None else {
+            "prompt": showcase_prompt, "answers": {label: answers[label].showcase for label in shown}}
+        results[base] = EvalResult(
+            judge_meta, result_of(base, None), rows, len(prompts), n_samples,
+            {**asdict(params), "stop_strings": list(params.stop_strings), "precision": resolved}, confidence,
+            _sample_rows(prompts, {label: answers[label] for label in shown},
+                         {label: scores[label] for label in shown} if scores else {},
+                         {label: outcomes[label, base] for label in judged},
+                         {label: verdicts[label, base] for label in judged} if verdicts else {}),
+            showcase, seconds, summary)
+    for base, result in results.items():
         if output_dir is not None:
-            print(f"wrote {Path(output_dir) / 'eval.json'} and eval.md")
-    return result
+            write_result(result, Path(output_dir) / base)
+        if verbose:
+            print(result.markdown() + ("\n" if len(results) > 1 else ""))
+    if verbose and output_dir is not None:
+        print(f"wrote eval.json and eval.md into {', '.join(str(Path(output_dir) / b) for b in baselines)}")
+    return results
 
 
 def _load_judge(judge: str, rubric: str | None, tie_margin: float | None, batch_size: int,
@@ -324,35 +346,43 @@ def _load_judge(judge: str, rubric: str | None, tie_margin: float | None, batch_
     return scorer, {"spec": scorer.spec, "kind": parse_spec(judge)[0]}
 
 
-def _prompts_of_each(models: Mapping[str, str], baseline: str, baseline_label: str, data: str,
+def _prompts_of_each(models: Mapping[str, str], first: str, data: str,
                      max_prompt_length: int) -> tuple[dict[str, tuple], str]:
-    """({label: (tokenizer, prompts tokenized by it)} of the baseline (first) and each model, and
-    the baseline's load summary line): every prompt record and model name is checked before any
-    weights load. ValueError when a model keeps other prompts than the baseline (its tokenizer
-    makes others too long) or under 2 prompts are left."""
+    """({label: (tokenizer, prompts tokenized by it)} of every model, and the load summary line of
+    the `first` label's): every prompt record and model name is checked before any weights load.
+    ValueError when a model keeps other prompts than the first (its tokenizer makes others too
+    long) or under 2 prompts are left."""
     inputs = {}
-    for label, name in {baseline_label: baseline, **models}.items():
-        tokenizer = load_tokenizer(name)
+    for label in [first, *(m for m in models if m != first)]:
+        tokenizer = load_tokenizer(models[label])
         prompts, report = load_prompts(data, tokenizer, max_prompt_length=max_prompt_length)
-        if label == baseline_label:
+        if label == first:
             summary = report.summary()
             if len(prompts) < 2:
                 raise ValueError(f"{data}: {len(prompts)} prompt left; an interval needs at least 2")
-        elif [p.source_index for p in prompts] != [p.source_index for p in inputs[baseline_label][1]]:
-            raise ValueError(f"{data}: model {label}'s tokenizer leaves out other prompts than the baseline's as "
+        elif [p.source_index for p in prompts] != [p.source_index for p in inputs[first][1]]:
+            raise ValueError(f"{data}: model {label}'s tokenizer leaves out other prompts than {first}'s as "
                              f"longer than --max-prompt-length {max_prompt_length}; raise it so both keep the same "
                              "prompts")
         inputs[label] = (tokenizer, prompts)
     return inputs, summary
 
 
-def _sample_all(models: Mapping[str, str], baseline_label: str, inputs: dict[str, tuple], params: SamplingParams, *,
+@dataclass
+class _KLRun:
+    """A judged model's sequences for the KL estimate and their log-probabilities under it."""
+
+    sequences: Generation
+    logprobs: torch.Tensor
+    """[N] sum of log π_model over each sequence's response tokens."""
+
+
+def _sample_all(models: Mapping[str, str], judged: set[str], inputs: dict[str, tuple], params: SamplingParams, *,
                 kl_samples: int, batch_size: int, precision: str, showcase_prompt: str | None,
-                seconds: dict[str, float]):
-    """({label: Answers}, {label: KL tuple}) of `models` ({label: model}, the baseline's label
-    first), each with its (tokenizer, prompts) from `inputs`. The baseline stays loaded for the
-    KL estimate; each other model is loaded in turn."""
-    answers, kl, base_model = {}, {}, None
+                seconds: dict[str, float]) -> tuple[dict[str, Answers], dict[str, _KLRun | str]]:
+    """({label: Answers} of every model, {label: _KLRun, or why there is none} of the `judged`
+    ones), each model loaded in turn with its (tokenizer, prompts) from `inputs`."""
+    answers, kl_runs = {}, {}
     for label, name in models.items():
         start = time.perf_counter()
         tokenizer, prompts = inputs[label]
@@ -360,26 +390,60 @@ def _sample_all(models: Mapping[str, str], baseline_label: str, inputs: dict[str
         sampler = Sampler(model, tokenizer, precision=precision, batch_size=batch_size)
         gen = _generate(sampler, prompts, params, f"sampling {label}")
         answers[label] = _answers(gen, params.n, _showcase_answer(sampler, showcase_prompt, params))
-        if label == baseline_label:
-            base_model = model
-        else:
-            kl[label] = _kl(model, base_model, tokenizer, inputs[baseline_label][0], sampler, prompts, gen, params,
-                            kl_samples, batch_size, precision, label)
+        if label in judged:
+            kl_runs[label] = _kl_run(model, sampler, prompts, gen, params, kl_samples, batch_size, precision, label)
         seconds[f"sample/{label}"] = time.perf_counter() - start
-    return answers, kl
+    return answers, kl_runs
+
+
+def _kl_run(model, sampler: Sampler, prompts: list[TokenizedPrompt], gen: Generation, params: SamplingParams,
+            kl_samples: int, batch_size: int, precision: str, label: str) -> _KLRun | str:
+    """The sequences the KL estimate averages over (the judged answers themselves when they are
+    temperature-1 samples) with their log-probabilities under `model`, or why there are none."""
+    if not _is_plain_sampling(params):
+        if kl_samples == 0:
+            return "not estimated: kl_samples=0 and the judged answers are not temperature-1 samples"
+        gen = _generate(sampler, prompts, SamplingParams(n=kl_samples, max_new_tokens=params.max_new_tokens,
+                                                         temperature=1.0, stop_strings=params.stop_strings,
+                                                         seed=params.seed), f"KL samples {label}")
+    return _KLRun(gen, sequence_logprobs(model, gen, batch_size=batch_size, precision=precision))
+
+
+def _kl_against_baselines(pairs: list[tuple[str, str]], models: Mapping[str, str], inputs: dict[str, tuple],
+                          kl_runs: dict[str, _KLRun | str], *, batch_size: int, precision: str,
+                          seconds: dict[str, float]) -> dict[tuple[str, str], tuple]:
+    """{(model, baseline): (estimate, standard error, sequences, note)} of KL(model‖baseline): the
+    model's own sequences scored by each baseline in turn, loaded once for all its models."""
+    kl = {}
+    for base in dict.fromkeys(b for _, b in pairs):
+        start = time.perf_counter()
+        base_model = None
+        for label in [m for m, b in pairs if b == base]:
+            run = kl_runs[label]
+            if isinstance(run, str):
+                kl[label, base] = (None, None, 0, run)
+            elif not same_tokenization(inputs[label][0], inputs[base][0]):
+                kl[label, base] = (None, None, 0, "not estimated: the model and the baseline tokenize differently")
+            else:
+                if base_model is None:
+                    base_model = load_causal_lm(models[base])
+                ratios = run.logprobs - sequence_logprobs(base_model, run.sequences, batch_size=batch_size,
+                                                          precision=precision)
+                kl[label, base] = (*kl_estimate(ratios.numpy()), len(ratios), "")
+        seconds[f"kl/{base}"] = time.perf_counter() - start
+    return kl
 
 
 def _judge_all(judged_by: LLMJudge | Scorer, prompts: list[TokenizedPrompt], answers: dict[str, Answers],
-               labels: list[str], baseline_label: str):
-    """({label: [P, K] scores} (empty for an llm: judge), {label: [P, K] outcomes} of each model
-    against the baseline, {label: verdict records} (llm: only))."""
+               pairs: list[tuple[str, str]]):
+    """({label: [P, K] scores} (empty for an llm: judge), {(model, baseline): [P, K] outcomes},
+    {(model, baseline): verdict records} (llm: only)) for every (model, baseline) pair."""
     conversations, records = [p.messages for p in prompts], [p.record for p in prompts]
     if isinstance(judged_by, LLMJudge):
-        judged = {label: _outcomes_llm(judged_by, conversations, answers[label], answers[baseline_label])
-                  for label in labels}
-        return {}, {label: o for label, (o, _) in judged.items()}, {label: v for label, (_, v) in judged.items()}
+        judged = {(m, b): _outcomes_llm(judged_by, conversations, answers[m], answers[b]) for m, b in pairs}
+        return {}, {pair: o for pair, (o, _) in judged.items()}, {pair: v for pair, (_, v) in judged.items()}
     scores = {label: _scores(judged_by, conversations, records, a) for label, a in answers.items()}
-    return scores, {label: outcomes_from_scores(scores[label], scores[baseline_label]) for label in labels}, {}
+    return scores, {(m, b): outcomes_from_scores(scores[m], scores[b]) for m, b in pairs}, {}
 
 
 def _chars(answers: Answers) -> np.ndarray:
@@ -412,23 +476,6 @@ def _sample_rows(prompts: list[TokenizedPrompt], answers: dict[str, Answers], sc
     return rows
 
 
-def _kl(model, base_model, tokenizer, base_tokenizer, sampler: Sampler, prompts: list[TokenizedPrompt],
-        gen: Generation, params: SamplingParams, kl_samples: int, batch_size: int, precision: str, label: str):
-    """(estimate, standard error, sequences, note) of KL(model‖baseline) on these prompts."""
-    if not same_tokenization(tokenizer, base_tokenizer):
-        return None, None, 0, "not estimated: the model and the baseline tokenize differently"
-    if not _is_plain_sampling(params):
-        if kl_samples == 0:
-            return None, None, 0, "not estimated: kl_samples=0 and the judged answers are not temperature-1 samples"
-        gen = _generate(sampler, prompts, SamplingParams(n=kl_samples, max_new_tokens=params.max_new_tokens,
-                                                         temperature=1.0, stop_strings=params.stop_strings,
-                                                         seed=params.seed), f"KL samples {label}")
-    ratios = (sequence_logprobs(model, gen, batch_size=batch_size, precision=precision)
-              - sequence_logprobs(base_model, gen, batch_size=batch_size, precision=precision))
-    estimate, error = kl_estimate(ratios.numpy())
-    return estimate, error, len(ratios), ""
-
-
 def write_result(result: EvalResult, output_dir: str | os.PathLike) -> None:
     """eval.json and eval.md (the table, then every prompt's answers side by side) in output_dir
     (created), each via a temporary file renamed into place."""
@@ -437,19 +484,3 @@ def write_result(result: EvalResult, output_dir: str | os.PathLike) -> None:
     data = result.to_dict()
     write_text_atomic(out / "eval.json", json.dumps(data, ensure_ascii=False, indent=1) + "\n")
     write_text_atomic(out / "eval.md", result.markdown() + "\n\n" + side_by_side(data) + "\n")
-
-
-def side_by_side(result: dict) -> str:
-    """A markdown table: each prompt, then each model's first answer (the baseline's first)."""
-    labels = [result["baseline"]["label"], *(m["label"] for m in result["models"])]
-
-    def cell(text: str) -> str:
-        # Markdown viewers render inline HTML: a model's "<script>" must stay text.
-        escaped = html.escape(text, quote=False).replace("|", "\\|").replace("\n", "<br>")
-        return escaped or "(empty)"
-
-    lines = ["| prompt | " + " | ".join(labels) + " |", "|---" * (len(labels) + 1) + "|"]
-    for row in result["samples"]:
-        lines.append(f"| {cell(row['prompt'])} | " + " | ".join(cell(row["answers"][l][0]) for l in labels) + " |")
-    return "\n".join(lines)
-

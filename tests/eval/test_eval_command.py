@@ -103,12 +103,40 @@ def test_greedy_eval_draws_separate_kl_samples_and_records_the_judge_took_part(s
     assert result["models"][0]["vs_baseline"]["kl_sequences"] == 6 * 3
 
 
+def test_several_baselines_sample_each_model_once(setup, tmp_path, capsys):
+    # "mid" is both judged (against "start") and a baseline (of "other"), as a recipe's SFT model
+    # is; mid and start are the same weights, so every number against one equals that against
+    # the other, and mid's answers are the very ones it was judged by.
+    data, other = setup
+    out = tmp_path / "eval"
+    assert main(["eval", "--model", f"other={other}", "--model", "mid=tiny-random", "--baseline", "start=tiny-random",
+                 "--baseline", "mid=tiny-random", "--data", str(data), "--judge", f"fn:{HERE}:vowels",
+                 "--output-dir", str(out), "--max-new-tokens", "8", "--precision", "fp32"]) == 0
+    console = capsys.readouterr().out
+    assert "| model | win rate vs start |" in console and "| model | win rate vs mid |" in console
+    vs_start = json.loads((out / "start" / "eval.json").read_text())
+    vs_mid = json.loads((out / "mid" / "eval.json").read_text())
+    assert not (out / "eval.json").exists()
+    assert [m["label"] for m in vs_start["models"]] == ["other", "mid"]
+    assert [m["label"] for m in vs_mid["models"]] == ["other"] and vs_mid["baseline"]["label"] == "mid"
+    assert sorted(k for k in vs_mid["seconds"] if k.startswith("sample/")) == ["sample/mid", "sample/other",
+                                                                             "sample/start"]
+    assert [s["answers"]["mid"] for s in vs_mid["samples"]] == [s["answers"]["mid"] for s in vs_start["samples"]]
+    assert vs_mid["models"][0]["vs_baseline"] == vs_start["models"][0]["vs_baseline"]
+    assert vs_mid["models"][0]["vs_baseline"]["kl"] > 0
+    assert set(vs_mid["showcase"]["answers"]) == {"mid", "other"}
+    assert "| prompt | mid | other |" in (out / "mid" / "eval.md").read_text()
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--judge", "nope:x"], "unknown judge spec"),
     (["--judge", "fn:no_such_module_here:f"], "cannot import"),
     (["--n-samples", "2"], "greedy decoding gives 2 identical answers"),
     (["--model", "a=tiny-random", "--model", "a=tiny-random"], "label 'a' is given twice"),
-    (["--model", "base=tiny-random", "--baseline", "base=tiny-random"], "names both a model and the baseline"),
+    (["--model", "base=tiny-random", "--baseline", "base=tiny-random"], "names both the only model and the baseline"),
+    (["--model", "base=tiny-random", "--model", "x=tiny-random", "--baseline", "base=smollm2-135m-instruct"],
+     "label 'base' names model tiny-random and baseline smollm2-135m-instruct"),
+    (["--baseline", "a=tiny-random", "--baseline", "a=tiny-random"], "baseline label 'a' is given twice"),
     (["--tie-margin", "0.3"], "only for an llm: judge"),
     (["--kl-samples", "-1"], "expected at least 0"),
     (["--data", "missing.jsonl"], "missing.jsonl"),
