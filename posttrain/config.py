@@ -96,6 +96,8 @@ class TrainConfig:
     """Replace the run (finished or different) already in output_dir instead of refusing to start."""
     report_to: str = "none"
     """Extra tracker: none or tensorboard (metrics.jsonl is always written)."""
+    sharding: str = "none"
+    """none (each process holds the whole model: DDP) or fsdp (parameters, gradients and optimizer state sharded over the processes; see README "Scaling out")."""
 
     def validate(self) -> None:
         """Raise ConfigError for the first value no run could use."""
@@ -103,6 +105,7 @@ class TrainConfig:
         # reading a config (and the CLI's --help) does not import torch.
         from posttrain.data.load import OVERLONG
         from posttrain.models.precision import PRECISIONS
+        from posttrain.trainers.sharding import SHARDING
 
         for name, kind in field_types(type(self)).items():  # 1e999 and .inf parse; no field means them
             _check(self, name, kind is not float or math.isfinite(getattr(self, name)), "must be a finite number")
@@ -110,6 +113,7 @@ class TrainConfig:
         _check_choice(self, "lr_scheduler", SCHEDULERS)
         _check_choice(self, "overlong", OVERLONG)
         _check_choice(self, "report_to", ("none", "tensorboard"))
+        _check_choice(self, "sharding", SHARDING)
         for name in ("batch_size", "grad_accum", "max_length", "logging_steps", "save_total_limit"):
             _check(self, name, getattr(self, name) >= 1, "must be ≥ 1")
         for name in ("max_steps", "eval_steps", "save_steps", "lora_r"):

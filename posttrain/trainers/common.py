@@ -29,6 +29,7 @@ from transformers import get_scheduler
 
 from posttrain.config import TrainConfig, to_yaml
 from posttrain.models.precision import resolve_precision
+from posttrain.trainers import sharding
 
 CHECKPOINT_PREFIX = "checkpoint-"
 
@@ -37,7 +38,7 @@ def make_accelerator(cfg: TrainConfig) -> Accelerator:
     """One Accelerator per run. Mixed precision is autocast (fp32 master weights)."""
     on_gpu = torch.cuda.is_available()
     precision = resolve_precision(cfg.precision, "cuda" if on_gpu else "cpu")
-    return Accelerator(
+    accelerator = Accelerator(
         # Without cpu=True accelerate ignores torchrun's WORLD_SIZE on a CPU-only machine
         # and every process would train alone; with it, processes join a gloo group.
         cpu=not on_gpu,
@@ -51,6 +52,8 @@ def make_accelerator(cfg: TrainConfig) -> Accelerator:
         # process per optimizer step.
         step_scheduler_with_optimizer=False,
     )
+    sharding.engine(cfg, accelerator)  # a launch that would not shard as asked stops here, before any loading
+    return accelerator
 
 
 def seed_everything(seed: int) -> None:
@@ -128,8 +131,9 @@ def checkpoints(output_dir: str | Path) -> list[Path]:
 
 
 def save_checkpoint(accelerator: Accelerator, cfg: TrainConfig, step: int, extra: dict | None = None) -> Path:
-    """Model, optimizer, scheduler and RNG states via accelerate, plus our own step counter, the
-    run's config, its data fingerprint and the process count (what --resume checks against).
+    """Model, optimizer, scheduler and RNG states via accelerate (sharded runs: a distributed
+    checkpoint, see sharding.save_state), plus our own step counter, the run's config, its data
+    fingerprint, the process count and the global batch (what --resume checks against).
 
     Written to `checkpoint-N.tmp` and renamed when complete, so a crash mid-write never
     leaves a folder that --resume would pick up. Keeps the newest `save_total_limit`.
@@ -141,10 +145,16 @@ def save_checkpoint(accelerator: Accelerator, cfg: TrainConfig, step: int, extra
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
+    if cfg.sharding == "fsdp":
+        sharding.save_state(accelerator, tmp)
+    else:
+        accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()   # every process's part is written before the folder is renamed
     if accelerator.is_main_process:
         fingerprint = json.loads((Path(cfg.output_dir) / FINGERPRINT).read_text())
-        state = {"step": step, "world_size": accelerator.num_processes, "fingerprint": fingerprint, **(extra or {})}
+        state = {"step": step, "world_size": accelerator.num_processes,
+                 "global_batch": cfg.global_batch(accelerator.num_processes), "fingerprint": fingerprint,
+                 **(extra or {})}
         (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1))
         (tmp / "config.yaml").write_text(to_yaml(run_config(cfg)))
         shutil.rmtree(final, ignore_errors=True)
@@ -162,8 +172,11 @@ def resume_from_checkpoint(accelerator: Accelerator, cfg: TrainConfig) -> dict:
     if not found:
         raise ValueError(f"--resume: no checkpoint under {Path(cfg.output_dir) / 'checkpoints'}")
     latest = found[-1]
-    accelerator.load_state(str(latest))
     state = json.loads((latest / "trainer_state.json").read_text())
+    if cfg.sharding == "fsdp":
+        sharding.load_state(accelerator, latest, saved_world=state["world_size"], step=state["step"], seed=cfg.seed)
+    else:
+        accelerator.load_state(str(latest))
     accelerator.print(f"resumed from {latest} at step {state['step']}")
     return state
 
@@ -220,15 +233,17 @@ def data_fingerprint(cfg: TrainConfig) -> dict[str, str]:
 
 
 def config_differences(saved: dict, current: dict, saved_fingerprint: dict | None,
-                       current_fingerprint: dict) -> list[str]:
+                       current_fingerprint: dict, also_safe: tuple[str, ...] = ()) -> list[str]:
     """`key (saved → current)` for every key that makes `current` another run than `saved`.
 
-    saved / current: configs as plain mappings (YAML). Keys in SAFE_TO_CHANGE do not count;
-    data and eval_data are compared by fingerprint when `saved_fingerprint` is known, by name else.
+    saved / current: configs as plain mappings (YAML). Keys in SAFE_TO_CHANGE and `also_safe` do
+    not count; data and eval_data are compared by fingerprint when `saved_fingerprint` is known,
+    by name else.
     """
     out = []
     for key in sorted(set(saved) | set(current)):
-        if key in SAFE_TO_CHANGE or (saved_fingerprint is not None and key in ("data", "eval_data")):
+        if (key in SAFE_TO_CHANGE or key in also_safe
+                or (saved_fingerprint is not None and key in ("data", "eval_data"))):
             continue
         if saved.get(key, "(absent)") != current.get(key, "(absent)"):
             out.append(f"{key} ({saved.get(key, '(absent)')!r} → {current.get(key, '(absent)')!r})")
@@ -255,7 +270,9 @@ def check_output_dir(cfg: TrainConfig, world_size: int) -> dict[str, str]:
     A fresh run refuses a folder holding checkpoints, a finished run or any model, or the start of
     a different run, unless cfg.overwrite. A resumed run needs a checkpoint written by the same run:
     the same config except SAFE_TO_CHANGE, the same data, the same process count, and max_steps
-    not below the checkpoint's step. Every process checks, so every process raises alike.
+    not below the checkpoint's step. A sharded checkpoint (sharding=fsdp) reshards, so it may
+    resume on another process count, with batch_size and grad_accum changed to keep its global
+    batch. Every process checks, so every process raises alike.
     """
     out = Path(cfg.output_dir)
     if out.exists() and not out.is_dir():
@@ -273,13 +290,19 @@ def check_output_dir(cfg: TrainConfig, world_size: int) -> dict[str, str]:
         latest = found[-1]
         state = json.loads((latest / "trainer_state.json").read_text())
         saved = yaml.safe_load((latest / "config.yaml").read_text())
-        differences = config_differences(saved, current, state.get("fingerprint"), fingerprint)
-        if state.get("world_size", world_size) != world_size:
+        reshard = cfg.sharding == "fsdp" and saved.get("sharding") == "fsdp"
+        differences = config_differences(saved, current, state.get("fingerprint"), fingerprint,
+                                         also_safe=BATCH_SPLIT if reshard else ())
+        moved = state.get("world_size", world_size) != world_size and not reshard
+        if moved:
             differences.append(f"processes ({state['world_size']} → {world_size})")
         if differences:
             raise ValueError(f"--resume: {latest} was written by another run; it differs in "
                              f"{', '.join(differences)}. Resume with its settings (--config {out / 'config.yaml'}) "
-                             "or start a new run in another --output-dir")
+                             "or start a new run in another --output-dir"
+                             + (" (only a sharding=fsdp checkpoint resumes on another process count)" if moved else ""))
+        if reshard and cfg.global_batch(world_size) != state["global_batch"]:
+            raise ValueError(global_batch_error(latest, state, cfg, world_size))
         if 0 < cfg.max_steps < state["step"]:
             raise ValueError(f"--resume: max_steps={cfg.max_steps} is below the step of {latest} "
                              f"({state['step']}); give max_steps ≥ {state['step']}")
@@ -302,6 +325,21 @@ def check_output_dir(cfg: TrainConfig, world_size: int) -> dict[str, str]:
             raise ValueError(f"{out}: holds the start of another run (it differs in {', '.join(differences)}); "
                              "pass --overwrite to replace it or choose another --output-dir")
     return fingerprint
+
+
+BATCH_SPLIT = ("batch_size", "grad_accum")
+"""Keys a resumed sharded run may change along with the process count, as long as the global batch
+(what each step trains on, common.step_items) stays the same."""
+
+
+def global_batch_error(latest: Path, state: dict, cfg: TrainConfig, world: int) -> str:
+    """The one-line refusal of a resumed sharded run whose global batch differs from its checkpoint's."""
+    saved = state["global_batch"]
+    fix = (f"give batch_size × grad_accum = {saved // world} on {world} process(es)" if saved % world == 0
+           else f"{saved} does not divide over {world} processes; use a process count that divides it")
+    return (f"--resume: {latest} trained on global batches of {saved} records ({state['world_size']} process(es)); "
+            f"this run's would be {cfg.global_batch(world)} ({world} process(es) × batch_size {cfg.batch_size} × "
+            f"grad_accum {cfg.grad_accum}): {fix}")
 
 
 def clear_run(out: Path) -> None:
@@ -587,11 +625,12 @@ class NonFiniteGuard:
         return {"train/skipped_steps": self.skipped}
 
     def check_weights(self, model: torch.nn.Module) -> None:
-        """NonFiniteError naming the first parameter holding NaN or ±inf, if any."""
-        for name, param in model.named_parameters():
-            if not torch.isfinite(param).all():
-                raise NonFiniteError(f"{self.output_dir}: parameter {name} holds NaN or ±inf; the final model "
-                                     f"was not saved. Last good checkpoint: {self._last_checkpoint()}")
+        """NonFiniteError naming the first parameter holding NaN or ±inf, if any (every process of a
+        sharded model raises alike: call it on all)."""
+        name = sharding.nonfinite_parameter(model)
+        if name is not None:
+            raise NonFiniteError(f"{self.output_dir}: parameter {name} holds NaN or ±inf; the final model "
+                                 f"was not saved. Last good checkpoint: {self._last_checkpoint()}")
 
     def _last_checkpoint(self) -> str:
         found = checkpoints(self.output_dir)

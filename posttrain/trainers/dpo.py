@@ -40,6 +40,7 @@ from posttrain.trainers.common import (RunLog, StopRequest, Throughput, build_op
                                        resume_from_checkpoint, save_checkpoint, seed_everything, step_items,
                                        total_steps)
 from posttrain.trainers.common import NonFiniteGuard, batch_records
+from posttrain.trainers.sharding import eval_batches, full_model, prepare, shard_frozen
 
 
 @dataclass
@@ -114,12 +115,12 @@ def evaluate(policy, reference, data: PairSet, spec: DPOLoss, cfg: DPOConfig, ac
     """The training statistics on held-out pairs, each process taking an interleaved share."""
     policy.eval()
     sums = dict.fromkeys(STATS, 0.0)
-    mine = list(range(accelerator.process_index, len(data.pairs), accelerator.num_processes))
-    for i in range(0, len(mine), cfg.batch_size):
-        batch = data.batch(mine[i: i + cfg.batch_size], pad_id, cfg.prefix_sharing)
+    for indices, counts in eval_batches(list(range(len(data.pairs))), cfg.batch_size, accelerator):
+        batch = data.batch(indices, pad_id, cfg.prefix_sharing)
         ref_logps = None if reference is None else reference.logps(batch)
         _, stats = pair_losses(spec, cfg, batch, sequence_logps(policy, batch, accelerator.device), ref_logps)
-        add_to(sums, stats)
+        if counts:
+            add_to(sums, stats)
     policy.train()
     means = global_means(accelerator, sums, len(data.pairs))
     return {f"eval/{key}": value for key, value in means.items()}
@@ -177,6 +178,7 @@ def train(cfg: DPOConfig) -> Path:
     reference = None
     if mode == "frozen_copy":
         reference = FrozenCopy(model, accelerator.device, accelerator.autocast)
+        shard_frozen(accelerator, cfg, reference.model)
     if mode == "precomputed":
         for data in filter(None, (train_set, eval_set)):
             data.ref_logps = precompute_reference(model, data, cfg, accelerator, pad_id)
@@ -193,7 +195,7 @@ def train(cfg: DPOConfig) -> Path:
     steps = total_steps(cfg, len(train_set.pairs), world)
     optimizer = build_optimizer(policy, cfg)
     scheduler = build_scheduler(optimizer, cfg, steps)
-    policy, optimizer, scheduler = accelerator.prepare(policy, optimizer, scheduler)
+    policy, optimizer, scheduler = prepare(accelerator, cfg, policy, optimizer, scheduler)
     if mode == "adapters_off":
         reference = AdaptersOff(accelerator.unwrap_model(policy), accelerator.device, accelerator.autocast)
     accelerator.print(f"loss {cfg.loss}, reference: {mode}, prefix sharing: {cfg.prefix_sharing}")
@@ -258,8 +260,10 @@ def train(cfg: DPOConfig) -> Path:
         accelerator.print(f"eval/loss {metrics['eval/loss']:.4f}, "
                           f"eval/rewards/accuracy {metrics['eval/rewards/accuracy']:.3f}")
 
-    def save(out: Path) -> None:
-        save_model(accelerator.unwrap_model(policy).model, tokenizer, out, merge_lora=cfg.merge_lora)
     guard.check_weights(policy)
+    final = full_model(accelerator, policy)  # every process: a sharded model is gathered here
+
+    def save(out: Path) -> None:
+        save_model(final.model, tokenizer, out, merge_lora=cfg.merge_lora)
 
     return finish_run(accelerator, cfg, log, save, "model", step=steps, command="dpo")

@@ -48,6 +48,7 @@ from posttrain.trainers.common import (RunLog, StopRequest, Throughput, build_op
                                        resume_from_checkpoint, save_checkpoint, seed_everything, step_items,
                                        total_steps)
 from posttrain.trainers.common import NonFiniteGuard, batch_records
+from posttrain.trainers.sharding import eval_batches, full_model, prepare, shard_frozen
 
 
 @dataclass
@@ -147,13 +148,13 @@ def evaluate(policy, reference, data: ExampleSet, cfg: KTOConfig, accelerator, p
     example mismatched with the previous one's completion); each process takes an interleaved share."""
     policy.eval()
     device = accelerator.device
-    mine = with_mismatched(list(range(len(data.examples))))[accelerator.process_index::accelerator.num_processes]
     parts = defaultdict(list)
-    for i in range(0, len(mine), cfg.batch_size):
-        batch = data.batch(mine[i: i + cfg.batch_size], pad_id)
-        for name, value in zip(("own", "kl", "ref_own", "ref_kl", "labels"),
-                               (*logps_without_grad(policy, reference, batch, device), batch.labels.to(device))):
-            parts[name].append(value)
+    for items, counts in eval_batches(with_mismatched(list(range(len(data.examples)))), cfg.batch_size, accelerator):
+        batch = data.batch(items, pad_id)
+        values = (*logps_without_grad(policy, reference, batch, device), batch.labels.to(device))
+        if counts:
+            for name, value in zip(("own", "kl", "ref_own", "ref_kl", "labels"), values):
+                parts[name].append(value)
     policy.train()
 
     def joined(name: str, dtype=torch.float32) -> torch.Tensor:  # a process may hold no held-out example
@@ -203,6 +204,8 @@ def train(cfg: KTOConfig) -> Path:
     mode = reference_mode(True, precompute=False, lora=cfg.lora_r > 0)
     # The reference is the starting model, so it is taken before anything changes the policy.
     reference = FrozenCopy(model, accelerator.device, accelerator.autocast) if mode == "frozen_copy" else None
+    if reference is not None:
+        shard_frozen(accelerator, cfg, reference.model)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.lora_r:
@@ -214,7 +217,7 @@ def train(cfg: KTOConfig) -> Path:
     steps = total_steps(cfg, len(train_set.examples), world)
     optimizer = build_optimizer(policy, cfg)
     scheduler = build_scheduler(optimizer, cfg, steps)
-    policy, optimizer, scheduler = accelerator.prepare(policy, optimizer, scheduler)
+    policy, optimizer, scheduler = prepare(accelerator, cfg, policy, optimizer, scheduler)
     if mode == "adapters_off":
         reference = AdaptersOff(accelerator.unwrap_model(policy), accelerator.device, accelerator.autocast)
     accelerator.print(f"reference: {mode}")
@@ -282,8 +285,10 @@ def train(cfg: KTOConfig) -> Path:
         log.log(steps, metrics)
         accelerator.print(f"eval/loss {metrics['eval/loss']:.4f}, eval/kl/z0 {metrics['eval/kl/z0']:.4f}")
 
-    def save(out: Path) -> None:
-        save_model(accelerator.unwrap_model(policy).model, tokenizer, out, merge_lora=cfg.merge_lora)
     guard.check_weights(policy)
+    final = full_model(accelerator, policy)  # every process: a sharded model is gathered here
+
+    def save(out: Path) -> None:
+        save_model(final.model, tokenizer, out, merge_lora=cfg.merge_lora)
 
     return finish_run(accelerator, cfg, log, save, "model", step=steps, command="kto")

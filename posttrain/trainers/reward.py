@@ -32,6 +32,7 @@ from posttrain.trainers.common import (RunLog, StopRequest, Throughput, build_op
                                        resume_from_checkpoint, save_checkpoint, seed_everything, step_items,
                                        total_steps)
 from posttrain.trainers.common import NonFiniteGuard, batch_records
+from posttrain.trainers.sharding import eval_batches, full_model, prepare
 
 STATS = ("rewards/accuracy", "rewards/margin", "rewards/chosen", "rewards/rejected")
 
@@ -70,20 +71,20 @@ def evaluate(model, pairs: list[TokenizedPair], cfg: RMConfig, accelerator, pad_
     """Pairwise accuracy, mean margin, Bradley–Terry loss and reward mean/std on held-out pairs."""
     model.eval()
     chosen, rejected, losses = [], [], []
-    mine = pairs[accelerator.process_index::accelerator.num_processes]
-    for i in range(0, len(mine), cfg.batch_size):
-        batch = mine[i: i + cfg.batch_size]
+    for batch, counts in eval_batches(pairs, cfg.batch_size, accelerator):
         r_w, r_l = pair_rewards(model, batch, pad_id, accelerator.device)
         loss, _ = bradley_terry_loss(r_w, r_l, margin=margins(cfg, batch, accelerator.device),
                                      center_coef=cfg.center_coef)
+        if not counts:
+            continue
         chosen.append(r_w.float())
         rejected.append(r_l.float())
         losses.append(loss.float())
     model.train()
-    r_w, r_l = torch.cat(chosen), torch.cat(rejected)
+    r_w, r_l = torch.cat(chosen or [torch.zeros(0)]), torch.cat(rejected or [torch.zeros(0)])
     both = torch.cat([r_w, r_l])
     n, correct, margin, loss, total, squares = global_sums(accelerator, [
-        len(r_w), (r_w > r_l).sum().item(), (r_w - r_l).sum().item(), torch.cat(losses).sum().item(),
+        len(r_w), (r_w > r_l).sum().item(), (r_w - r_l).sum().item(), sum(loss.sum().item() for loss in losses),
         both.sum().item(), both.pow(2).sum().item()])
     mean = total / (2 * n)
     return {"eval/rewards/accuracy": correct / n, "eval/rewards/margin": margin / n, "eval/loss": loss / n,
@@ -119,7 +120,7 @@ def train(cfg: RMConfig) -> Path:
     steps = total_steps(cfg, len(pairs), world)
     optimizer = build_optimizer(model, cfg)
     scheduler = build_scheduler(optimizer, cfg, steps)
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    model, optimizer, scheduler = prepare(accelerator, cfg, model, optimizer, scheduler)
     prepare_output_dir(accelerator, cfg, fingerprint)
     start = resume_from_checkpoint(accelerator, cfg)["step"] if cfg.resume else 0
 
@@ -181,8 +182,10 @@ def train(cfg: RMConfig) -> Path:
         accelerator.print(f"eval/rewards/accuracy {metrics['eval/rewards/accuracy']:.4f}  "
                           f"eval/rewards/margin {metrics['eval/rewards/margin']:.4f}")
 
-    def save(out: Path) -> None:
-        accelerator.unwrap_model(model).save_pretrained(out, merge_lora=cfg.merge_lora)
     guard.check_weights(model)
+    final = full_model(accelerator, model)  # every process: a sharded model is gathered here
+
+    def save(out: Path) -> None:
+        final.save_pretrained(out, merge_lora=cfg.merge_lora)
 
     return finish_run(accelerator, cfg, log, save, "reward model", step=steps, command="rm")

@@ -26,6 +26,7 @@ from posttrain.trainers.common import (RunLog, StopRequest, Throughput, build_op
                                        resume_from_checkpoint, save_checkpoint, seed_everything, step_items,
                                        total_steps)
 from posttrain.trainers.common import NonFiniteGuard
+from posttrain.trainers.sharding import eval_batches, full_model, prepare
 
 
 def load_units(cfg: SFTConfig, source: str, tokenizer, print_fn) -> list[list]:
@@ -58,12 +59,11 @@ def evaluate(policy, units, cfg: SFTConfig, accelerator, pad_id: int) -> dict[st
     """Token-mean NLL over the held-out rows, each process taking an interleaved share."""
     policy.eval()
     nll, tokens = 0.0, 0
-    mine = units[accelerator.process_index::accelerator.num_processes]
-    for i in range(0, len(mine), cfg.batch_size):
-        per_token, mask = forward_nll(policy, collate(cfg, mine[i: i + cfg.batch_size], pad_id),
-                                      accelerator.device)
-        nll += masked_sum(per_token, mask).item()
-        tokens += int(mask.sum())
+    for rows, counts in eval_batches(units, cfg.batch_size, accelerator):
+        per_token, mask = forward_nll(policy, collate(cfg, rows, pad_id), accelerator.device)
+        if counts:
+            nll += masked_sum(per_token, mask).item()
+            tokens += int(mask.sum())
     policy.train()
     nll, tokens = global_sum(accelerator, nll), global_sum(accelerator, tokens)
     return {"eval/loss": nll / max(tokens, 1), "eval/tokens": tokens}
@@ -97,7 +97,7 @@ def train(cfg: SFTConfig) -> Path:
     steps = total_steps(cfg, len(units), world)
     optimizer = build_optimizer(policy, cfg)
     scheduler = build_scheduler(optimizer, cfg, steps)
-    policy, optimizer, scheduler = accelerator.prepare(policy, optimizer, scheduler)
+    policy, optimizer, scheduler = prepare(accelerator, cfg, policy, optimizer, scheduler)
     prepare_output_dir(accelerator, cfg, fingerprint)
     start = resume_from_checkpoint(accelerator, cfg)["step"] if cfg.resume else 0
 
@@ -153,8 +153,10 @@ def train(cfg: SFTConfig) -> Path:
         log.log(steps, metrics)
         accelerator.print(f"eval/loss {metrics['eval/loss']:.4f}")
 
-    def save(out: Path) -> None:
-        save_model(accelerator.unwrap_model(policy).model, tokenizer, out, merge_lora=cfg.merge_lora)
     guard.check_weights(policy)
+    final = full_model(accelerator, policy)  # every process: a sharded model is gathered here
+
+    def save(out: Path) -> None:
+        save_model(final.model, tokenizer, out, merge_lora=cfg.merge_lora)
 
     return finish_run(accelerator, cfg, log, save, "model", step=steps, command="sft")
