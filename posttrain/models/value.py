@@ -71,12 +71,14 @@ class PolicyAndValue(torch.nn.Module):
     parameter used inside one forward.
 
     forward(input_ids [B,T], attention_mask [B,T], position_ids [B,T], response_mask [B,A] bool,
-            with_entropy) -> (logprobs [B,A], entropy [B,A] or None, values [B,A] or None)
+            with_entropy, with_values) -> (logprobs [B,A], entropy [B,A] or None, values [B,A] or None)
 
     values[:, t] = V(s_t), read at the column before response token t (the state it is
     chosen in), like the log-prob. The critic is either a separate `ValueModel` or a
     `value_head` Linear(H, 1) on the policy's own hidden states (one decoder pass for both);
-    at most one is given. Without either (GRPO, RLOO: no critic) values is None.
+    at most one is given. Without either (GRPO, RLOO: no critic), or with with_values=False (a
+    reference pass with LoRA adapters off), values is None. Without a critic it is also the frozen
+    reference's module: log-probs come from its forward, which sharding needs (trainers/sharding.py).
     """
 
     def __init__(self, policy: torch.nn.Module, *, critic: ValueModel | None = None,
@@ -88,12 +90,13 @@ class PolicyAndValue(torch.nn.Module):
         self.policy, self.critic, self.value_head = policy, critic, value_head
         self.temperature = temperature
 
-    def forward(self, input_ids, attention_mask, position_ids, response_mask, with_entropy: bool = False):
+    def forward(self, input_ids, attention_mask, position_ids, response_mask, with_entropy: bool = False,
+                with_values: bool = True):
         logprobs, entropy, hidden = response_logprobs(self.policy, input_ids, attention_mask, position_ids,
                                                       response_mask, temperature=self.temperature,
                                                       with_entropy=with_entropy)
         n_query = input_ids.shape[1] - response_mask.shape[1]
-        if self.critic is None and self.value_head is None:
+        if not with_values or (self.critic is None and self.value_head is None):
             return logprobs, entropy, None
         if self.critic is not None:
             all_values = self.critic(input_ids, attention_mask, position_ids)

@@ -34,7 +34,7 @@ from posttrain.data import TokenizedPrompt, load_prompts
 from posttrain.losses import grpo_loss, kl_k1
 from posttrain.models import load_causal_lm, load_tokenizer
 from posttrain.models.lora import apply_lora, disabled_adapters, save_model
-from posttrain.models.value import PolicyAndValue, disable_dropout, response_logprobs
+from posttrain.models.value import PolicyAndValue, disable_dropout
 from posttrain.ops import LOSS_TYPES, aggregate, aggregate_count, masked_sum
 from posttrain.sampling import Generation, Sampler, SamplingParams
 from posttrain.scoring import load_scorer, score_generation
@@ -42,6 +42,7 @@ from posttrain.trainers.common import (RunLog, StopRequest, build_optimizer, bui
                                        finish_run, global_sum, make_accelerator, prepare_output_dir, check_output_dir,
                                        resume_from_checkpoint, save_checkpoint, seed_everything, step_items)
 from posttrain.trainers.common import NonFiniteGuard, batch_records
+from posttrain.trainers.sharding import full_model, padded_share, prepare, refresh, shard_frozen, whole_copy
 
 SAMPLES_PER_LOG = 8
 """Responses of the main process written to samples.jsonl each samples_steps iterations."""
@@ -109,11 +110,11 @@ def logprobs_of(net: PolicyAndValue, reference, gen: Generation, cfg: GRPOConfig
         with accelerator.autocast():
             if old:
                 parts["old"].append(net(*batch)[0].cpu())
+            # Through the modules' own forward, where a sharded model gathers its weights.
             if cfg.beta > 0 or cfg.eval_data:
-                ref_net = reference if reference is not None else net.policy
+                ref_net = reference if reference is not None else net
                 with nullcontext() if reference is not None else disabled_adapters(net.policy):
-                    parts["ref"].append(response_logprobs(ref_net, *batch, temperature=cfg.temperature,
-                                                          with_entropy=False)[0].cpu())
+                    parts["ref"].append(ref_net(*batch)[0].cpu())
     return {name: torch.cat(chunks) for name, chunks in parts.items()}
 
 
@@ -174,16 +175,17 @@ def evaluate(net, reference, sampler, prompts, reward, cfg: GRPOConfig, accelera
     """Mean reward, KL to the reference (Σ_t log π/π_ref per response, k1: unbiased under π)
     and response length of one response per held-out prompt, sampled as in training from a
     fixed seed so evaluations differ only by the policy."""
-    rank, world = accelerator.process_index, accelerator.num_processes
-    mine = list(range(len(prompts)))[rank::world]
+    mine, real = padded_share(list(range(len(prompts))), accelerator)
     params = replace(sampling_params(cfg, -1), n=1)
     totals = defaultdict(float)
     for start in range(0, len(mine), cfg.rollout_batch_size):
         gen = generate(sampler, prompts, mine[start: start + cfg.rollout_batch_size], params)
         forward = logprobs_of(net, reference, gen, cfg, accelerator, old=True)
-        totals["eval/scores"] += float(reward(gen, prompts)[0].sum())
-        totals["eval/kl"] += float(masked_sum(forward["old"] - forward["ref"], gen.response_mask))
-        totals["eval/response_length"] += float(gen.response_mask.sum())
+        counted = slice(0, max(real - start, 0))  # one response per prompt; the rest is padding
+        mask = gen.response_mask[counted]
+        totals["eval/scores"] += float(reward(gen, prompts)[0][counted].sum())
+        totals["eval/kl"] += float(masked_sum(forward["old"][counted] - forward["ref"][counted], mask))
+        totals["eval/response_length"] += float(mask.sum())
     return {key: global_sum(accelerator, value) / len(prompts) for key, value in totals.items()}
 
 
@@ -214,15 +216,19 @@ def train(cfg: GRPOConfig) -> Path:
     fingerprint = check_output_dir(cfg, accelerator.num_processes)
     net, reference = build_networks(cfg)
     if reference is not None:
-        reference.to(accelerator.device)
+        # Its log-probs come from a forward of its own, where a sharded model gathers its weights.
+        reference = PolicyAndValue(reference, temperature=cfg.temperature).to(accelerator.device)
+        shard_frozen(accelerator, cfg, reference)
     iterations = cfg.max_steps or max(1, -(-int(cfg.epochs * len(prompts)) // cfg.rollout_batch_size))
     optimizer = build_optimizer(net, cfg)
     scheduler = build_scheduler(optimizer, cfg, iterations)
-    model, optimizer, scheduler = accelerator.prepare(net, optimizer, scheduler)
+    model, optimizer, scheduler = prepare(accelerator, cfg, net, optimizer, scheduler)
     net = accelerator.unwrap_model(model)
     prepare_output_dir(accelerator, cfg, fingerprint)
     start = resume_from_checkpoint(accelerator, cfg)["step"] if cfg.resume else 0
-    sampler = Sampler(net.policy, tokenizer, precision=cfg.precision,
+    # A sharded policy is gathered whole on every process for the sampler's copy (`whole`).
+    whole = whole_copy(accelerator, model)
+    sampler = Sampler(whole.policy, tokenizer, precision=cfg.precision,
                       batch_size=local_prompts * cfg.num_generations)
     estimator = ADVANTAGES[cfg.advantage]
     # log π_old is needed to reuse responses (the ratio) and for the KL-shaped reward; else the
@@ -266,6 +272,7 @@ def train(cfg: GRPOConfig) -> Path:
                                   forward.get("ref"), cfg, guard=guard, step=it + 1,
                                   batch=batch_records(prompts, indices, cfg.data))
             scheduler.step()
+            refresh(whole, model)
             sampler.sync()
             done, now = it + 1, time.perf_counter()
             n = global_sum(accelerator, len(gen.responses))
@@ -295,8 +302,10 @@ def train(cfg: GRPOConfig) -> Path:
     if eval_prompts:
         log.log(iterations, evaluate_now())
 
-    def save(out: Path) -> None:
-        save_model(net.policy, tokenizer, out, merge_lora=cfg.merge_lora)
-
     guard.check_weights(model)
+    final = full_model(accelerator, model)  # every process: a sharded model is gathered here
+
+    def save(out: Path) -> None:
+        save_model(final.policy, tokenizer, out, merge_lora=cfg.merge_lora)
+
     return finish_run(accelerator, cfg, log, save, "policy", step=iterations, command=command)

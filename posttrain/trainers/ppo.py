@@ -33,7 +33,7 @@ from posttrain.losses import ppo_policy_loss, value_loss
 from posttrain.models import load_causal_lm, load_tokenizer
 from posttrain.models.lora import apply_lora, disabled_adapters, save_model
 from posttrain.models.reward import RewardModel
-from posttrain.models.value import PolicyAndValue, ValueModel, disable_dropout, new_value_head, response_logprobs
+from posttrain.models.value import PolicyAndValue, ValueModel, disable_dropout, new_value_head
 from posttrain.ops import aggregate, masked_sum, masked_whiten
 from posttrain.rollout.rollout import Rollout
 from posttrain.rollout.scoring import RunningMoments, normalize_and_clip, penalize_missing_eos
@@ -45,6 +45,7 @@ from posttrain.trainers.common import (RunLog, StopRequest, build_optimizer, bui
                                        seed_everything, step_items)
 from posttrain.trainers.common import NonFiniteGuard, batch_records
 from posttrain.trainers.kl_control import AdaptiveKLController, FixedKLController
+from posttrain.trainers.sharding import full_model, padded_share, prepare, refresh, shard_frozen, whole_copy
 
 SAMPLES_PER_LOG = 8
 """Rollouts of the main process written to samples.jsonl each samples_steps iterations."""
@@ -109,10 +110,12 @@ def old_policy_and_reference(net: PolicyAndValue, reference, gen: Generation, cf
         batch = [t[rows].to(device) for t in (input_ids, attention, positions, gen.response_mask)]
         with accelerator.autocast():
             logprobs, entropy, values = net(*batch, with_entropy=True)
-            ref_net = reference if reference is not None else net.policy
-            with nullcontext() if reference is not None else disabled_adapters(net.policy):
-                ref_logprobs = response_logprobs(ref_net, *batch, temperature=cfg.temperature,
-                                                 with_entropy=False)[0]
+            # Through the modules' own forward, where a sharded model gathers its weights.
+            if reference is not None:
+                ref_logprobs = reference(*batch)[0]
+            else:
+                with disabled_adapters(net.policy):
+                    ref_logprobs = net(*batch, with_values=False)[0]
         for name, value in zip(("logprobs", "entropy", "values", "ref_logprobs"),
                                (logprobs, entropy, values, ref_logprobs)):
             parts[name].append(value.cpu())
@@ -229,16 +232,16 @@ def evaluate(net, reference, sampler, prompts, score, cfg: PPOConfig, accelerato
     """Mean score, KL to the reference (Σ_t log π/π_ref per response, k1: unbiased under π)
     and response length over the held-out prompts, sampled as in training from a fixed seed
     so evaluations differ only by the policy."""
-    rank, world = accelerator.process_index, accelerator.num_processes
-    mine = list(range(len(prompts)))[rank::world]
+    mine, real = padded_share(list(range(len(prompts))), accelerator)
     totals = defaultdict(float)
     for start in range(0, len(mine), cfg.rollout_batch_size):
         gen = generate(sampler, prompts, mine[start: start + cfg.rollout_batch_size], sampling_params(cfg, -1))
         forward = old_policy_and_reference(net, reference, gen, cfg, accelerator)
         kl = masked_sum(forward["logprobs"] - forward["ref_logprobs"], gen.response_mask, dim=-1)
-        totals["eval/scores"] += float(score(gen, prompts).sum())
-        totals["eval/kl"] += float(kl.sum())
-        totals["eval/response_length"] += float(gen.response_mask.sum())
+        counted = slice(0, max(real - start, 0))  # one response per prompt; the rest is padding
+        totals["eval/scores"] += float(score(gen, prompts)[counted].sum())
+        totals["eval/kl"] += float(kl[counted].sum())
+        totals["eval/response_length"] += float(gen.response_mask[counted].sum())
     return {key: global_sum(accelerator, value) / len(prompts) for key, value in totals.items()}
 
 
@@ -269,11 +272,13 @@ def train(cfg: PPOConfig) -> Path:
     fingerprint = check_output_dir(cfg, world)
     net, reference = build_networks(cfg)
     if reference is not None:
-        reference.to(accelerator.device)
+        # Its log-probs come from a forward of its own, where a sharded model gathers its weights.
+        reference = PolicyAndValue(reference, temperature=cfg.temperature).to(accelerator.device)
+        shard_frozen(accelerator, cfg, reference)
     iterations = cfg.max_steps or max(1, -(-int(cfg.epochs * len(prompts)) // cfg.rollout_batch_size))
     optimizer = build_optimizer(net, cfg)
     scheduler = build_scheduler(optimizer, cfg, iterations)
-    model, optimizer, scheduler = accelerator.prepare(net, optimizer, scheduler)
+    model, optimizer, scheduler = prepare(accelerator, cfg, net, optimizer, scheduler)
     net = accelerator.unwrap_model(model)
     kl_ctl = (AdaptiveKLController(cfg.kl_coef, cfg.adaptive_kl_target, cfg.adaptive_kl_horizon)
               if cfg.adaptive_kl_target else FixedKLController(cfg.kl_coef))
@@ -286,8 +291,10 @@ def train(cfg: PPOConfig) -> Path:
         kl_ctl.load_state_dict(state["kl_ctl"])
         if moments is not None:
             moments.load_state_dict(state["moments"])
-    # Samples from its own inference copy of the policy (bf16 under bf16), re-synced after each update.
-    sampler = Sampler(net.policy, tokenizer, precision=cfg.precision, batch_size=n_local)
+    # Samples from its own inference copy of the policy (bf16 under bf16), re-synced after each update;
+    # a sharded policy is first gathered whole on every process (`whole`).
+    whole = whole_copy(accelerator, model)
+    sampler = Sampler(whole.policy, tokenizer, precision=cfg.precision, batch_size=n_local)
     guard = NonFiniteGuard(cfg, "ppo")
     log = RunLog(accelerator, cfg, iterations, start, "ppo")
     samples_path = Path(cfg.output_dir) / "samples.jsonl"
@@ -319,6 +326,7 @@ def train(cfg: PPOConfig) -> Path:
             # 6. PPO epochs.
             stats = ppo_epochs(model, optimizer, accelerator, rollout, advantages, returns, cfg, guard=guard,
                                step=it + 1, batch=batch_records(prompts, indices, cfg.data))
+            refresh(whole, model)
             sampler.sync()
             scheduler.step()
             metrics = rollout_metrics(rollout, returns, kl, kl_coef, accelerator)
@@ -344,9 +352,11 @@ def train(cfg: PPOConfig) -> Path:
     if eval_prompts:
         log.log(iterations, evaluate_now())
 
-    def save(out: Path) -> None:
-        save_model(net.policy, tokenizer, out, merge_lora=cfg.merge_lora)
-
     extra = {"kl_ctl": kl_ctl.state_dict(), "moments": moments.state_dict() if moments else None}
     guard.check_weights(model)
+    final = full_model(accelerator, model)  # every process: a sharded model is gathered here
+
+    def save(out: Path) -> None:
+        save_model(final.policy, tokenizer, out, merge_lora=cfg.merge_lora)
+
     return finish_run(accelerator, cfg, log, save, "policy", step=iterations, command="ppo", extra=extra)

@@ -215,18 +215,17 @@ def eval_batches(items: list, batch_size: int, accelerator: Accelerator) -> list
     return [(batch, True) if batch else (items[:1], False) for batch in batches]
 
 
-def full_model(accelerator: Accelerator, model: torch.nn.Module) -> torch.nn.Module | None:
-    """The trained model, whole, to save: on every process call it together (a sharded model is
-    gathered, a collective); the main process gets the model, the others None. An unsharded model
-    is returned unwrapped, on every process."""
-    if not is_sharded(model):
-        return accelerator.unwrap_model(model)
+def gathered(model: torch.nn.Module, *, everywhere: bool) -> dict[str, torch.Tensor]:
+    """The full state dict of a sharded model (a collective: every process calls it): on every
+    process, or (everywhere=False) on the main process only, the others getting {}."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if not accelerator.is_main_process:
-        return None
-    skeleton = _SKELETONS[model]
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=not everywhere))
+
+
+def materialized(model: torch.nn.Module, full: dict[str, torch.Tensor]) -> torch.nn.Module:
+    """A new unsharded copy of the sharded `model` (its skeleton) holding the tensors of `full`."""
+    skeleton = copy.deepcopy(_SKELETONS[model])
     # Tied parameters (embeddings and LM head) must stay one Parameter: each name sharing one
     # gets the Parameter made for the first name.
     made: dict[int, torch.nn.Parameter] = {}
@@ -239,6 +238,41 @@ def full_model(accelerator: Accelerator, model: torch.nn.Module) -> torch.nn.Mod
     state.update({name: tensor for name, tensor in full.items() if name in buffers})
     skeleton.load_state_dict(state, assign=True)
     return skeleton
+
+
+def full_model(accelerator: Accelerator, model: torch.nn.Module) -> torch.nn.Module | None:
+    """The trained model, whole, to save: on every process call it together (a sharded model is
+    gathered, a collective); the main process gets the model, the others None. An unsharded model
+    is returned unwrapped, on every process."""
+    if not is_sharded(model):
+        return accelerator.unwrap_model(model)
+    full = gathered(model, everywhere=False)
+    return materialized(model, full) if accelerator.is_main_process else None
+
+
+def whole_copy(accelerator: Accelerator, model: torch.nn.Module) -> torch.nn.Module:
+    """The model whole on every process, for code that reads weights outside a forward pass (the
+    sampler's inference copy): the unwrapped model itself when it is not sharded, else a
+    per-process copy with the gathered weights, to refresh with `refresh` after each update."""
+    if not is_sharded(model):
+        return accelerator.unwrap_model(model)
+    return materialized(model, gathered(model, everywhere=True))
+
+
+def refresh(copy_: torch.nn.Module, model: torch.nn.Module) -> None:
+    """Copy the sharded `model`'s current weights into its whole_copy (every process calls it);
+    nothing to do when the model is not sharded (the copy is the model)."""
+    if is_sharded(model):
+        copy_.load_state_dict(gathered(model, everywhere=True))
+
+
+def padded_share(items: list, accelerator: Accelerator) -> tuple[list, int]:
+    """This process's interleaved share of `items`, padded with items[0] to the same length on
+    every process, and how many at its front are real. For loops whose batch sizes decide how many
+    forward passes follow (PPO's and GRPO's evaluation): under FSDP every process must run as many."""
+    mine = items[accelerator.process_index::accelerator.num_processes]
+    width = math.ceil(len(items) / accelerator.num_processes)
+    return mine + items[:1] * (width - len(mine)), len(mine)
 
 
 # ---------------------------------------------------------------- checkpoints
