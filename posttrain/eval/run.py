@@ -143,10 +143,17 @@ def _answers(gen: Generation, k: int, showcase: str | None) -> Answers:
                    [lengths[r: r + k] for r in rows], showcase)
 
 
-def _showcase_answer(sampler: Sampler, text: str | None, params: SamplingParams) -> str | None:
+def _showcase_answer(sampler: Sampler, text: str | None, params: SamplingParams, prompts: list[TokenizedPrompt],
+                     gen: Generation) -> str | None:
+    """The answer to the showcase prompt: the eval's own first answer when the prompt is one of
+    the eval's (a separate call would decode it in another batch, and bf16 greedy text can
+    differ with the batch it is decoded in), else one more answer sampled for it."""
     if text is None:
         return None
     conversation = [{"role": "user", "content": text}]
+    for i, prompt in enumerate(prompts):
+        if prompt.messages == conversation:
+            return gen.responses[i * params.n].strip()
     prompt = TokenizedPrompt(tokenize_prompt(conversation, sampler.tokenizer), conversation,
                              {"messages": conversation}, 0)
     return sampler.generate([prompt], replace(params, n=1)).responses[0].strip()
@@ -389,7 +396,7 @@ def _sample_all(models: Mapping[str, str], judged: set[str], inputs: dict[str, t
         model = load_causal_lm(name)
         sampler = Sampler(model, tokenizer, precision=precision, batch_size=batch_size)
         gen = _generate(sampler, prompts, params, f"sampling {label}")
-        answers[label] = _answers(gen, params.n, _showcase_answer(sampler, showcase_prompt, params))
+        answers[label] = _answers(gen, params.n, _showcase_answer(sampler, showcase_prompt, params, prompts, gen))
         if label in judged:
             kl_runs[label] = _kl_run(model, sampler, prompts, gen, params, kl_samples, batch_size, precision, label)
         seconds[f"sample/{label}"] = time.perf_counter() - start

@@ -176,3 +176,18 @@ def test_an_llm_judge_gives_verdicts_in_both_orders(setup, tmp_path):
             assert outcome == 0.5
         else:
             assert outcome == (1.0 if verdict["p_model_better"] > 0.5 else 0.0)
+
+
+def test_the_showcase_answer_is_the_evals_own_when_the_prompt_is_among_them(setup, tmp_path):
+    # Decoded again on its own, in bf16 it could differ from the answer the table shows (greedy
+    # text depends on the batch it is decoded in); the report must show one answer, not two.
+    data, other = setup
+    with data.open("a") as f:
+        f.write(json.dumps({"prompt": SHOWCASE_PROMPT}) + "\n")
+    out = tmp_path / "eval"
+    assert main(["eval", "--model", f"other={other}", "--baseline", "base=tiny-random", "--data", str(data),
+                 "--judge", f"fn:{HERE}:vowels", "--output-dir", str(out), "--max-new-tokens", "8",
+                 "--kl-samples", "0", "--precision", "fp32"]) == 0
+    result = json.loads((out / "eval.json").read_text())
+    row = next(s for s in result["samples"] if s["prompt"] == SHOWCASE_PROMPT)
+    assert result["showcase"]["answers"] == {label: row["answers"][label][0].strip() for label in ("base", "other")}
