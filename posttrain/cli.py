@@ -227,6 +227,10 @@ def _join_negative_numbers(argv: list[str]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # transformers' "Loading weights" and datasets' map bars say nothing a user needs next to our
+    # own progress bars; set either variable to 0 to see them. Read when those libraries import.
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     argv = list(sys.argv[1:] if argv is None else argv)
     # --debug may stand anywhere before a "--", so it works after any subcommand too.
     end = argv.index("--") if "--" in argv else len(argv)
