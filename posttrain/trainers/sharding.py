@@ -65,6 +65,9 @@ def engine(cfg, accelerator: Accelerator) -> str:
         raise ValueError(f"WORLD_SIZE={world} but accelerate joined {accelerator.num_processes} process(es) "
                          f"(distributed type {kind.value}): each process would train its own copy; launch with "
                          "torchrun or accelerate launch on a machine accelerate can group")
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true" or kind == DistributedType.DEEPSPEED:
+        raise ValueError("launched with an accelerate DeepSpeed config: posttrain does not train under DeepSpeed "
+                         "(README \"Scaling out\"); shard with --sharding fsdp and configs/accelerate/fsdp.yaml")
     if launched and not asked:
         raise ValueError("launched with an accelerate FSDP config but sharding='none'; add --sharding fsdp "
                          "(or launch with configs/accelerate/ddp.yaml)")

@@ -199,6 +199,13 @@ def test_launches_that_would_not_shard_as_asked_are_refused(tmp_path, monkeypatc
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     with pytest.raises(ValueError, match="launched with an accelerate FSDP config but sharding='none'"):
         make_accelerator(sft_config(tmp_path / "run", data=str(data)))
+    # With deepspeed installed, accelerate on CPUs (cpu=True) ignores a DeepSpeed config and groups
+    # the processes for DDP; posttrain refuses rather than train unsharded.
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    grouped = types.SimpleNamespace(distributed_type=DistributedType.MULTI_CPU, num_processes=1)
+    with pytest.raises(ValueError, match="launched with an accelerate DeepSpeed config: posttrain does not train"):
+        sharding.engine(sft_config(tmp_path / "run", data=str(data)), grouped)
+    monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED")
     # What accelerate 1.15 gives each process of an FSDP launch on CPUs when no group forms.
     monkeypatch.setenv("WORLD_SIZE", "2")
     alone = types.SimpleNamespace(distributed_type=DistributedType.NO, num_processes=1)
