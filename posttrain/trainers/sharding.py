@@ -29,7 +29,6 @@ import os
 import random
 import weakref
 from pathlib import Path
-
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -144,7 +143,8 @@ def prepare(accelerator: Accelerator, cfg, model: torch.nn.Module, optimizer, sc
     On the "torch" path the model is sharded here, the optimizer's parameters are swapped for the
     shards by name (it holds no state yet), and accelerate prepares the optimizer and scheduler
     and wraps the model's forward in its autocast (bf16 over fp32 master weights, as on one
-    process) without wrapping it in DDP (evaluation_mode=True skips only that).
+    process) without wrapping it in DDP (accelerate's evaluation_mode=True: "just applying mixed
+    precision and torch.compile").
     """
     how = engine(cfg, accelerator)
     if how == "none":
@@ -197,7 +197,8 @@ def nonfinite_parameter(model: torch.nn.Module) -> str | None:
     answers alike (a shard of another process is named "a parameter on another process")."""
     bad = next((name for name, p in model.named_parameters() if not torch.isfinite(local(p)).all()), None)
     if is_sharded(model):
-        found = torch.tensor(float(bad is not None))
+        # On the parameters' device: NCCL reduces GPU tensors only.
+        found = torch.tensor(float(bad is not None), device=next(model.parameters()).device)
         torch.distributed.all_reduce(found)
         if found.item() and bad is None:
             return "(a parameter on another process)"
