@@ -27,7 +27,10 @@ import copy
 import math
 import os
 import random
+import warnings
 import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -152,6 +155,8 @@ def prepare(accelerator: Accelerator, cfg, model: torch.nn.Module, optimizer, sc
     # Checked on one process too: its checkpoints are meant to resume on several.
     layers = decoder_layers(model)
     if how == "one_process":
+        accelerator.print("sharding: one process holds the whole model; checkpoints are distributed checkpoints "
+                          "that resume on several")
         return accelerator.prepare(model, optimizer, scheduler)
     skeleton = meta_copy(model)
     if how == "accelerate":
@@ -282,6 +287,14 @@ def padded_share(items: list, accelerator: Accelerator) -> tuple[list, int]:
 # ---------------------------------------------------------------- checkpoints
 
 
+@contextmanager
+def one_process_is_meant() -> Iterator[None]:
+    """Silences DCP's warning that, without a process group, it assumes one process: that is meant."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        yield
+
+
 def prepared(accelerator: Accelerator):
     """(model, optimizer, scheduler) as accelerate registered them: every trainer prepares
     exactly one of each, and save_state / load_state read the same lists."""
@@ -299,7 +312,8 @@ def save_state(accelerator: Accelerator, folder: Path) -> None:
 
     model, optimizer, scheduler = prepared(accelerator)
     model_state, optimizer_state = get_state_dict(model, optimizer)
-    dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=folder / MODEL_STATE)
+    with one_process_is_meant():
+        dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=folder / MODEL_STATE)
     if accelerator.is_main_process:
         torch.save(scheduler.state_dict(), folder / SCHEDULER_STATE)
     torch.save({"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()},
@@ -320,7 +334,8 @@ def load_state(accelerator: Accelerator, folder: Path, *, saved_world: int, step
     # get_state_dict creates the optimizer's (empty) state, which DCP then fills in place.
     model_state, optimizer_state = get_state_dict(model, optimizer)
     state = {"model": model_state, "optimizer": optimizer_state}
-    dcp.load(state, checkpoint_id=folder / MODEL_STATE)
+    with one_process_is_meant():
+        dcp.load(state, checkpoint_id=folder / MODEL_STATE)
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
     scheduler.load_state_dict(torch.load(folder / SCHEDULER_STATE, weights_only=True))
     if saved_world == accelerator.num_processes:
