@@ -290,7 +290,8 @@ def check_output_dir(cfg: TrainConfig, world_size: int) -> dict[str, str]:
         latest = found[-1]
         state = json.loads((latest / "trainer_state.json").read_text())
         saved = yaml.safe_load((latest / "config.yaml").read_text())
-        reshard = cfg.sharding == "fsdp" and saved.get("sharding") == "fsdp"
+        saved.setdefault("sharding", "none")  # a checkpoint written before the field existed was not sharded
+        reshard = cfg.sharding == "fsdp" and saved["sharding"] == "fsdp"
         differences = config_differences(saved, current, state.get("fingerprint"), fingerprint,
                                          also_safe=BATCH_SPLIT if reshard else ())
         moved = state.get("world_size", world_size) != world_size and not reshard
