@@ -319,6 +319,7 @@ def check_output_dir(cfg: TrainConfig, world_size: int) -> dict[str, str]:
         raise ValueError(f"{out}: already holds {what}; pass --overwrite to replace it or choose another --output-dir")
     if (out / "config.yaml").is_file():
         saved = yaml.safe_load((out / "config.yaml").read_text())
+        saved.setdefault("sharding", "none")  # written before the field existed
         saved_fingerprint = (json.loads((out / FINGERPRINT).read_text()) if (out / FINGERPRINT).is_file()
                              else None)
         differences = config_differences(saved, current, saved_fingerprint, fingerprint)
