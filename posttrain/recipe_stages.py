@@ -61,27 +61,57 @@ def eval_stage(models: dict, data: str, judge: str, output_dir: str, *, baseline
                precision: str = "auto", confidence: float = 0.95) -> None:
     """`posttrain eval` with flat sampling keys. Against one `baseline`: eval.json and eval.md in
     the stage folder; against several (`baselines`: {label: model}, every model's answers
-    sampled once): in a folder per baseline label, `${stage}/LABEL/eval.json`.
-    run_recipe sets judge_used_in_training itself when an upstream stage used the same judge."""
+    sampled once): in a folder per baseline label, `${stage}/LABEL/eval.json`. The tables go to
+    the stage's log. run_recipe sets judge_used_in_training itself when an upstream stage used
+    the same judge."""
     from posttrain.eval.run import evaluate, evaluate_many
-    from posttrain.sampling import SamplingParams
 
-    if not isinstance(models, dict) or not models:
-        raise ValueError(f"eval: 'models' must be a mapping {{label: model}}, got {models!r}")
-    if (baseline is None) == (baselines is None):
-        raise ValueError("eval: give either 'baseline' (one model) or 'baselines' ({label: model}), not "
-                         + ("both" if baseline is not None else "neither"))
-    if baselines is not None and (not isinstance(baselines, dict) or not baselines):
-        raise ValueError(f"eval: 'baselines' must be a mapping {{label: model}}, got {baselines!r}")
-    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-                            seed=seed)
-    options = dict(output_dir=output_dir, n_samples=n_samples, params=params,
+    args = _eval_args(models, baseline, baseline_label, baselines, n_samples, max_new_tokens, temperature, top_p,
+                      top_k, seed, kl_samples, confidence)
+    options = dict(output_dir=output_dir, n_samples=n_samples, params=args["params"],
                    judge_used_in_training=judge_used_in_training, kl_samples=kl_samples, batch_size=batch_size,
-                   precision=precision, confidence=confidence, verbose=False)
+                   precision=precision, confidence=confidence)
     if baselines is None:
         evaluate(models, baseline, data, judge, baseline_label=baseline_label, **options)
     else:
         evaluate_many(models, baselines, data, judge, **options)
+
+
+def check_eval_stage(models: dict, data: str, judge: str, *, baseline: str | None = None,
+                     baseline_label: str = "baseline", baselines: dict | None = None, n_samples: int = 1,
+                     max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
+                     seed: int = 0, kl_samples: int = 1, confidence: float = 0.95, **_) -> None:
+    """eval_stage's keys checked before any stage of the recipe runs (references already
+    replaced by the paths their stages will write): ValueError for the first bad one."""
+    from posttrain.eval.run import check_options
+
+    args = _eval_args(models, baseline, baseline_label, baselines, n_samples, max_new_tokens, temperature, top_p,
+                      top_k, seed, kl_samples, confidence)
+    check_options(models, args["baselines"], judge, n_samples, args["params"], kl_samples, confidence)
+
+
+def _eval_args(models, baseline, baseline_label, baselines, n_samples, max_new_tokens, temperature, top_p, top_k,
+               seed, kl_samples, confidence) -> dict:
+    """{"baselines": {label: model}, "params": SamplingParams} of an eval stage's keys."""
+    from posttrain.sampling import SamplingParams
+
+    if not isinstance(models, dict) or not models:
+        raise ValueError(f"eval: 'models' must be a non-empty mapping {{label: model}}, got {models!r}")
+    if (baseline is None) == (baselines is None):
+        raise ValueError("eval: give either 'baseline' (one model) or 'baselines' ({label: model}), not "
+                         + ("both" if baseline is not None else "neither"))
+    if baselines is not None and (not isinstance(baselines, dict) or not baselines):
+        raise ValueError(f"eval: 'baselines' must be a non-empty mapping {{label: model}}, got {baselines!r}")
+    for key, value in (("n_samples", n_samples), ("max_new_tokens", max_new_tokens), ("top_k", top_k),
+                       ("seed", seed), ("kl_samples", kl_samples)):
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise ValueError(f"eval: '{key}' must be an integer, got {value!r}")
+    for key, value in (("temperature", temperature), ("top_p", top_p), ("confidence", confidence)):
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            raise ValueError(f"eval: '{key}' must be a number, got {value!r}")
+    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                            seed=seed)
+    return {"baselines": baselines if baselines is not None else {baseline_label: baseline}, "params": params}
 
 
 def sample_stage(model: str, data: str, output: str, *, n: int = 4, max_new_tokens: int = 128,

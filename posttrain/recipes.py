@@ -77,6 +77,9 @@ class FunctionStage:
     resumable: bool = False
     """The function continues a partial output itself and returns the number of the signal that
     stopped it, None when it finished (otherwise an interrupted stage restarts)."""
+    check: str = ""
+    """"module:function" taking the same keys (references replaced by the paths their stages will
+    write), called for every such stage before any stage runs; ValueError for a bad key."""
 
     def function(self) -> Callable:
         module, _, name = self.target.partition(":")
@@ -91,7 +94,8 @@ STAGE_KINDS: dict[str, FunctionStage] = {
     "best_of_n": FunctionStage("posttrain.datagen.best_of_n:best_of_n_file", "output", "sft.jsonl"),
     "template": FunctionStage("posttrain.datagen.templates:template_file", "output", "instructions.jsonl"),
     "mix": FunctionStage("posttrain.datagen.mix:mix_files", "output", "mix.jsonl"),
-    "eval": FunctionStage("posttrain.recipe_stages:eval_stage", "output_dir"),
+    "eval": FunctionStage("posttrain.recipe_stages:eval_stage", "output_dir",
+                          check="posttrain.recipe_stages:check_eval_stage"),
     "report": FunctionStage("posttrain.eval.report:write_report", "output", "report.html"),
 }
 """The kinds that are not trainers; `recipe_kinds()` lists every kind."""
@@ -330,9 +334,17 @@ def run_recipe(source: str | Path | dict, *, from_stage: str | None = None, dry_
     output_dir, stages = parse_stages(where, raw)
     plan(output_dir, stages)
     outputs = {s.name: s.output for s in stages}
-    for stage in stages:   # trainer values are checked now, not when their turn comes
+    for stage in stages:   # values are checked now, not when their turn comes
+        values = substitute(stage.keys, outputs)
         if stage.kind in TRAINER_MODULES:
-            trainer_config(where, stage, substitute(stage.keys, outputs), resume=False)
+            trainer_config(where, stage, values, resume=False)
+        elif STAGE_KINDS[stage.kind].check:
+            check = import_module(STAGE_KINDS[stage.kind].check.partition(":")[0])
+            try:
+                getattr(check, STAGE_KINDS[stage.kind].check.partition(":")[2])(**values)
+            except ValueError as err:
+                raise RecipeError(f"{where}: stage {stage.name!r} ({stage.kind}): {err}") from None
+    check_eval_references(where, stages)
     forced = downstream(stages, from_stage, where)
     began = time.perf_counter()
     width = max(len(s.name) for s in stages)
@@ -375,6 +387,23 @@ def run_recipe(source: str | Path | dict, *, from_stage: str | None = None, dry_
         for path in reports:
             echo(f"report: {path}")
     return outputs
+
+
+def check_eval_references(where: str, stages: list[Stage]) -> None:
+    """A reference into an eval stage's folder (`${eval}/eval.json`, `${eval}/LABEL/eval.json`)
+    must name a file that stage writes: one baseline writes eval.json and eval.md in its folder,
+    several write them in a folder per baseline label."""
+    writes = {}
+    for stage in stages:
+        if stage.kind == "eval":
+            labels = stage.keys.get("baselines")
+            prefixes = [f"{label}/" for label in labels] if isinstance(labels, dict) else [""]
+            writes[stage.name] = [f"{prefix}{name}" for prefix in prefixes for name in ("eval.json", "eval.md")]
+    for stage in stages:
+        for name, rest in re.findall(r"\$\{([A-Za-z0-9_.-]+)\}/([^\s,'\"\\]+)", json.dumps(stage.keys)):
+            if name in writes and rest not in writes[name]:
+                raise RecipeError(f"{where}: stage {stage.name!r} refers to ${{{name}}}/{rest}, which stage "
+                                  f"{name!r} does not write; it writes {', '.join(writes[name])}")
 
 
 def downstream(stages: list[Stage], from_stage: str | None, where: str) -> set[str]:

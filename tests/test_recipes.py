@@ -123,6 +123,37 @@ def test_bad_recipes_fail_before_anything_runs(tmp_path, change, message):
     assert not (tmp_path / "out").exists()
 
 
+EVAL = {"name": "eval", "kind": "eval", "models": {"dpo": "${dpo}"}, "baseline": "${sft}", "data": "d",
+        "judge": "fn:tests.test_recipes:brevity"}
+REPORT = {"name": "report", "kind": "report", "evals": {"x": "${eval}/eval.json"}}
+
+
+@pytest.mark.parametrize("keys, extra, message", [
+    ({"baselines": {"start": "tiny-random"}}, [], "give either 'baseline' (one model) or 'baselines'"),
+    ({"baseline": None}, [], "not neither"),
+    ({"baseline": None, "baselines": {}}, [], "'baselines' must be a non-empty mapping"),
+    ({"baseline": None, "baselines": {"a": 5}}, [], "baselines entry 'a': 5: expected a label and a model name"),
+    ({"models": {"sft": "tiny-random"}, "baseline": None, "baselines": {"sft": "${sft}"}}, [],
+     "label 'sft' names model tiny-random and baseline"),
+    ({"models": {"sft": "${sft}"}, "baseline": None, "baselines": {"sft": "${sft}"}}, [],
+     "baseline 'sft' has no model to judge against it"),
+    ({"kl_samples": -1}, [], "--kl-samples=-1: expected at least 0"),
+    ({"confidence": "high"}, [], "'confidence' must be a number, got 'high'"),
+    ({"n_samples": 3}, [], "greedy decoding gives 3 identical answers"),
+    ({"baseline": None, "baselines": {"a": "tiny-random", "b": "${sft}"}}, [REPORT],
+     "stage 'report' refers to ${eval}/eval.json, which stage 'eval' does not write; it writes a/eval.json"),
+    ({}, [{**REPORT, "evals": {"x": "${eval}/a/eval.json"}}],
+     "refers to ${eval}/a/eval.json, which stage 'eval' does not write; it writes eval.json, eval.md"),
+])
+def test_bad_eval_stages_fail_before_anything_runs(tmp_path, keys, extra, message):
+    raw = recipe(tmp_path)
+    raw["stages"] += [{k: v for k, v in {**EVAL, **keys}.items() if v is not None}, *extra]
+    with pytest.raises(RecipeError) as err:
+        run_recipe(raw, echo=lambda line: None)
+    assert message in str(err.value) and "\n" not in str(err.value), str(err.value)
+    assert not (tmp_path / "out").exists()
+
+
 def test_from_an_unknown_stage_is_an_error(tmp_path):
     with pytest.raises(RecipeError, match="--from 'dop' is no stage; stages: sft, samples, prefs, dpo"):
         run_recipe(recipe(tmp_path), from_stage="dop", echo=lambda line: None)

@@ -91,5 +91,5 @@ def add_report_parser(sub) -> None:
 
 
 def run_report(args) -> None:
-    import_module("posttrain.eval.report").write_report(args.runs or [], args.evals or [], args.output,
+    import_module("posttrain.eval.report").write_report(args.runs or [], args.evals or [], output=args.output,
                                                         title=args.title)

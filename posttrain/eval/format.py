@@ -37,16 +37,16 @@ def markdown_table(result: dict) -> str:
                 else f"temperature {result['sampling']['temperature']:g}")
     lines = [f"judge {judge['spec']} ({used}); {result['prompts']} prompts × {result['n_samples']} "
              f"answer{'s' if result['n_samples'] > 1 else ''}, {decoding}; intervals: {result['intervals']}", "",
-             f"| model | win rate vs {result['baseline']['label']} | LC win rate | W / T / L | mean score | "
-             f"KL(model‖{result['baseline']['label']}) | length (tokens) | EOS rate |",
+             f"| model | win rate vs {cell(result['baseline']['label'])} | LC win rate | W / T / L | mean score | "
+             f"KL(model‖{cell(result['baseline']['label'])}) | length (tokens) | EOS rate |",
              "|---|---|---|---|---|---|---|---|"]
     for row in [*result["models"], result["baseline"]]:
         c = row["vs_baseline"]
         if c is None:
-            cells = [f"{row['label']} (baseline)", "—", "—", "—"]
+            cells = [f"{cell(row['label'])} (baseline)", "—", "—", "—"]
             kl = "—"
         else:
-            cells = [row["label"], f"{c['win_rate']:.2f} {_interval(c['win_interval'])}",
+            cells = [cell(row["label"]), f"{c['win_rate']:.2f} {_interval(c['win_interval'])}",
                      f"{c['lc_win_rate']:.2f} {_interval(c['lc_interval'])}",
                      f"{c['wins']} / {c['ties']} / {c['losses']}"]
             kl = "—" if c["kl"] is None else f"{c['kl']:.3g} ± {c['kl_standard_error']:.2g}"
@@ -56,16 +56,17 @@ def markdown_table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def cell(text: str) -> str:
+    """Text as one markdown table cell. Markdown viewers render inline HTML: a model's "<script>"
+    (or a label's) must stay text, and a "|" must not end the cell."""
+    escaped = html.escape(text, quote=False).replace("|", "\\|").replace("\n", "<br>")
+    return escaped or "(empty)"
+
+
 def side_by_side(result: dict) -> str:
     """A markdown table: each prompt, then each model's first answer (the baseline's first)."""
     labels = [result["baseline"]["label"], *(m["label"] for m in result["models"])]
-
-    def cell(text: str) -> str:
-        # Markdown viewers render inline HTML: a model's "<script>" must stay text.
-        escaped = html.escape(text, quote=False).replace("|", "\\|").replace("\n", "<br>")
-        return escaped or "(empty)"
-
-    lines = ["| prompt | " + " | ".join(labels) + " |", "|---" * (len(labels) + 1) + "|"]
+    lines = ["| prompt | " + " | ".join(map(cell, labels)) + " |", "|---" * (len(labels) + 1) + "|"]
     for row in result["samples"]:
         lines.append(f"| {cell(row['prompt'])} | " + " | ".join(cell(row["answers"][l][0]) for l in labels) + " |")
     return "\n".join(lines)

@@ -136,11 +136,69 @@ def read_eval(path: str | os.PathLike) -> dict:
         result = json.loads(file.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
         raise ValueError(f"--eval {path}: not JSON ({err.msg}, line {err.lineno})") from None
-    if not isinstance(result, dict) or result.get("format") != FORMAT:
-        found = result.get("format") if isinstance(result, dict) else None
+    if not isinstance(result, dict):
+        raise ValueError(f"--eval {path}: a JSON {type(result).__name__}, expected an object (an eval.json of "
+                         "`posttrain eval`)")
+    if result.get("format") != FORMAT:
+        found = result.get("format")
         raise ValueError(f"--eval {path}: field 'format' is {found!r}, expected {FORMAT!r} (an eval.json of "
                          "`posttrain eval`)")
+    problem = eval_shape_problem(result)
+    if problem:
+        raise ValueError(f"--eval {path}: {problem}")
     return result
+
+
+NUMBER, OPTIONAL_NUMBER, TEXT, COUNT = (int, float), (int, float, type(None)), (str,), (int,)
+OBJECT, LIST, FLAG, PAIR = (dict,), (list,), (bool,), "pair"
+EXPECTED = {NUMBER: "a number", OPTIONAL_NUMBER: "a number or null", TEXT: "a string", COUNT: "an integer",
+            OBJECT: "an object", LIST: "a list", FLAG: "true or false", PAIR: "a list of two numbers"}
+RESULT_FIELDS = {"prompts": COUNT, "n_samples": COUNT, "confidence": NUMBER, "judge": OBJECT, "baseline": OBJECT,
+                 "models": LIST, "samples": LIST, "sampling": OBJECT}
+JUDGE_FIELDS = {"spec": TEXT, "used_in_training": FLAG}
+MODEL_FIELDS = {"label": TEXT, "model": TEXT, "mean_length_tokens": NUMBER, "mean_length_chars": NUMBER,
+                "eos_rate": NUMBER, "mean_score": OPTIONAL_NUMBER}
+COMPARISON_FIELDS = {"win_rate": NUMBER, "win_interval": PAIR, "lc_win_rate": NUMBER, "lc_interval": PAIR,
+                     "wins": COUNT, "ties": COUNT, "losses": COUNT, "kl": OPTIONAL_NUMBER,
+                     "kl_standard_error": OPTIONAL_NUMBER, "kl_sequences": COUNT, "kl_note": TEXT}
+"""The eval.json fields the report reads, with their types (eval.run's dataclasses)."""
+
+
+def _field_problem(value: dict, fields: dict, where: str) -> str | None:
+    for name, kind in fields.items():
+        found = value.get(name, ...)
+        if kind == PAIR:
+            ok = isinstance(found, list) and len(found) == 2 and all(_is(x, NUMBER) for x in found)
+        else:
+            ok = found is not ... and _is(found, kind)
+        if not ok:
+            shown = "missing" if found is ... else repr(found)[:60]
+            return f"field '{where}{name}' is {shown}, expected {EXPECTED[kind]}"
+    return None
+
+
+def _is(value, kind: tuple) -> bool:
+    """isinstance, except that true/false is no number (bool is an int in Python)."""
+    return isinstance(value, kind) and (kind == FLAG or not isinstance(value, bool))
+
+
+def eval_shape_problem(result: dict) -> str | None:
+    """What in an eval.json dict the report cannot read (the first problem, naming its field), or
+    None: the fields the page shows, with their types."""
+    problem = (_field_problem(result, RESULT_FIELDS, "") or _field_problem(result["judge"], JUDGE_FIELDS, "judge.")
+               or _field_problem(result["baseline"], MODEL_FIELDS, "baseline."))
+    if problem:
+        return problem
+    if not result["models"]:
+        return "field 'models' is empty, expected the evaluated models"
+    for i, model in enumerate(result["models"]):
+        if not isinstance(model, dict):
+            return f"field 'models[{i}]' is {repr(model)[:60]}, expected an object"
+        problem = (_field_problem(model, {**MODEL_FIELDS, "vs_baseline": OBJECT}, f"models[{i}].")
+                   or _field_problem(model["vs_baseline"], COMPARISON_FIELDS, f"models[{i}].vs_baseline."))
+        if problem:
+            return problem
+    return None
 
 
 def showcase_answers(evals: list[dict]) -> list[dict]:
@@ -172,8 +230,9 @@ def render_report(runs: dict[str, dict], evals: dict[str, dict], *, title: str =
                                             runs=plotted_runs, evals=plotted_evals)
 
 
-def write_report(run_dirs: list[str | os.PathLike] | dict[str, str], evals: list[str | os.PathLike] | dict[str, str],
-                 output: str | os.PathLike, *, title: str = "posttrain report") -> Path:
+def write_report(run_dirs: list[str | os.PathLike] | dict[str, str] = (),
+                 evals: list[str | os.PathLike] | dict[str, str] = (), *, output: str | os.PathLike,
+                 title: str = "posttrain report") -> Path:
     """Read every run folder and eval file (ValueError naming the first bad one; nothing written
     then), render the page and write it to `output` (a file in a folder that exists) via a
     temporary file renamed into place. Returns the path. A mapping {name: path} names each run

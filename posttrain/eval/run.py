@@ -196,22 +196,50 @@ def _scores(scorer, prompts: list[list[dict]], records: list[dict], answers: Ans
 # ---------------------------------------------------------------- the run
 
 
-def _check_options(models: Mapping[str, str], baselines: Mapping[str, str], judge: str, n_samples: int,
-                   params: SamplingParams, kl_samples: int, confidence: float, output_dir) -> None:
+def _check_types(models, baselines, judge, n_samples, params, kl_samples, confidence) -> None:
+    """The API's arguments have the types evaluate documents (the CLI's always do)."""
+    for what, mapping in (("models", models), ("baselines", baselines)):
+        if not isinstance(mapping, Mapping):
+            raise ValueError(f"evaluate: {what} must be a mapping {{label: model}}, got {mapping!r}")
+        for label, model in mapping.items():
+            if not isinstance(label, str) or not isinstance(model, str):
+                raise ValueError(f"evaluate: {what} entry {label!r}: {model!r}: expected a label and a model name, "
+                                 "both strings")
+    if not isinstance(judge, str):
+        raise ValueError(f"evaluate: judge must be a spec string (rm:PATH, fn:module:function, llm:MODEL), got "
+                         f"{judge!r}")
+    if not isinstance(params, SamplingParams):
+        raise ValueError(f"evaluate: params must be a posttrain.SamplingParams, got {params!r}")
+    for name, value in (("n_samples", n_samples), ("kl_samples", kl_samples)):
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise ValueError(f"evaluate: {name} must be an integer, got {value!r}")
+    if not isinstance(confidence, (int, float)) or isinstance(confidence, bool):
+        raise ValueError(f"evaluate: confidence must be a number in (0, 1), got {confidence!r}")
+
+
+def same_model(a: str, b: str) -> bool:
+    """Whether two model names mean the same model: equal, or paths to the same folder."""
+    return a == b or (Path(a).exists() and Path(b).exists() and Path(a).resolve() == Path(b).resolve())
+
+
+def check_options(models: Mapping[str, str], baselines: Mapping[str, str], judge: str, n_samples: int,
+                   params: SamplingParams, kl_samples: int, confidence: float) -> None:
+    """evaluate_many's options, before anything loads: ValueError (one line) for the first bad one."""
+    _check_types(models, baselines, judge, n_samples, params, kl_samples, confidence)
     if not models:
         raise ValueError("evaluate: no model to evaluate (give at least one --model)")
     if not baselines:
         raise ValueError("evaluate: no baseline to judge against (give at least one --baseline)")
     for label in [*models, *baselines]:
-        if not label or not label.strip():
-            raise ValueError("evaluate: a model label is empty")
+        if not label.strip():
+            raise ValueError("evaluate: a model or baseline label is empty")
     for label, baseline in baselines.items():
-        if label in models and models[label] != baseline:
+        if label in models and not same_model(models[label], baseline):
             raise ValueError(f"evaluate: label {label!r} names model {models[label]} and baseline {baseline}; give "
                              "one another label (LABEL=MODEL)")
         if not set(models) - {label}:
-            raise ValueError(f"evaluate: label {label!r} names both the only model and the baseline; nothing is left "
-                             "to judge against it")
+            raise ValueError(f"evaluate: baseline {label!r} has no model to judge against it: its label names the "
+                             "only model, which is not judged against itself")
     parse_spec(judge)
     if n_samples < 1:
         raise ValueError(f"--n-samples={n_samples}: expected at least 1")
@@ -225,12 +253,25 @@ def _check_options(models: Mapping[str, str], baselines: Mapping[str, str], judg
         raise ValueError(f"--kl-samples={kl_samples}: expected at least 0")
     if not 0 < confidence < 1:
         raise ValueError(f"confidence={confidence}: expected a level in (0, 1)")
-    _check_output_dir(output_dir)
 
 
-def _check_output_dir(output_dir) -> None:
-    if output_dir is not None and Path(output_dir).exists() and not Path(output_dir).is_dir():
-        raise ValueError(f"--output-dir {output_dir} is a file; expected a folder")
+def _check_output_dir(output_dir, labels: list[str] | None = None) -> None:
+    """That eval.json and eval.md can be written into output_dir (with `labels`: into
+    output_dir/LABEL/ for each), checked before any model loads."""
+    if output_dir is None:
+        return
+    out = Path(output_dir)
+    for folder in [out, *out.parents]:
+        if folder.exists():
+            if not folder.is_dir():
+                raise ValueError(f"--output-dir {output_dir}: {folder} is a file; expected a folder")
+            break
+    for folder in [out] if labels is None else [out / label for label in labels]:
+        if folder.exists() and not folder.is_dir():
+            raise ValueError(f"--output-dir {output_dir}: {folder} is a file; expected a folder")
+        for name in ("eval.json", "eval.md"):
+            if (folder / name).is_dir():
+                raise ValueError(f"--output-dir {output_dir}: {folder / name} is a folder; expected a file or nothing")
 
 
 def evaluate(models: Mapping[str, str], baseline: str, data: str | os.PathLike, judge: str, *,
@@ -283,11 +324,12 @@ def evaluate_many(models: Mapping[str, str], baselines: Mapping[str, str], data:
     Returns {baseline label: EvalResult}; with `output_dir`, each is written as eval.json and
     eval.md into output_dir/LABEL/. Other options and errors: `evaluate`.
     """
-    _check_options(models, baselines, judge, n_samples, params, kl_samples, confidence, output_dir)
+    check_options(models, baselines, judge, n_samples, params, kl_samples, confidence)
     for base in baselines if output_dir is not None else ():
         if base in (".", "..") or "/" in base or "\\" in base:
             raise ValueError(f"baseline label {base!r}: it names the folder OUTPUT_DIR/LABEL its eval goes to; "
                              "use a plain name")
+    _check_output_dir(output_dir, list(baselines))
     resolved = resolve_precision(precision)
     everyone = {**baselines, **models}
     inputs, summary = _prompts_of_each(everyone, next(iter(baselines)), str(data), max_prompt_length)
@@ -295,7 +337,7 @@ def evaluate_many(models: Mapping[str, str], baselines: Mapping[str, str], data:
     judged_by, judge_meta = _load_judge(judge, rubric, tie_margin, batch_size, precision)
     judge_meta["used_in_training"] = bool(judge_used_in_training)
     if verbose:
-        print(summary, file=sys.stderr)
+        print(summary)
     pairs = [(label, base) for base in baselines for label in models if label != base]
     seconds: dict[str, float] = {}
     params = replace(params, n=n_samples)

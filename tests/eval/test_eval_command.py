@@ -133,7 +133,7 @@ def test_several_baselines_sample_each_model_once(setup, tmp_path, capsys):
     (["--judge", "fn:no_such_module_here:f"], "cannot import"),
     (["--n-samples", "2"], "greedy decoding gives 2 identical answers"),
     (["--model", "a=tiny-random", "--model", "a=tiny-random"], "label 'a' is given twice"),
-    (["--model", "base=tiny-random", "--baseline", "base=tiny-random"], "names both the only model and the baseline"),
+    (["--model", "base=tiny-random", "--baseline", "base=tiny-random"], "baseline 'base' has no model to judge against it"),
     (["--model", "base=tiny-random", "--model", "x=tiny-random", "--baseline", "base=smollm2-135m-instruct"],
      "label 'base' names model tiny-random and baseline smollm2-135m-instruct"),
     (["--baseline", "a=tiny-random", "--baseline", "a=tiny-random"], "baseline label 'a' is given twice"),
@@ -191,3 +191,43 @@ def test_the_showcase_answer_is_the_evals_own_when_the_prompt_is_among_them(setu
     result = json.loads((out / "eval.json").read_text())
     row = next(s for s in result["samples"] if s["prompt"] == SHOWCASE_PROMPT)
     assert result["showcase"]["answers"] == {label: row["answers"][label][0].strip() for label in ("base", "other")}
+
+
+def test_where_the_eval_cannot_be_written_is_found_before_any_model_loads(setup, tmp_path, capsys, monkeypatch):
+    data, _ = setup
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "afile").write_text("x")
+    (tmp_path / "two").mkdir()
+    (tmp_path / "two" / "b").write_text("x")
+    (tmp_path / "dir" / "eval.json").mkdir(parents=True)
+    # A model that does not exist: had the output been checked after loading, it would say so instead.
+    common = ["eval", "--model", "./no/such/model", "--data", str(data), "--judge", f"fn:{HERE}:vowels"]
+    for flags, message in [
+        (["--baseline", "tiny-random", "--output-dir", "afile/sub"], "afile is a file; expected a folder"),
+        (["--baseline", "a=tiny-random", "--baseline", "b=tiny-random", "--output-dir", "two"],
+         "two/b is a file; expected a folder"),
+        (["--baseline", "tiny-random", "--output-dir", "dir"], "dir/eval.json is a folder"),
+    ]:
+        assert main(common + flags) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err
+    assert not (tmp_path / "two" / "a").exists()
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda e: e("tiny-random", "tiny-random", "d.jsonl", "fn:m:f"), "models must be a mapping {label: model}"),
+    (lambda e: e({"a": "tiny-random"}, {"b": "tiny-random"}, "d.jsonl", "fn:m:f"),
+     "baselines entry 'baseline': {'b': 'tiny-random'}: expected a label and a model name"),
+    (lambda e: e({"a": "tiny-random"}, "tiny-random", "d.jsonl", len), "judge must be a spec string"),
+    (lambda e: e({"a": "tiny-random"}, "tiny-random", "d.jsonl", "fn:m:f", params={"temperature": 1}),
+     "params must be a posttrain.SamplingParams"),
+    (lambda e: e({"a": "tiny-random"}, "tiny-random", "d.jsonl", "fn:m:f", n_samples="2"), "n_samples must be an integer"),
+    (lambda e: e({"a": "tiny-random"}, "tiny-random", "d.jsonl", "fn:m:f", kl_samples=1.5), "kl_samples must be an integer"),
+    (lambda e: e({5: "tiny-random"}, "tiny-random", "d.jsonl", "fn:m:f"), "models entry 5: 'tiny-random'"),
+])
+def test_the_python_api_names_a_wrongly_typed_argument(call, message):
+    from posttrain.eval.run import evaluate
+
+    with pytest.raises(ValueError) as err:
+        call(evaluate)
+    assert message in str(err.value) and "\n" not in str(err.value), str(err.value)

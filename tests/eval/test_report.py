@@ -108,6 +108,34 @@ def eval_file(tmp_path: Path) -> Path:
     return out / "eval.json"
 
 
+@pytest.mark.parametrize("damage, message", [
+    (lambda r: r.pop("models"), "field 'models' is missing, expected a list"),
+    (lambda r: r.update(models="x"), "field 'models' is 'x', expected a list"),
+    (lambda r: r.update(judge="<str>"), "field 'judge' is '<str>', expected an object"),
+    (lambda r: r["models"][0].update(vs_baseline=None), "field 'models[0].vs_baseline' is None, expected an object"),
+    (lambda r: r["models"][0]["vs_baseline"].update(win_rate="high"),
+     "field 'models[0].vs_baseline.win_rate' is 'high', expected a number"),
+    (lambda r: r["models"][0]["vs_baseline"].update(win_interval=[0.1]),
+     "field 'models[0].vs_baseline.win_interval' is [0.1], expected a list of two numbers"),
+    (lambda r: r.update(confidence="abc"), "field 'confidence' is 'abc', expected a number"),
+    (lambda r: r["judge"].update(used_in_training="no"), "field 'judge.used_in_training' is 'no', expected true or false"),
+])
+def test_an_eval_file_the_report_cannot_read_is_named_with_its_field(damage, message, eval_file, tmp_path, capsys):
+    result = json.loads(eval_file.read_text())
+    damage(result)
+    eval_file.write_text(json.dumps(result))
+    assert main(["report", "--eval", str(eval_file), "--output", str(tmp_path / "r.html")]) == 2
+    err = capsys.readouterr().err
+    assert f"--eval {eval_file}: {message}" in err and err.count("\n") == 1, err
+    assert not (tmp_path / "r.html").exists()
+
+
+def test_a_json_list_is_no_eval_file(tmp_path, capsys):
+    (tmp_path / "x.json").write_text("[1, 2]")
+    assert main(["report", "--eval", str(tmp_path / "x.json"), "--output", str(tmp_path / "r.html")]) == 2
+    assert "a JSON list, expected an object" in capsys.readouterr().err
+
+
 def _prompts(tmp_path: Path) -> Path:
     data = tmp_path / "prompts.jsonl"
     data.write_text("".join(json.dumps({"prompt": f"Explain thing {i} simply."}) + "\n" for i in range(4)))
