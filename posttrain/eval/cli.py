@@ -48,21 +48,21 @@ def labelled(value: str) -> tuple[str, str]:
     return value, value
 
 
+def labelled_all(flag: str, values: list[str]) -> dict[str, str]:
+    """{label: model} of a repeated flag's values; ValueError for a label given twice."""
+    named: dict[str, str] = {}
+    for value in values:
+        label, model = labelled(value)
+        if label in named:
+            raise ValueError(f"{flag} {value}: label {label!r} is given twice; label them LABEL=MODEL")
+        named[label] = model
+    return named
+
+
 def run_eval(args) -> None:
     from posttrain.cli import sampling_params
 
-    models: dict[str, str] = {}
-    for value in args.model:
-        label, model = labelled(value)
-        if label in models:
-            raise ValueError(f"--model {value}: label {label!r} is given twice; label them LABEL=MODEL")
-        models[label] = model
-    baselines: dict[str, str] = {}
-    for value in args.baseline:
-        label, model = labelled(value)
-        if label in baselines:
-            raise ValueError(f"--baseline {value}: baseline label {label!r} is given twice; label them LABEL=MODEL")
-        baselines[label] = model
+    models, baselines = labelled_all("--model", args.model), labelled_all("--baseline", args.baseline)
     run = import_module("posttrain.eval.run")
     options = dict(output_dir=args.output_dir, n_samples=args.n_samples, params=sampling_params(args),
                    judge_used_in_training=args.judge_used_in_training, kl_samples=args.kl_samples,

@@ -136,7 +136,7 @@ def test_several_baselines_sample_each_model_once(setup, tmp_path, capsys):
     (["--model", "base=tiny-random", "--baseline", "base=tiny-random"], "baseline 'base' has no model to judge against it"),
     (["--model", "base=tiny-random", "--model", "x=tiny-random", "--baseline", "base=smollm2-135m-instruct"],
      "label 'base' names model tiny-random and baseline smollm2-135m-instruct"),
-    (["--baseline", "a=tiny-random", "--baseline", "a=tiny-random"], "baseline label 'a' is given twice"),
+    (["--baseline", "a=tiny-random", "--baseline", "a=tiny-random"], "--baseline a=tiny-random: label 'a' is given twice"),
     (["--tie-margin", "0.3"], "only for an llm: judge"),
     (["--kl-samples", "-1"], "expected at least 0"),
     (["--data", "missing.jsonl"], "missing.jsonl"),
