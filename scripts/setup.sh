@@ -11,6 +11,13 @@ if ! command -v chromedriver >/dev/null && [ "$(id -u)" = 0 ] && command -v apt-
     { apt-get install -y -q chromium chromium-driver || { apt-get update -q && apt-get install -y -q chromium chromium-driver; }; } \
         >/tmp/posttrain-apt.log 2>&1 || echo "setup: could not install chromium (see /tmp/posttrain-apt.log); browser tests will be skipped" >&2
 fi
+# tcmalloc, preloaded by scripts/demo.sh (see there): Debian's libtcmalloc-minimal4 where we are
+# root; elsewhere demo.sh falls back to glibc's malloc.
+if ! ldconfig -p 2>/dev/null | grep -q 'libtcmalloc_minimal\.so\.4 ' && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "setup: installing libtcmalloc-minimal4 with apt-get" >&2
+    { apt-get install -y -q libtcmalloc-minimal4 || { apt-get update -q && apt-get install -y -q libtcmalloc-minimal4; }; } \
+        >>/tmp/posttrain-apt.log 2>&1 || echo "setup: could not install libtcmalloc-minimal4 (see /tmp/posttrain-apt.log)" >&2
+fi
 TORCH_VERSION="${POSTTRAIN_TORCH_VERSION:-2.13.0}"
 stamp=".venv/.posttrain-setup"
 want="$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)-torch$TORCH_VERSION"
