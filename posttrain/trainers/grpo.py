@@ -62,7 +62,8 @@ def build_networks(cfg: GRPOConfig) -> tuple[PolicyAndValue, torch.nn.Module | N
         policy = apply_lora(policy, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
                             target_modules=cfg.lora_target_modules)
         disable_dropout(policy)
-    return PolicyAndValue(policy, temperature=cfg.temperature), reference
+    # from_pretrained returns eval mode; layers checkpoint only in training mode (dropout is off either way).
+    return PolicyAndValue(policy, temperature=cfg.temperature).train(), reference
 
 
 def build_reward(cfg: GRPOConfig, tokenizer, accelerator):

@@ -65,18 +65,21 @@ def build_networks(cfg: PPOConfig) -> tuple[PolicyAndValue, torch.nn.Module | No
         disable_dropout(policy)  # the adapters' own dropout
     if cfg.value_head:
         head = new_value_head(policy.config.hidden_size)
-        return PolicyAndValue(policy, value_head=head, temperature=cfg.temperature), reference
+        return PolicyAndValue(policy, value_head=head, temperature=cfg.temperature).train(), reference
     # The critic starts as the reward model (head included) or, with a reward function, as
     # the policy's decoder with a zero head.
     source = cfg.value_model or cfg.reward_model
     critic = ValueModel(RewardModel.from_pretrained(source)) if source else ValueModel.from_causal_lm(cfg.model)
     disable_dropout(critic)
+    if cfg.gradient_checkpointing:  # the critic is as deep as the policy: its activations weigh as much
+        critic.reward_model.base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.critic_lora_r:
         rm = critic.reward_model
         critic = ValueModel(RewardModel(apply_lora(rm.model, r=cfg.critic_lora_r, task_type="SEQ_CLS", **lora),
                                         rm.tokenizer))
         disable_dropout(critic)
-    return PolicyAndValue(policy, critic=critic, temperature=cfg.temperature), reference
+    # from_pretrained returns eval mode; layers checkpoint only in training mode (dropout is off either way).
+    return PolicyAndValue(policy, critic=critic, temperature=cfg.temperature).train(), reference
 
 
 def build_scorer(cfg: PPOConfig, tokenizer, accelerator):

@@ -101,7 +101,8 @@ def build_model(cfg: RMConfig) -> RewardModel:
         model = RewardModel(apply_lora(model.model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
                                        target_modules=cfg.lora_target_modules, task_type="SEQ_CLS"),
                             model.tokenizer)
-    return model
+    # from_pretrained returns eval mode; layers checkpoint, and LoRA drops out, only in training mode.
+    return model.train()
 
 
 def train(cfg: RMConfig) -> Path:

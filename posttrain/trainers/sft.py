@@ -92,7 +92,8 @@ def train(cfg: SFTConfig) -> Path:
         model = apply_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
                            target_modules=cfg.lora_target_modules,
                            trainable_tokens=template.new_token_ids if template is not None else ())
-    policy = TokenLogprobs(model)
+    # from_pretrained returns eval mode; layers checkpoint, and LoRA drops out, only in training mode.
+    policy = TokenLogprobs(model).train()
     world = accelerator.num_processes
     steps = total_steps(cfg, len(units), world)
     optimizer = build_optimizer(policy, cfg)
