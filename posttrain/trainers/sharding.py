@@ -113,14 +113,35 @@ def meta_copy(model: torch.nn.Module) -> torch.nn.Module:
     return copy.deepcopy(model, memo)
 
 
-def shard_in_place(model: torch.nn.Module) -> None:
+def shard_in_place(model: torch.nn.Module, compute_dtype: torch.dtype | None = None) -> None:
     """torch's fully_shard on each decoder layer, then on the root (which takes the rest: the
-    embeddings, the final norm, a value head). Each unit is gathered only around its own use."""
-    from torch.distributed.fsdp import fully_shard
+    embeddings, the final norm, a value head). Each unit is gathered only around its own use.
+
+    With a compute dtype (bf16 autocast) each layer's weights are gathered already cast to it
+    (FSDP2's MixedPrecisionPolicy), except the parameters of its non-Linear modules (RMSNorm
+    weights), which form an fp32 unit of their own: autocast casts exactly the Linear weights, so
+    the forward computes what autocast over whole fp32 weights computes, while gathered layers
+    take half the memory and autocast no longer caches a bf16 copy of every weight for the step.
+    Gradients are reduced and accumulated in fp32, as autocast's cast back to the fp32 master does.
+    """
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     for layer in decoder_layers(model):
-        fully_shard(layer)
+        if compute_dtype is not None:
+            kept = [m for m in layer.modules() if not isinstance(m, torch.nn.Linear)
+                    and any(True for _ in m.parameters(recurse=False))]
+            if kept:
+                fully_shard(kept)
+            fully_shard(layer, mp_policy=MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32,
+                                                              cast_forward_inputs=False))
+        else:
+            fully_shard(layer)
     fully_shard(model)
+
+
+def compute_dtype(accelerator: Accelerator) -> torch.dtype | None:
+    """bf16 when the run computes under bf16 autocast, else None (fp32 throughout)."""
+    return torch.bfloat16 if accelerator.mixed_precision == "bf16" else None
 
 
 def is_sharded(model: torch.nn.Module) -> bool:
@@ -168,7 +189,7 @@ def prepare(accelerator: Accelerator, cfg, model: torch.nn.Module, optimizer, sc
         model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     else:
         names = {id(p): name for name, p in model.named_parameters()}
-        shard_in_place(model)
+        shard_in_place(model, compute_dtype(accelerator))
         shards = dict(model.named_parameters())
         for group in optimizer.param_groups:
             group["params"] = [shards[names[id(p)]] for p in group["params"]]
@@ -176,8 +197,9 @@ def prepare(accelerator: Accelerator, cfg, model: torch.nn.Module, optimizer, sc
         optimizer, scheduler = accelerator.prepare(optimizer, scheduler)
     check_sharded(model, accelerator.num_processes)
     _SKELETONS[model] = skeleton
+    gathers = "" if compute_dtype(accelerator) is None else ", Linear weights gathered in bf16"
     accelerator.print(f"sharding: FSDP2 by {how}, {len(layers)} layer units + root over "
-                      f"{accelerator.num_processes} processes")
+                      f"{accelerator.num_processes} processes{gathers}")
     return model, optimizer, scheduler
 
 
@@ -186,7 +208,7 @@ def shard_frozen(accelerator: Accelerator, cfg, model: torch.nn.Module) -> None:
     the run shards: it is as large as the policy, so holding it whole on every process would undo
     most of the saving. It costs one gather per layer per reference forward."""
     if engine(cfg, accelerator) in ("accelerate", "torch"):
-        shard_in_place(model)
+        shard_in_place(model, compute_dtype(accelerator))
         check_sharded(model, accelerator.num_processes)
 
 
