@@ -144,3 +144,19 @@ def _load_with_adapter(folder: str, adapter: Path, dtype: torch.dtype) -> PreTra
     merged = PeftModel.from_pretrained(base, folder).merge_and_unload()
     # peft froze the base weights to load the adapter; the merged model is trainable as any loaded one.
     return merged.requires_grad_(True)
+
+
+def cast_linear_weights(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """Store the weight and bias of every nn.Linear in `model` in `dtype`, in place; returns `model`.
+
+    For a frozen model run under autocast to `dtype` (the reference of DPO, KTO, PPO, GRPO): autocast
+    casts exactly these tensors to `dtype` at every call, with the same round-to-nearest-even, so the
+    outputs are bit-for-bit those of the fp32 model, while these weights take half the memory and no
+    call pays the cast. What autocast leaves in fp32 stays fp32: norm weights, embeddings, and an
+    output head tied to the input embedding (its weight is the embedding's).
+    """
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear) and id(module.weight) not in embeddings:
+            module.to(dtype)
+    return model

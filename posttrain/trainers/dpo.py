@@ -40,7 +40,7 @@ from posttrain.trainers.common import (RunLog, StopRequest, Throughput, build_op
                                        resume_from_checkpoint, save_checkpoint, seed_everything, step_items,
                                        total_steps)
 from posttrain.trainers.common import NonFiniteGuard, batch_records
-from posttrain.trainers.sharding import eval_batches, full_model, prepare, shard_frozen
+from posttrain.trainers.sharding import eval_batches, full_model, prepare, prepare_frozen
 
 
 @dataclass
@@ -178,7 +178,7 @@ def train(cfg: DPOConfig) -> Path:
     reference = None
     if mode == "frozen_copy":
         reference = FrozenCopy(model, accelerator.device, accelerator.autocast)
-        shard_frozen(accelerator, cfg, reference.model)
+        prepare_frozen(accelerator, cfg, reference.model)
     if mode == "precomputed":
         for data in filter(None, (train_set, eval_set)):
             data.ref_logps = precompute_reference(model, data, cfg, accelerator, pad_id)

@@ -42,7 +42,7 @@ from posttrain.trainers.common import (RunLog, StopRequest, build_optimizer, bui
                                        finish_run, global_sum, make_accelerator, prepare_output_dir, check_output_dir,
                                        resume_from_checkpoint, save_checkpoint, seed_everything, step_items)
 from posttrain.trainers.common import NonFiniteGuard, batch_records
-from posttrain.trainers.sharding import full_model, padded_share, prepare, refresh, shard_frozen, whole_copy
+from posttrain.trainers.sharding import full_model, padded_share, prepare, refresh, prepare_frozen, whole_copy
 
 SAMPLES_PER_LOG = 8
 """Responses of the main process written to samples.jsonl each samples_steps iterations."""
@@ -219,7 +219,7 @@ def train(cfg: GRPOConfig) -> Path:
     if reference is not None:
         # Its log-probs come from a forward of its own, where a sharded model gathers its weights.
         reference = PolicyAndValue(reference, temperature=cfg.temperature).to(accelerator.device)
-        shard_frozen(accelerator, cfg, reference)
+        prepare_frozen(accelerator, cfg, reference)
     iterations = cfg.max_steps or max(1, -(-int(cfg.epochs * len(prompts)) // cfg.rollout_batch_size))
     optimizer = build_optimizer(net, cfg)
     scheduler = build_scheduler(optimizer, cfg, iterations)

@@ -48,7 +48,7 @@ from posttrain.trainers.common import (RunLog, StopRequest, Throughput, build_op
                                        resume_from_checkpoint, save_checkpoint, seed_everything, step_items,
                                        total_steps)
 from posttrain.trainers.common import NonFiniteGuard, batch_records
-from posttrain.trainers.sharding import eval_batches, full_model, prepare, shard_frozen
+from posttrain.trainers.sharding import eval_batches, full_model, prepare, prepare_frozen
 
 
 @dataclass
@@ -205,7 +205,7 @@ def train(cfg: KTOConfig) -> Path:
     # The reference is the starting model, so it is taken before anything changes the policy.
     reference = FrozenCopy(model, accelerator.device, accelerator.autocast) if mode == "frozen_copy" else None
     if reference is not None:
-        shard_frozen(accelerator, cfg, reference.model)
+        prepare_frozen(accelerator, cfg, reference.model)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.lora_r:

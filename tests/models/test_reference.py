@@ -10,6 +10,7 @@ import torch
 
 from posttrain.data import TokenizedPair
 from posttrain.models.logprobs import TokenLogprobs
+from posttrain.models.load import cast_linear_weights
 from posttrain.models.lora import apply_lora
 from posttrain.models.pairs import collate_pairs, sequence_logps
 from posttrain.models.reference import (AdaptersOff, FrozenCopy, Precomputed, load_cached_logps, reference_cache_key,
@@ -95,3 +96,22 @@ def test_cache_round_trip_and_shape_check(tmp_path):
     assert [p.name for p in path.parent.iterdir()] == ["k.safetensors"]
     with pytest.raises(ValueError, match=r"expected \(3, 2\)"):
         load_cached_logps(path, 3)
+
+
+def test_bf16_linear_weights_give_autocasts_log_probs_bit_for_bit(tiny_model_and_tokenizer):
+    # Under bf16 autocast every Linear weight is cast to bf16 at each call; storing them in bf16
+    # beforehand (a frozen reference under bf16 runs) must change nothing, not even one bit.
+    model, _ = tiny_model_and_tokenizer
+    autocast = lambda: torch.autocast("cpu", dtype=torch.bfloat16)  # noqa: E731
+    fp32 = FrozenCopy(model, "cpu", autocast)
+    bf16 = FrozenCopy(model, "cpu", autocast)
+    cast_linear_weights(bf16.model, torch.bfloat16)
+    dtypes = {name: p.dtype for name, p in bf16.model.named_parameters()}
+    assert dtypes["model.model.layers.0.self_attn.q_proj.weight"] == torch.bfloat16
+    assert dtypes["model.model.layers.0.mlp.down_proj.weight"] == torch.bfloat16
+    # Left as autocast leaves them: norms, the embedding and the head tied to it.
+    assert dtypes["model.model.layers.0.input_layernorm.weight"] == torch.float32
+    assert dtypes["model.model.embed_tokens.weight"] == torch.float32
+    assert bf16.model.model.lm_head.weight is bf16.model.model.model.embed_tokens.weight
+    for a, b in zip(fp32.logps(batch()), bf16.logps(batch())):
+        assert torch.equal(a, b)

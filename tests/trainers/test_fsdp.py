@@ -150,7 +150,7 @@ def test_fsdp_resume_refuses_another_batch_split_config_or_sharding(sft_runs):
 
 
 def test_fsdp_dpo_on_two_processes_matches_one_process(tmp_path):
-    # The frozen reference copy is sharded too (sharding.shard_frozen); the baseline is plain DPO.
+    # The frozen reference copy is sharded too (sharding.prepare_frozen); the baseline is plain DPO.
     data = write_jsonl(tmp_path / "d.jsonl", [{"prompt": f"reverse {w}", "chosen": w[::-1], "rejected": w + w}
                                               for w in words(16, seed=1)])
     run = dict(data=str(data), max_steps=3)
@@ -169,9 +169,9 @@ def test_bf16_sft_under_fsdp_gathers_bf16_weights_and_computes_what_autocast_doe
     # Under bf16 FSDP gathers each layer's Linear weights already cast (MixedPrecisionPolicy) and
     # keeps its RMSNorm weights fp32; DDP runs autocast over whole fp32 weights. Autocast casts the
     # same Linear weights with the same rounding, so the two compute the same thing, with gradient
-    # accumulation too (measured: identical losses, weights 7e-9 apart).
+    # accumulation and checkpointing too (measured: identical losses, weights 7e-9 apart).
     data = write_jsonl(tmp_path / "d.jsonl", [{"prompt": f"reverse {w}", "completion": w[::-1]} for w in words(32)])
-    run = dict(data=str(data), precision="bf16", max_steps=4, batch_size=2, grad_accum=2)
+    run = dict(data=str(data), precision="bf16", max_steps=4, batch_size=2, grad_accum=2, gradient_checkpointing=True)
     two_processes("sft", {**run, "output_dir": str(tmp_path / "fsdp"), "sharding": "fsdp"}, tmp_path, bf16=True)
     two_processes("sft", {**run, "output_dir": str(tmp_path / "ddp")}, tmp_path, sharded=False)
     assert_same_run(tmp_path / "ddp", tmp_path / "fsdp", loss=dict(abs=1e-6), weights=dict(atol=1e-6, rtol=0))
