@@ -15,6 +15,7 @@ import os
 import resource
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -41,6 +42,13 @@ class StepClock:
         self.rss_at_last_step = 0
         self.counts: dict[str, int] = {}
         self.per_step: list[dict[str, int]] = []
+        # run.py --profile: where the time and memory go (benchmarks/breakdown.py); else None.
+        self.breakdown = None
+        self.category_seconds: list[dict[str, float]] = []
+        if spec.get("profile"):
+            from breakdown import Breakdown
+
+            self.breakdown = Breakdown(spec["tool"])
 
     @property
     def total_steps(self) -> int:
@@ -49,10 +57,22 @@ class StepClock:
     def step_begin(self) -> None:
         self.starts.append(time.time())
         self.per_step.append({})
+        if self.breakdown is not None:
+            self.category_seconds.append(self.breakdown.snapshot())
+            self.breakdown.in_warmup = len(self.starts) <= self.spec["warmup"]
         if len(self.starts) == self.total_steps:
             # Every earlier step has run in full by now; the final save (posttrain) or
             # teardown (TRL) that follows is not training and is left out of the peak.
             self.rss_at_last_step = vm_hwm_bytes()
+
+    @contextmanager
+    def timed(self, category: str):
+        """Charge what runs inside to `category` ("generation", "data") when profiling."""
+        if self.breakdown is None:
+            yield
+            return
+        with self.breakdown.timed(category):
+            yield
 
     def count(self, **amounts: int) -> None:
         """Add work units (tokens, pairs, episodes…) to the current step and the total."""
@@ -70,6 +90,12 @@ class StepClock:
         durations = [b - a for a, b in zip(self.starts, self.starts[1:])]
         timed_steps = self.per_step[warmup: warmup + timed]
         timed_counts = {key: sum(step.get(key, 0) for step in timed_steps) for key in self.counts}
+        profile = {}
+        if self.breakdown is not None:
+            first, last = self.category_seconds[warmup], self.category_seconds[-1]
+            shares = {key: last[key] - first[key] for key in last}
+            shares["other"] += sum(durations[warmup:]) - sum(shares.values())
+            profile = {"profile": {"seconds": shares, "memory": self.breakdown.memory_split(self.rss_at_last_step)}}
         return {
             "tool": self.spec["tool"], "workload": self.spec["workload"], "model": self.spec["model"],
             "steps": len(self.starts), "warmup": warmup, "timed": timed,
@@ -80,12 +106,25 @@ class StepClock:
             "peak_rss_bytes": self.rss_at_last_step,
             "peak_rss_bytes_at_exit": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
             "threads": int(os.environ.get("OMP_NUM_THREADS", "0")),
+            **profile,
             **extra,
         }
 
 
 def emit(result: dict) -> None:
     print("BENCH " + json.dumps(result), flush=True)
+
+
+def time_batches(trainer, clock: StepClock) -> None:
+    """Charge a transformers Trainer's batch fetching (its get_batch_samples: the data loader and
+    collator) to "data" when profiling."""
+    fetch = trainer.get_batch_samples
+
+    def timed_fetch(*args, **kwargs):
+        with clock.timed("data"):
+            return fetch(*args, **kwargs)
+
+    trainer.get_batch_samples = timed_fetch
 
 
 def watch_autocast(model) -> dict[str, set]:

@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/run.py            # full: every workload and model, 3 repeats
     .venv/bin/python benchmarks/run.py --quick    # tiny model, few steps, 1 repeat: harness check (< 5 min)
     .venv/bin/python benchmarks/run.py --workloads sft --models smollm2 --repeats 5
+    .venv/bin/python benchmarks/run.py --profile --repeats 1    # where time and memory go (breakdown.py)
 
 It first runs benchmarks/setup.sh (idempotent: checks TRL 1.16.0 in .venv, installs TRL 1.12.0
 for PPO into .bench/). Each (tool, workload, model) runs in its own process (benchmarks/workers/<tool>_<workload>.py)
@@ -287,7 +288,7 @@ def fmt_spread(s: dict, scale: float = 1.0, digits: int = 3) -> str:
 def earlier_reports(exclude: Path | None = None) -> list[dict]:
     """Every run of this script under benchmarks/results, `<date>-full.json` and `<date>-quick.json`
     (rows not re-measured are carried from them; sampling.py's `sampling-*.json` are not runs of it)."""
-    paths = sorted(p for mode in ("full", "quick") for p in (BENCH / "results").glob(f"*-{mode}.json"))
+    paths = sorted(p for mode in ("full", "quick", "profile") for p in (BENCH / "results").glob(f"*-{mode}.json"))
     return [json.loads(p.read_text()) for p in paths if exclude is None or p.resolve() != exclude.resolve()]
 
 
@@ -301,6 +302,8 @@ def pick_rows(reports: list[dict]) -> list[tuple[int, dict]]:
     """(run index, row) for every (workload, model) seen in any run, its best run's row."""
     best: dict[tuple[str, str], tuple[tuple, int, dict]] = {}
     for k, report in enumerate(reports):
+        if report["meta"].get("profile"):
+            continue  # the hooks of a profiled run cost time of their own: its rates are not comparable
         for row in report["rows"]:
             key = (row["workload"], row["model"])
             rank = row_rank(report, row)
@@ -385,6 +388,7 @@ def markdown(reports: list[dict]) -> str:
         lines.append(f"| {row['workload']} | {row['model']} | {label[k]} | {_cell(pt, 'peak_rss_gb', 'GB')} | "
                      f"{_cell(trl, 'peak_rss_gb', 'GB')} | {rss} | {_cell(pt, 'time_to_first_step_s', 's')} | "
                      f"{_cell(trl, 'time_to_first_step_s', 's')} | {_flops(pt)} | {_flops(trl)} |")
+    lines += profile_section(reports)
     lines += ["", "## Same work check", "",
               "Counts over all steps each side ran, posttrain/TRL, from the batches each tool built. Bold counts "
               "define the work and must agree (✗: more than 2 % apart); the others show what each tool fed its "
@@ -405,6 +409,51 @@ def markdown(reports: list[dict]) -> str:
     lines += ["", "## How it is measured", "", METHOD.strip(), "", "## Notes", ""]
     lines += [f"- {n}" for n in NOTES] + [""]
     return "\n".join(lines)
+
+
+def profile_section(reports: list[dict]) -> list[str]:
+    """Where the time and memory go, from the newest `--profile` run of each (workload, model)."""
+    from breakdown import CATEGORIES, MEMORY
+
+    newest: dict[tuple[str, str], tuple[dict, list[dict]]] = {}
+    for report in reports:
+        if not report["meta"].get("profile"):
+            continue
+        for row in report["rows"]:
+            runs = [r for r in report["runs"] if r["workload"] == row["workload"] and r["model"] == row["model"]
+                    and "profile" in r]
+            if runs:
+                newest[(row["workload"], row["model"])] = (report["meta"], runs)
+    if not newest:
+        return []
+    lines = ["", "## Where the time and memory go", "",
+             "From `run.py --profile` (hooks described in `benchmarks/breakdown.py`; they slow the run, so these "
+             "runs give shares, not the rates above). Time: share of the timed steps' wall time, median over "
+             "repeats. Memory: GB at the peak (VmHWM at the last step), split at the end of the warm-up; `rest` "
+             "is the peak minus everything tensors account for (allocator slack, transient buffers); it can be "
+             "negative because the parts are not all alive at one moment (backward frees activations as it "
+             "makes gradients).", "",
+             "| workload | model | tool | s/step | " + " | ".join(CATEGORIES) + " | peak GB | "
+             + " | ".join(MEMORY) + " |",
+             "|---|---|---|---|" + "---|" * len(CATEGORIES) + "---|" + "---|" * len(MEMORY)]
+    for (workload, model), (meta, runs) in sorted(newest.items(), key=lambda kv: (list(UNITS).index(kv[0][0]),
+                                                                                    kv[0][1])):
+        for tool in TOOLS:
+            mine = [r for r in runs if r["tool"] == tool]
+            if not mine:
+                continue
+            step = statistics.median(statistics.mean(r["step_seconds"]) for r in mine)
+            total = [sum(r["profile"]["seconds"].values()) for r in mine]
+            shares = [statistics.median(r["profile"]["seconds"][c] / t for r, t in zip(mine, total))
+                      for c in CATEGORIES]
+            peak = statistics.median(r["peak_rss_bytes"] for r in mine) / 1e9
+            memory = [statistics.median(r["profile"]["memory"][m] for r in mine) / 1e9 for m in MEMORY]
+            lines.append(f"| {workload} | {model} | {tool} | {step:.2f} | "
+                         + " | ".join(f"{100 * x:.0f} %" for x in shares) + f" | {peak:.2f} | "
+                         + " | ".join(f"{x:.2f}" for x in memory) + f" |")
+    dates = sorted({meta["date"] for meta, _ in newest.values()})
+    lines += ["", f"Profiled: {', '.join(dates)}."]
+    return lines
 
 
 def _cell(side: dict, key: str, unit: str) -> str:
@@ -490,6 +539,9 @@ def main() -> None:
     parser.add_argument("--uncommitted", action="store_true",
                         help="also run posttrain trainers not committed yet (for work on the harness)")
     parser.add_argument("--note", default="", help="a line for the table's header (e.g. machine was shared)")
+    parser.add_argument("--profile", action="store_true",
+                        help="hook every worker to split its step time and peak memory (benchmarks/breakdown.py); "
+                             "its rates stay out of the throughput table")
     parser.add_argument("--report-only", action="store_true",
                         help="run nothing: rebuild the Markdown from benchmarks/results/*.json")
     args = parser.parse_args()
@@ -507,6 +559,8 @@ def main() -> None:
             parser.error(f"--models: unknown {m!r}; choose from {', '.join(MODELS)}")
     repeats = args.repeats or (1 if args.quick else 3)
     mode = "quick" if args.quick else "full"
+    if args.profile and args.quick:
+        parser.error("--profile measures the full runs' steps; leave out --quick")
     subprocess.run(["bash", str(BENCH / "setup.sh")], cwd=ROOT, check=True)
     now = dt.datetime.now()
     WORK.mkdir(exist_ok=True)
@@ -529,7 +583,7 @@ def main() -> None:
             warmup, timed = s[mode]
             spec = {k: v for k, v in s.items() if k not in ("full", "quick")}
             spec.update(model_path=paths[model], warmup=warmup, timed=timed, repeat=repeat, seed=0,
-                        precision="bf16", gradient_checkpointing=False,
+                        precision="bf16", gradient_checkpointing=False, profile=args.profile,
                         data=str(data[DATA[workload]]),
                         reward_model=reward_models.get(model, ""))
             for tool in TOOLS:
@@ -576,13 +630,15 @@ def main() -> None:
     command = "python benchmarks/run.py " + shlex.join(sys.argv[1:])
     report = {
         "meta": {"date": now.strftime("%Y-%m-%d %H:%M"), "command": command.strip(), "quick": args.quick,
+                 "profile": args.profile,
                  "repeats": repeats, "threads": args.threads, "machine": machine(), "versions": versions(),
                  "settings": {f"{w}/{m}": SETTINGS[(w, m)] for w, m in rows}, "note": args.note,
                  "logs": str(log_dir.relative_to(ROOT))},
         "matmul": {"start": mm_start, "end": mm_end, "ceiling_fp32": ceiling["fp32"], "ceiling_bf16": ceiling["bf16"]},
         "rows": summary, "runs": runs,
     }
-    out = Path(args.json) if args.json else BENCH / "results" / f"{now.strftime('%Y-%m-%d-%H%M')}-{mode}.json"
+    kind = "profile" if args.profile else mode
+    out = Path(args.json) if args.json else BENCH / "results" / f"{now.strftime('%Y-%m-%d-%H%M')}-{kind}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1) + "\n")
     Path(args.markdown).write_text(markdown(earlier_reports(out) + [report]))
@@ -599,9 +655,9 @@ def main() -> None:
 
 
 NOTES = [
-    "Optimizer implementations are each tool's default: TRL (transformers with torch ≥ 2.8) uses "
-    "`adamw_torch_fused`; posttrain builds `torch.optim.AdamW` without `fused`, which on CPU runs the "
-    "per-parameter loop. Both are AdamW with the same hyper-parameters.",
+    "Optimizer implementations: TRL (transformers with torch ≥ 2.8) uses `adamw_torch_fused`; posttrain builds "
+    "`torch.optim.AdamW(fused=True)` (since commit d8fa776, before R1). Both are the same fused AdamW kernel "
+    "with the same hyper-parameters.",
     "TRL workers tokenise with posttrain's loader in their own process (so both see identical token ids; the time "
     "counts in TRL's time to first step) and hand TRL pre-tokenised data: TRL's own tokenising path is not "
     "exercised. TRL 1.16's DPOTrainer has no pre-tokenised path, so its `_prepare_dataset` is replaced by the "

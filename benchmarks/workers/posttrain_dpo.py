@@ -28,7 +28,8 @@ params = {}
 
 def timed_batch(self, indices, pad_id, prefix_sharing):
     clock.step_begin()
-    out = batch(self, indices, pad_id, prefix_sharing)
+    with clock.timed("data"):
+        out = batch(self, indices, pad_id, prefix_sharing)
     pairs = [self.pairs[i] for i in indices]
     prompts = sum(len(p.prompt_ids) for p in pairs)
     replies = sum(len(p.chosen_ids) + len(p.rejected_ids) for p in pairs)

@@ -28,7 +28,8 @@ def run(config_class, **algorithm) -> None:
 
     def timed_generate(sampler, prompts, indices, params):
         clock.step_begin()
-        gen = generate(sampler, prompts, indices, params)
+        with clock.timed("generation"):
+            gen = generate(sampler, prompts, indices, params)
         clock.count(episodes=gen.response_ids.shape[0], generated_tokens=gen.response_mask.sum(),
                     prompt_tokens=gen.prompt_mask.sum())
         return gen

@@ -27,7 +27,8 @@ params = {}
 
 def timed_generate(sampler, prompts, indices, params):
     clock.step_begin()
-    gen = generate(sampler, prompts, indices, params)
+    with clock.timed("generation"):
+        gen = generate(sampler, prompts, indices, params)
     clock.count(episodes=gen.response_ids.shape[0], generated_tokens=gen.response_mask.sum(),
                 prompt_tokens=gen.prompt_mask.sum())
     return gen

@@ -30,7 +30,8 @@ def timed_pair_rewards(model, pairs, pad_id, device):
 
 
 def counted_pad_batch(examples, pad_id):
-    batch = pad_batch(examples, pad_id)
+    with clock.timed("data"):
+        batch = pad_batch(examples, pad_id)
     clock.count(tokens=batch.attention_mask.sum(), padded_tokens=batch.input_ids.numel())
     return batch
 

@@ -26,7 +26,8 @@ params = {}
 
 def timed_collate(cfg, rows, pad_id):
     clock.step_begin()
-    batch = collate(cfg, rows, pad_id)
+    with clock.timed("data"):
+        batch = collate(cfg, rows, pad_id)
     clock.count(tokens=batch.attention_mask.sum(), padded_tokens=batch.input_ids.numel(),
                 loss_tokens=batch.loss_mask.sum(), rows=batch.input_ids.shape[0])
     return batch

@@ -17,7 +17,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench import (StepClock, autocast_report, count_parameters, emit, lowercase_share,  # noqa: E402
-                   load_spec, watch_autocast)
+                   load_spec, watch_autocast, time_batches)
 
 
 def run(trainer_class, config_class, completion_ids_of, **algorithm) -> None:
@@ -67,13 +67,15 @@ def run(trainer_class, config_class, completion_ids_of, **algorithm) -> None:
     def counted_generate(prompt_ids, *args, **kwargs):
         if [list(ids) for ids in prompt_ids] != next(expected):
             raise RuntimeError("TRL generates from other prompt ids than posttrain's (chat template or order)")
-        out = generate(prompt_ids, *args, **kwargs)
+        with clock.timed("generation"):
+            out = generate(prompt_ids, *args, **kwargs)
         completions = completion_ids_of(out)
         clock.count(episodes=len(completions), generated_tokens=sum(len(c) for c in completions),
                     prompt_tokens=sum(len(ids) for ids in prompt_ids))
         return out
 
     trainer._generate_single_turn = counted_generate
+    time_batches(trainer, clock)
     trainer.train()
     emit(clock.result(params=count_parameters(model), autocast=autocast_report(autocast),
                       optimizer=f"AdamW via TRL default optim={args.optim}"))

@@ -51,8 +51,9 @@ batch_generation = ppo_module.batch_generation
 
 def counted_batch_generation(model, queries, local_rollout_forward_batch_size, pad_token_id, generation_config,
                              *args, **kwargs):
-    query_responses, logits = batch_generation(model, queries, local_rollout_forward_batch_size, pad_token_id,
-                                               generation_config, *args, **kwargs)
+    with clock.timed("generation"):
+        query_responses, logits = batch_generation(model, queries, local_rollout_forward_batch_size, pad_token_id,
+                                                   generation_config, *args, **kwargs)
     responses = query_responses[:, queries.shape[1]:]
     # Tokens sampled per row: up to and including the first EOS, else all of them.
     is_eos = responses == tokenizer.eos_token_id

@@ -13,7 +13,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench import (StepClock, autocast_report, count_parameters, emit, load_spec,  # noqa: E402
-                   watch_autocast)
+                   watch_autocast, time_batches)
 
 spec = load_spec()
 clock = StepClock(spec)
@@ -68,6 +68,7 @@ def counted_compute_loss(model, inputs, *args, **kwargs):
 
 
 trainer.compute_loss = counted_compute_loss
+time_batches(trainer, clock)
 trainer.train()
 emit(clock.result(params=count_parameters(model), autocast=autocast_report(autocast),
                   optimizer=f"AdamW via TRL default optim={args.optim}"))
