@@ -18,7 +18,8 @@ Per process it reports:
   - peak RSS in all: ru_maxrss at exit, the save included;
   - step time: the median wall time between the starts of consecutive optimizer steps, warm-up
     steps left out.
-The goal (issue 16) is FSDP's training peak ≤ 0.6× DDP's. Writes benchmarks/results/fsdp-memory-<date>.json.
+The goal (issue 16) is FSDP's training peak ≤ 0.6× DDP's. Writes benchmarks/results/fsdp-memory-<date>.json
+(or --json PATH).
 """
 
 from __future__ import annotations
@@ -132,6 +133,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--gradient-checkpointing", action="store_true", help="on in both modes")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds one run may take")
+    parser.add_argument("--json", default=None, help="default benchmarks/results/fsdp-memory-<date>.json")
     parser.add_argument("--worker", choices=("none", "fsdp"), default=None, help=argparse.SUPPRESS)
     parser.add_argument("--output-dir", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -162,7 +164,7 @@ def main() -> None:
     summary["rss_ratio"] = summary["fsdp_train_peak_rss_mib"] / summary["ddp_train_peak_rss_mib"]
     print(f"FSDP/DDP training peak RSS per process: {summary['rss_ratio']:.2f} (goal ≤ 0.6); "
           f"step time DDP {summary['ddp_step_s']:.2f} s, FSDP {summary['fsdp_step_s']:.2f} s")
-    out = ROOT / "benchmarks" / "results" / f"fsdp-memory-{dt.datetime.now():%Y-%m-%d-%H%M}.json"
+    out = Path(args.json) if args.json else ROOT / "benchmarks" / "results" / f"fsdp-memory-{dt.datetime.now():%Y-%m-%d-%H%M}.json"
     out.write_text(json.dumps({"summary": summary, "runs": runs}, indent=1))
     print(f"wrote {out}")
 

@@ -57,7 +57,7 @@ def build_networks(cfg: GRPOConfig) -> tuple[PolicyAndValue, torch.nn.Module | N
     wanted = cfg.beta > 0 or bool(cfg.eval_data)
     reference = copy.deepcopy(policy).eval().requires_grad_(False) if wanted and not cfg.lora_r else None
     if cfg.gradient_checkpointing:
-        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        policy.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     if cfg.lora_r:
         policy = apply_lora(policy, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
                             target_modules=cfg.lora_target_modules)

@@ -58,7 +58,7 @@ def build_networks(cfg: PPOConfig) -> tuple[PolicyAndValue, torch.nn.Module | No
     disable_dropout(policy)
     reference = None if cfg.lora_r else copy.deepcopy(policy).eval().requires_grad_(False)
     if cfg.gradient_checkpointing:
-        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        policy.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     lora = dict(alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, target_modules=cfg.lora_target_modules)
     if cfg.lora_r:
         policy = apply_lora(policy, r=cfg.lora_r, **lora)
@@ -72,7 +72,8 @@ def build_networks(cfg: PPOConfig) -> tuple[PolicyAndValue, torch.nn.Module | No
     critic = ValueModel(RewardModel.from_pretrained(source)) if source else ValueModel.from_causal_lm(cfg.model)
     disable_dropout(critic)
     if cfg.gradient_checkpointing:  # the critic is as deep as the policy: its activations weigh as much
-        critic.reward_model.base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        critic.reward_model.base.activation_checkpointing_enable(
+            activation_checkpointing_kwargs={"use_reentrant": False})
     if cfg.critic_lora_r:
         rm = critic.reward_model
         critic = ValueModel(RewardModel(apply_lora(rm.model, r=cfg.critic_lora_r, task_type="SEQ_CLS", **lora),

@@ -95,7 +95,7 @@ def evaluate(model, pairs: list[TokenizedPair], cfg: RMConfig, accelerator, pad_
 def build_model(cfg: RMConfig) -> RewardModel:
     model = RewardModel.from_causal_lm(cfg.model, seed=cfg.seed)
     if cfg.gradient_checkpointing:
-        model.base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     if cfg.lora_r:
         # SEQ_CLS puts the head in peft's modules_to_save: the adapters and the head train.
         model = RewardModel(apply_lora(model.model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,

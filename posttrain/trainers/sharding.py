@@ -179,7 +179,7 @@ def prepare(accelerator: Accelerator, cfg, model: torch.nn.Module, optimizer, sc
     layers = decoder_layers(model)
     if how == "one_process":
         accelerator.print("sharding: one process holds the whole model; checkpoints are distributed checkpoints "
-                          "that resume on several")
+                          "that resume on several processes")
         return accelerator.prepare(model, optimizer, scheduler)
     skeleton = meta_copy(model)
     if how == "accelerate":
@@ -199,7 +199,7 @@ def prepare(accelerator: Accelerator, cfg, model: torch.nn.Module, optimizer, sc
         optimizer, scheduler = accelerator.prepare(optimizer, scheduler)
     check_sharded(model, accelerator.num_processes)
     _SKELETONS[model] = skeleton
-    gathers = "" if compute_dtype(accelerator) is None else ", Linear weights gathered in bf16"
+    gathers = ", Linear weights gathered in bf16" if how == "torch" and compute_dtype(accelerator) else ""
     accelerator.print(f"sharding: FSDP2 by {how}, {len(layers)} layer units + root over "
                       f"{accelerator.num_processes} processes{gathers}")
     return model, optimizer, scheduler
