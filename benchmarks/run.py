@@ -673,7 +673,9 @@ NOTES = [
     "wrapper) runs under bf16 autocast: it samples with `unwrapped_model.policy.generate` (autocast checked off "
     "there) and only moves the reference and reward models to the device, so those run in fp32. posttrain "
     "samples under autocast and loads the reward model in bf16. This is how TRL 1.12 runs with bf16=True here, "
-    "and it counts against TRL in the PPO row.",
+    "and it counts against TRL in the PPO row. In TRL's favour: its PPO loop never clips gradients (no "
+    "`clip_grad_norm_` call; `max_grad_norm` is unused there), where posttrain clips at 1.0 over policy and "
+    "critic; the profile's optimizer share (posttrain 8 %, TRL 3 % of the step) is mostly that.",
     "GRPO/RLOO: what differs in the work, by design or beyond the worker's reach: TRL repeats each prompt K times "
     "and prefills all 16 rows in `transformers` `generate` (`disable_compile=True`), where posttrain's sampler "
     "prefills each distinct prompt once and its K samples share the cache rows (the counted prompt tokens are one "
