@@ -18,6 +18,8 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+from breakdown import rss_bytes
+
 
 def load_spec() -> dict:
     """The JSON spec run.py passes as the first argument (a file path)."""
@@ -26,10 +28,7 @@ def load_spec() -> dict:
 
 def vm_hwm_bytes() -> int:
     """Peak resident set size of this process so far (Linux VmHWM), in bytes."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError("/proc/self/status has no VmHWM line")
+    return rss_bytes("VmHWM")
 
 
 class StepClock:

@@ -41,6 +41,7 @@ MEMORY = ("runtime", "weights", "gradients", "optimizer state", "activations", "
 
 
 def rss_bytes(field: str = "VmRSS") -> int:
+    """A memory line of /proc/self/status (VmRSS now, VmHWM the peak so far), in bytes."""
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith(field + ":"):
             return int(line.split()[1]) * 1024
@@ -62,6 +63,7 @@ class Breakdown:
         self.stack: list[str] = []
         self.last = time.perf_counter()
         self.module_depth = 0
+        self._pushed_module = False  # whether the outermost module call in progress pushed a category
         self.runtime = rss_bytes()
         self.memory: dict[str, int] = {}
         self.saved: dict[int, int] = {}

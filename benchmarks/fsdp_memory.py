@@ -37,6 +37,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from breakdown import rss_bytes
+
 ROOT = Path(__file__).resolve().parents[1]
 RANDOM_360M = ROOT / ".bench" / "random-smollm2-360m-shape"
 
@@ -62,14 +64,6 @@ def random_360m() -> str:
     return str(RANDOM_360M)
 
 
-def vm_hwm_mib() -> float:
-    """Peak resident set size of this process so far (Linux VmHWM), in MiB."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError("/proc/self/status has no VmHWM line")
-
-
 def worker(args) -> None:
     """One rank of one run: train, then write its measurements to OUTPUT_DIR/bench-RANK.json."""
     from posttrain.config import SFTConfig, build_config
@@ -84,7 +78,7 @@ def worker(args) -> None:
         return optimizer_step(*a, **kw)
 
     def after_training(*a, **kw):
-        trained.append(vm_hwm_mib())
+        trained.append(rss_bytes("VmHWM") / 2**20)
         return full_model(*a, **kw)
 
     # The trainer is a plain loop; wrapping two of the helpers it calls marks step boundaries and
