@@ -1,6 +1,6 @@
 """Levers of issue 14 measured in isolation on one SmolLM2-135M SFT step (4 × 256 tokens, bf16 autocast).
 
-    .venv/bin/python benchmarks/levers.py [--steps 6] [--warmup 2] [--json PATH]
+    .venv/bin/python benchmarks/levers.py [--steps 6] [--warmup 2] [--rows 4 --length 256] [--json PATH]
 
 Each variant runs in its own process (so its peak RSS is its own) with run.py's allocator
 settings and thread count, on the step posttrain's SFT trainer takes: `TokenLogprobs` forward
@@ -22,7 +22,8 @@ under bf16 autocast, token-mean NLL, backward, clip at 1.0, fused AdamW, grads s
                    optimizer steps could save.
 
 Prints one JSON line per variant: median step seconds over the timed steps, the first step's
-seconds (compile time shows there), peak RSS (VmHWM) after the last step, and the loss of each step.
+seconds (compile time shows there), peak RSS (VmHWM) of the timed steps and of the warm-up
+steps, and the loss of each step.
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ def batch(vocab: int, rows: int = 4, length: int = 256):
     return input_ids, loss_mask, position_ids
 
 
-def run_variant(variant: str, steps: int, warmup: int) -> dict:
+def run_variant(variant: str, steps: int, warmup: int, rows: int, length: int) -> dict:
     import torch
 
     sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -64,7 +65,7 @@ def run_variant(variant: str, steps: int, warmup: int) -> dict:
     torch.manual_seed(0)
     model = load_causal_lm(resolve_model_path("smollm2-135m-instruct"))
     model.train()
-    input_ids, loss_mask, position_ids = batch(model.config.vocab_size)
+    input_ids, loss_mask, position_ids = batch(model.config.vocab_size, rows, length)
     if variant == "recast":
         weights = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
         times = []
@@ -91,8 +92,13 @@ def run_variant(variant: str, steps: int, warmup: int) -> dict:
             p.register_post_accumulate_grad_hook(update)
     else:
         optimizer = torch.optim.AdamW(params, lr=1e-5, weight_decay=0.0, fused=True)
-    times, losses = [], []
-    for _ in range(warmup + steps):
+    times, losses, warmup_peak = [], [], 0
+    for i in range(warmup + steps):
+        if i == warmup:
+            # Reset VmHWM (Linux clear_refs "5") so the peak below is the timed steps' own, not the
+            # first step's, where optimizer state is allocated.
+            warmup_peak = rss_bytes("VmHWM")
+            Path("/proc/self/clear_refs").write_text("5")
         start = time.perf_counter()
         with torch.autocast("cpu", dtype=torch.bfloat16):
             logprobs = policy(input_ids, None, position_ids, loss_mask)
@@ -106,7 +112,7 @@ def run_variant(variant: str, steps: int, warmup: int) -> dict:
         times.append(time.perf_counter() - start)
         losses.append(round(loss.item(), 6))
     return {"variant": variant, "first_step_s": times[0], "median_s": statistics.median(times[warmup:]),
-            "peak_rss_gb": rss_bytes("VmHWM") / 1e9, "losses": losses}
+            "peak_rss_gb": rss_bytes("VmHWM") / 1e9, "warmup_peak_rss_gb": warmup_peak / 1e9, "losses": losses}
 
 
 def main() -> None:
@@ -114,12 +120,14 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--rows", type=int, default=4)
+    parser.add_argument("--length", type=int, default=256, help="tokens a row (GRPO/RLOO micro-batches: about 78)")
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--json", default=None, help="also write the lines to this file")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        print(json.dumps(run_variant(args.worker, args.steps, args.warmup)), flush=True)
+        print(json.dumps(run_variant(args.worker, args.steps, args.warmup, args.rows, args.length)), flush=True)
         return
     variants = args.variants.split(",")
     for v in variants:
@@ -132,14 +140,16 @@ def main() -> None:
     results = []
     for v in variants:
         out = subprocess.run([sys.executable, __file__, "--worker", v.replace("-warm", ""),
-                              "--steps", str(args.steps), "--warmup", str(args.warmup)],
+                              "--steps", str(args.steps), "--warmup", str(args.warmup),
+                              "--rows", str(args.rows), "--length", str(args.length)],
                              env=env, capture_output=True, text=True, check=True)
         result = json.loads(out.stdout.strip().splitlines()[-1])
         result["variant"] = v
         print(json.dumps(result), flush=True)
         results.append(result)
     if args.json:
-        Path(args.json).write_text(json.dumps({"threads": args.threads, "results": results}, indent=1))
+        Path(args.json).write_text(json.dumps({"threads": args.threads, "rows": args.rows, "length": args.length,
+                                               "results": results}, indent=1))
 
 
 if __name__ == "__main__":

@@ -29,6 +29,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import targets  # benchmarks/targets.py, beside this script
+
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "benchmarks"
 WORK = ROOT / ".bench"
@@ -389,6 +391,9 @@ def markdown(reports: list[dict]) -> str:
                      f"{_cell(trl, 'peak_rss_gb', 'GB')} | {rss} | {_cell(pt, 'time_to_first_step_s', 's')} | "
                      f"{_cell(trl, 'time_to_first_step_s', 's')} | {_flops(pt)} | {_flops(trl)} |")
     lines += profile_section(reports)
+    lines += targets.targets_section([row for _, row in rows], targets.newest_profiles(reports), TARGET_SPEEDUP,
+                                     TARGET_RSS)
+    lines += targets.levers_section()
     lines += ["", "## Same work check", "",
               "Counts over all steps each side ran, posttrain/TRL, from the batches each tool built. Bold counts "
               "define the work and must agree (✗: more than 2 % apart); the others show what each tool fed its "
@@ -415,15 +420,7 @@ def profile_section(reports: list[dict]) -> list[str]:
     """Where the time and memory go, from the newest `--profile` run of each (workload, model)."""
     from breakdown import CATEGORIES, MEMORY
 
-    newest: dict[tuple[str, str], tuple[dict, list[dict]]] = {}
-    for report in reports:
-        if not report["meta"].get("profile"):
-            continue
-        for row in report["rows"]:
-            runs = [r for r in report["runs"] if r["workload"] == row["workload"] and r["model"] == row["model"]
-                    and "profile" in r]
-            if runs:
-                newest[(row["workload"], row["model"])] = (report["meta"], runs)
+    newest = targets.newest_profiles(reports)
     if not newest:
         return []
     lines = ["", "## Where the time and memory go", "",
@@ -443,14 +440,11 @@ def profile_section(reports: list[dict]) -> list[str]:
             if not mine:
                 continue
             step = statistics.median(statistics.mean(r["step_seconds"]) for r in mine)
-            total = [sum(r["profile"]["seconds"].values()) for r in mine]
-            shares = [statistics.median(r["profile"]["seconds"][c] / t for r, t in zip(mine, total))
-                      for c in CATEGORIES]
+            shares, parts = targets.shares(runs, tool), targets.memory(runs, tool)
             peak = statistics.median(r["peak_rss_bytes"] for r in mine) / 1e9
-            memory = [statistics.median(r["profile"]["memory"][m] for r in mine) / 1e9 for m in MEMORY]
             lines.append(f"| {workload} | {model} | {tool} | {step:.2f} | "
-                         + " | ".join(f"{100 * x:.0f} %" for x in shares) + f" | {peak:.2f} | "
-                         + " | ".join(f"{x:.2f}" for x in memory) + f" |")
+                         + " | ".join(f"{100 * shares[c]:.0f} %" for c in CATEGORIES) + f" | {peak:.2f} | "
+                         + " | ".join(f"{parts[m]:.2f}" for m in MEMORY) + f" |")
     dates = sorted({meta["date"] for meta, _ in newest.values()})
     lines += ["", f"Profiled: {', '.join(dates)}."]
     return lines

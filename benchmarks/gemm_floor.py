@@ -1,0 +1,132 @@
+"""The matmul floor of a step: its GEMMs alone, at the model's own shapes, timed in bf16.
+
+    .venv/bin/python benchmarks/gemm_floor.py [--results benchmarks/results/<full run>.json]
+
+A step cannot take less time than the matrix products it must do. For each SmolLM2 row of a
+full run this takes the tokens posttrain's batches really held per step (the run's counts) and
+times, in bf16 on the run's thread count, each Linear layer's products at that size — forward
+Y = X·Wᵀ [M,K]·[K,N]; for a trained pass also dX = dY·W [M,N]·[N,K] and dW = dYᵀ·X [N,M]·[M,K]
+— summed over the 30 layers, plus the LM head's where the pass scores tokens (PASSES says which
+passes each workload makes). Attention's T² products, norms, activations, casts, the optimizer
+and all generation are left out, so the floor is below any real step: a target that needs a
+shorter step than the floor cannot be met on this machine by any scheduling of the same work.
+
+Writes benchmarks/results/gemm-floor-<date>.json, which run.py's RESULTS.md reads (targets.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import statistics
+import time
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+BENCH = Path(__file__).resolve().parent
+
+
+@lru_cache(maxsize=None)
+def mm_seconds(m: int, k: int, n: int, seconds: float = 0.4) -> float:
+    """Median wall time of one bf16 [m,k]·[k,n] product (windows of ≥ `seconds`/4 after a warm-up)."""
+    a, b = torch.randn(m, k).to(torch.bfloat16), torch.randn(k, n).to(torch.bfloat16)
+    out = torch.empty(m, n, dtype=torch.bfloat16)
+    torch.mm(a, b, out=out)
+    times = []
+    for _ in range(4):
+        count, start = 0, time.perf_counter()
+        while count == 0 or time.perf_counter() - start < seconds / 4:
+            torch.mm(a, b, out=out)
+            count += 1
+        times.append((time.perf_counter() - start) / count)
+    return statistics.median(times)
+
+
+def linear_shapes(config: dict) -> list[tuple[int, int]]:
+    """(in, out) features of one decoder layer's Linear modules (Llama: q, k, v, o, gate, up, down)."""
+    h, i, d = config["hidden_size"], config["intermediate_size"], config["head_dim"]
+    q, kv = config["num_attention_heads"] * d, config["num_key_value_heads"] * d
+    return [(h, q), (h, kv), (h, kv), (q, h), (h, i), (h, i), (i, h)]
+
+
+def pass_seconds(config: dict, tokens: int, head_positions: int, *, backward: bool) -> float:
+    """GEMM seconds of one pass of the decoder over `tokens` rows: every layer's Linear forwards
+    (and, with `backward`, both gradients of each), plus the LM head's at `head_positions` rows
+    (0: a scalar head, whose products are negligible)."""
+    layers, vocab, hidden = config["num_hidden_layers"], config["vocab_size"], config["hidden_size"]
+    seconds = 0.0
+    for k, n in linear_shapes(config):
+        seconds += mm_seconds(tokens, k, n)
+        if backward:
+            seconds += mm_seconds(tokens, n, k) + mm_seconds(n, tokens, k)
+    seconds *= layers
+    if head_positions:
+        seconds += mm_seconds(head_positions, hidden, vocab)
+        if backward:
+            seconds += mm_seconds(head_positions, vocab, hidden) + mm_seconds(vocab, head_positions, hidden)
+    return seconds
+
+
+# Per workload, the passes a step must make over its rows, each (backward?, LM head?): SFT and
+# DPO's policy score their targets through the LM head; the RM and PPO's critic and reward model
+# end in a scalar head. DPO's reference, GRPO's reference, RLOO's old policy and reference, and
+# PPO's reference and reward model are no-grad forwards; PPO trains policy and critic for its 4
+# epochs. PPO's old log-probs and values, and every generation, are left out (a lower floor).
+PASSES = {"sft": [(True, True)], "rm": [(True, False)], "dpo": [(True, True), (False, True)],
+          "ppo": [(True, True)] * 4 + [(True, False)] * 4 + [(False, True), (False, False)],
+          "grpo": [(True, True), (False, True)], "rloo": [(True, True), (False, True), (False, True)]}
+
+
+def step_floor(workload: str, config: dict, counts: dict, steps: int, micro_batches: int) -> dict:
+    """Seconds of the GEMMs one step of `workload` must do, from posttrain's counts over `steps`
+    steps (counts_total of a run): rows' tokens with padding where the tool padded (SFT, RM, DPO),
+    prompt + generated tokens for rollouts; LM-head positions: loss tokens or generated tokens;
+    each pass in `micro_batches` equal products, as the workload's micro-batches are."""
+    if workload in ("sft", "rm", "dpo"):
+        tokens, head = counts["padded_tokens"], counts.get("loss_tokens", 0)
+    else:
+        tokens, head = counts["prompt_tokens"] + counts["generated_tokens"], counts["generated_tokens"]
+    rows, positions = round(tokens / steps / micro_batches), round(head / steps / micro_batches)
+    seconds = micro_batches * sum(pass_seconds(config, rows, positions if with_head else 0, backward=backward)
+                                  for backward, with_head in PASSES[workload])
+    return {"seconds": seconds, "tokens_per_micro_batch": rows, "head_positions_per_micro_batch": positions,
+            "micro_batches": micro_batches, "passes": PASSES[workload]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--results", default=None, help="a full run's JSON (default: the newest full run)")
+    parser.add_argument("--threads", type=int, default=os.cpu_count())
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    runs = sorted((BENCH / "results").glob("*-full.json"))
+    path = Path(args.results) if args.results else runs[-1]
+    report = json.loads(path.read_text())
+    from posttrain.models import resolve_model_path
+
+    config = json.loads((Path(resolve_model_path("smollm2-135m-instruct")) / "config.json").read_text())
+    floors = {}
+    for row in report["rows"]:
+        workload = row["workload"]
+        if row["model"] != "smollm2" or "counts_total" not in row["posttrain"]:
+            continue
+        settings = report["meta"]["settings"][f"{workload}/smollm2"]
+        episodes = settings.get("prompts", 0) * settings.get("num_generations", 0)
+        micro = episodes // settings["batch_size"] if episodes else 1
+        steps = next(r["steps"] for r in report["runs"] if r["tool"] == "posttrain" and r["workload"] == workload
+                     and r["model"] == "smollm2" and "steps" in r)
+        floors[workload] = step_floor(workload, config, row["posttrain"]["counts_total"], steps, micro)
+        print(workload, json.dumps(floors[workload]), flush=True)
+    stamp = dt.datetime.now().strftime("%Y-%m-%d-%H%M")
+    out = BENCH / "results" / f"gemm-floor-{stamp}.json"
+    out.write_text(json.dumps({"date": stamp, "results": path.name, "threads": args.threads,
+                               "floors": floors}, indent=1) + "\n")
+    print(f"wrote {out.relative_to(BENCH.parent)}")
+
+
+if __name__ == "__main__":
+    main()

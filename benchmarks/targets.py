@@ -1,0 +1,159 @@
+"""RESULTS.md's last measured sections: what each lever gave, and for every SmolLM2 row short of
+a target, what is left and whether this machine could close it.
+
+Speed: a step of posttrain must do at least the GEMMs of its passes (gemm_floor.py, timed in the
+run's conditions). If TRL's step ÷ the target is shorter than that floor, no change of posttrain's
+code can reach the target on this machine for the same work. Otherwise the row is open, and the
+profile says where posttrain's step spends the time above the floor.
+
+Memory: the profile's runtime + weights + optimizer state + activations are alive together at
+the end of a forward (gradients are set to None before it), whatever the allocator does. If that
+sum is above the target (0.6 × TRL's peak), eager execution of the same work cannot meet it.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+
+from breakdown import CATEGORIES
+
+RESULTS = Path(__file__).resolve().parent / "results"
+# The profile's categories a step cannot drop for the same work: training passes and the optimizer,
+# and the no-grad forwards of the reference / old policy / reward model (TRL runs them too).
+REQUIRED = ("forward", "backward", "optimizer", "no-grad forward")
+ALIVE_AT_FORWARD_END = ("runtime", "weights", "optimizer state", "activations")
+
+
+def newest(pattern: str) -> dict | None:
+    """The newest results/<pattern> JSON, or None."""
+    paths = sorted(RESULTS.glob(pattern))
+    return json.loads(paths[-1].read_text()) if paths else None
+
+
+def newest_profiles(reports: list[dict]) -> dict[tuple[str, str], tuple[dict, list[dict]]]:
+    """(workload, model) → (meta, profiled runs) of the newest profiled run that has it."""
+    found = {}
+    for report in reports:
+        if not report["meta"].get("profile"):
+            continue
+        for row in report["rows"]:
+            runs = [r for r in report["runs"] if r["workload"] == row["workload"] and r["model"] == row["model"]
+                    and "profile" in r]
+            if runs:
+                found[(row["workload"], row["model"])] = (report["meta"], runs)
+    return found
+
+
+def shares(runs: list[dict], tool: str) -> dict[str, float]:
+    """Median share of the timed steps' wall time per category, for one tool's profiled runs."""
+    mine = [r for r in runs if r["tool"] == tool]
+    totals = [sum(r["profile"]["seconds"].values()) for r in mine]
+    return {c: statistics.median(r["profile"]["seconds"][c] / t for r, t in zip(mine, totals)) for c in CATEGORIES}
+
+
+def memory(runs: list[dict], tool: str) -> dict[str, float]:
+    """Median GB per memory part, for one tool's profiled runs."""
+    mine = [r for r in runs if r["tool"] == tool]
+    return {m: statistics.median(r["profile"]["memory"][m] for r in mine) / 1e9 for m in mine[0]["profile"]["memory"]}
+
+
+def targets_section(rows: list[dict], profiles: dict, target_speedup: dict[str, float],
+                    target_rss: float) -> list[str]:
+    """The 'What is left' section for the SmolLM2 rows (rows: RESULTS.md's picked rows)."""
+    floor = newest("gemm-floor-*.json")
+    speed, mem = [], []
+    for row in rows:
+        pt, trl, workload = row["posttrain"], row["trl"], row["workload"]
+        if row["model"] != "smollm2" or "error" in pt or "error" in trl:
+            continue
+        profiled = profiles.get((workload, "smollm2"))
+        ratio = pt["throughput"]["median"] / trl["throughput"]["median"]
+        needed = trl["seconds_per_step"]["median"] / target_speedup[workload]
+        step = pt["seconds_per_step"]["median"]
+        gemm = floor["floors"].get(workload, {}).get("seconds") if floor else None
+        share = shares(profiled[1], "posttrain") if profiled else None
+        required = step * sum(share[c] for c in REQUIRED) if share else None
+        if ratio >= target_speedup[workload]:
+            verdict = "met"
+        elif gemm is not None and gemm > needed:
+            verdict = f"out of reach: the GEMMs alone take {gemm:.2f} s > {needed:.2f} s"
+        elif share:
+            extra = [f"{c} {step * share[c]:.2f} s" for c in CATEGORIES if c not in REQUIRED and step * share[c] >= 0.05]
+            above = f"{required - gemm:.2f} s above their GEMM floor" if gemm is not None else f"{required:.2f} s"
+            verdict = f"open: {step - needed:.2f} s to cut; required passes {above}" \
+                + (f"; besides them {', '.join(extra)}" if extra else "")
+        else:
+            verdict = "open: no profile"
+        speed.append(f"| {workload} | ≥ {target_speedup[workload]}× | {ratio:.2f}× | {step:.2f} | {needed:.2f} | "
+                     + (f"{gemm:.2f}" if gemm is not None else "—") + " | "
+                     + (f"{required:.2f}" if required is not None else "—") + f" | {verdict} |")
+        if profiled:
+            parts = memory(profiled[1], "posttrain")
+            alive = sum(parts[m] for m in ALIVE_AT_FORWARD_END)
+            limit = target_rss * trl["peak_rss_gb"]["median"]
+            peak = pt["peak_rss_gb"]["median"]
+            if peak <= limit:
+                verdict = "met"
+            elif alive > limit:
+                verdict = f"out of reach in eager mode: {alive:.2f} GB alive at the forward's end > {limit:.2f} GB"
+            else:
+                verdict = f"open: {peak - alive:.2f} GB above what must be alive"
+            mem.append(f"| {workload} | {peak:.2f} | {limit:.2f} | "
+                       + " + ".join(f"{parts[m]:.2f}" for m in ALIVE_AT_FORWARD_END)
+                       + f" = {alive:.2f} | {verdict} |")
+    if not speed:
+        return []
+    lines = ["", "## What is left, row by row (SmolLM2)", "",
+             "Speed: `needed` is the posttrain step that would reach the target (TRL's step ÷ target); `GEMM "
+             "floor` the seconds the step's matrix products alone take at the model's shapes on this machine "
+             "(`benchmarks/gemm_floor.py`" + (f", measured {floor['date']} for run {floor['results']}" if floor else "")
+             + "; attention, norms, casts, the optimizer and generation left out); `required passes` posttrain's "
+             "own time in training forwards, backwards, optimizer and the no-grad forwards the work needs "
+             "(profile shares × this table's step time). A needed step below the GEMM floor cannot be reached "
+             "on this machine by any code doing the same work.", "",
+             "| workload | target | now | posttrain s/step | needed s/step | GEMM floor s | required passes s | verdict |",
+             "|---|---|---|---|---|---|---|---|", *speed]
+    if mem:
+        lines += ["", f"Memory: the target is {target_rss} × TRL's peak. Runtime, weights, optimizer state and "
+                  "activations (profile) are all alive at the end of a forward — the gradients of the previous "
+                  "step are already freed — so their sum bounds the peak of eager execution from below.", "",
+                  "| workload | posttrain peak GB | target GB | runtime + weights + optimizer state + activations "
+                  "| verdict |", "|---|---|---|---|---|", *mem]
+    return lines
+
+
+def levers_section() -> list[str]:
+    """What each lever of issue 14 measured alone gave (every benchmarks/levers.py run)."""
+    runs = [json.loads(p.read_text()) for p in sorted(RESULTS.glob("levers-*.json"))]
+    if not runs:
+        return []
+    lines = ["", "## Levers measured alone", "",
+             "`benchmarks/levers.py`: one SmolLM2 SFT step (rows × tokens, loss on each row's second half, bf16 "
+             "autocast, fused AdamW) per variant, each its own process, run.py's allocator settings and threads; "
+             "median step of the timed steps, first step (compiling shows there), peak RSS of the timed steps "
+             "(VmHWM reset after the warm-up; runs before that reset show their whole-run peak). `compile`: "
+             "`torch.compile` of the policy with an empty inductor cache; `compile-warm`: a new process over the "
+             "cache it left. `in-backward`: each parameter's AdamW step run by a post-accumulate-grad hook and its "
+             "gradient freed at once; it cannot clip the global norm, so it is compared with `no-clip`, and it only "
+             "lowers the peak if the peak falls where gradients are alive. `recast`: one fp32 → bf16 cast of "
+             "every Linear weight, what autocast pays each forward: the most that bf16 compute weights kept "
+             "between optimizer steps could save a forward.", "",
+             "| shape | variant | against | step s | against s | first step s | peak RSS GB | against GB |",
+             "|---|---|---|---|---|---|---|---|"]
+    for run in runs:
+        by = {r["variant"]: r for r in run["results"]}
+        shape = f"{run.get('rows', 4)} × {run.get('length', 256)}"
+        for name, r in by.items():
+            ref = by.get("no-clip" if name == "in-backward" else "baseline")
+            if name == "recast":
+                lines.append(f"| {shape} | recast ({r['linear_params'] / 1e6:.0f} M weights) | — | {r['median_s']:.3f} "
+                             "| — | — | — | — |")
+            elif ref is None or ref is r:
+                lines.append(f"| {shape} | {name} | — | {r['median_s']:.2f} | — | {r['first_step_s']:.1f} | "
+                             f"{r['peak_rss_gb']:.2f} | — |")
+            else:
+                lines.append(f"| {shape} | {name} | {ref['variant']} | {r['median_s']:.2f} | {ref['median_s']:.2f} | "
+                             f"{r['first_step_s']:.1f} | {r['peak_rss_gb']:.2f} | {ref['peak_rss_gb']:.2f} |")
+    return lines
