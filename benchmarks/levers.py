@@ -11,6 +11,8 @@ under bf16 autocast, token-mean NLL, backward, clip at 1.0, fused AdamW, grads s
                    cache directory: the compile a machine pays once.
 - `compile-warm`   again in a new process over the cache `compile` left (inductor's FX-graph and
                    kernel caches persist on disk): what every later run pays.
+- `attention-math` baseline with SDPA's math backend (explicit products and softmax) in place of
+                   the flash-attention kernel transformers' `sdpa` picks on the CPU.
 - `no-clip`        baseline without gradient clipping: the reference for the next row.
 - `in-backward`    no clipping, and each parameter's AdamW update applied by a
                    `register_post_accumulate_grad_hook` as soon as its gradient is complete, the
@@ -36,10 +38,11 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-VARIANTS = ("baseline", "compile", "compile-warm", "no-clip", "in-backward", "recast")
+VARIANTS = ("baseline", "compile", "compile-warm", "attention-math", "no-clip", "in-backward", "recast")
 
 
 def batch(vocab: int, rows: int = 4, length: int = 256):
@@ -57,8 +60,6 @@ def batch(vocab: int, rows: int = 4, length: int = 256):
 def run_variant(variant: str, steps: int, warmup: int, rows: int, length: int) -> dict:
     import torch
 
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    from breakdown import rss_bytes
     from posttrain.models import load_causal_lm, resolve_model_path
     from posttrain.models.logprobs import TokenLogprobs
 
@@ -90,8 +91,26 @@ def run_variant(variant: str, steps: int, warmup: int, rows: int, length: int) -
 
         for p in params:
             p.register_post_accumulate_grad_hook(update)
+        optimizer = None
     else:
         optimizer = torch.optim.AdamW(params, lr=1e-5, weight_decay=0.0, fused=True)
+    if variant == "attention-math":
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        backend = sdpa_kernel([SDPBackend.MATH])
+    else:
+        backend = nullcontext()
+    with backend:
+        return timed_steps(variant, policy, params, optimizer, (input_ids, loss_mask, position_ids), steps, warmup)
+
+
+def timed_steps(variant: str, policy, params, optimizer, data, steps: int, warmup: int) -> dict:
+    import torch
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from breakdown import rss_bytes
+
+    input_ids, loss_mask, position_ids = data
     times, losses, warmup_peak = [], [], 0
     for i in range(warmup + steps):
         if i == warmup:
@@ -104,8 +123,8 @@ def run_variant(variant: str, steps: int, warmup: int, rows: int, length: int) -
             logprobs = policy(input_ids, None, position_ids, loss_mask)
         loss = -(logprobs * loss_mask).sum() / loss_mask[:, 1:].sum()
         loss.backward()
-        if variant != "in-backward":
-            if variant not in ("no-clip",):
+        if optimizer is not None:  # in-backward stepped inside backward
+            if variant != "no-clip":
                 torch.nn.utils.clip_grad_norm_(params, 1.0)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)

@@ -125,8 +125,13 @@ def targets_section(rows: list[dict], profiles: dict, target_speedup: dict[str, 
 
 
 def levers_section() -> list[str]:
-    """What each lever of issue 14 measured alone gave (every benchmarks/levers.py run)."""
-    runs = [json.loads(p.read_text()) for p in sorted(RESULTS.glob("levers-*.json"))]
+    """What each lever of issue 14 measured alone gave (benchmarks/levers.py's newest run per shape)."""
+    # The newest run of each shape.
+    newest_of = {}
+    for path in sorted(RESULTS.glob("levers-*.json")):
+        run = json.loads(path.read_text())
+        newest_of[(run.get("rows", 4), run.get("length", 256))] = run
+    runs = list(newest_of.values())
     if not runs:
         return []
     lines = ["", "## Levers measured alone", "",
