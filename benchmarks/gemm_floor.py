@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import os
 import statistics
 import time
 from functools import lru_cache
@@ -100,12 +99,21 @@ def step_floor(workload: str, config: dict, counts: dict, steps: int, micro_batc
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--results", default=None, help="a full run's JSON (default: the newest full run)")
-    parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--threads", type=int, default=None, help="default: the run's thread count")
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
     runs = sorted((BENCH / "results").glob("*-full.json"))
+    if args.results is None and not runs:
+        parser.error("no full run in benchmarks/results/; run benchmarks/run.py first")
     path = Path(args.results) if args.results else runs[-1]
-    report = json.loads(path.read_text())
+    if not path.is_file():
+        parser.error(f"--results: {path}: no such file")
+    try:
+        report = json.loads(path.read_text())
+        report["rows"], report["runs"], report["meta"]["settings"]
+    except (ValueError, KeyError, TypeError) as error:
+        parser.error(f"--results: {path}: not a run.py results file ({type(error).__name__}: {error})")
+    threads = args.threads or report["meta"]["threads"]
+    torch.set_num_threads(threads)
     from posttrain.models import resolve_model_path
 
     config = json.loads((Path(resolve_model_path("smollm2-135m-instruct")) / "config.json").read_text())
@@ -121,9 +129,11 @@ def main() -> None:
                      and r["model"] == "smollm2" and "steps" in r)
         floors[workload] = step_floor(workload, config, row["posttrain"]["counts_total"], steps, micro)
         print(workload, json.dumps(floors[workload]), flush=True)
+    if not floors:
+        parser.error(f"--results: {path}: no SmolLM2 row that posttrain ran")
     stamp = dt.datetime.now().strftime("%Y-%m-%d-%H%M")
     out = BENCH / "results" / f"gemm-floor-{stamp}.json"
-    out.write_text(json.dumps({"date": stamp, "results": path.name, "threads": args.threads,
+    out.write_text(json.dumps({"date": stamp, "results": path.name, "threads": threads,
                                "floors": floors}, indent=1) + "\n")
     print(f"wrote {out.relative_to(BENCH.parent)}")
 

@@ -145,6 +145,10 @@ def main() -> None:
     parser.add_argument("--json", default=None, help="also write the lines to this file")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.steps < 1 or args.warmup < 1:
+        parser.error(f"--steps {args.steps} --warmup {args.warmup}: need at least 1 of each")
+    if args.rows < 1 or args.length < 2:
+        parser.error(f"--rows {args.rows} --length {args.length}: need at least 1 row of 2 tokens")
     if args.worker:
         print(json.dumps(run_variant(args.worker, args.steps, args.warmup, args.rows, args.length)), flush=True)
         return
@@ -161,7 +165,10 @@ def main() -> None:
         out = subprocess.run([sys.executable, __file__, "--worker", v.replace("-warm", ""),
                               "--steps", str(args.steps), "--warmup", str(args.warmup),
                               "--rows", str(args.rows), "--length", str(args.length)],
-                             env=env, capture_output=True, text=True, check=True)
+                             env=env, capture_output=True, text=True)
+        if out.returncode != 0:
+            sys.exit(f"levers.py: variant {v} failed (exit {out.returncode}): "
+                     f"{(out.stderr.strip().splitlines() or ['no output'])[-1]}")
         result = json.loads(out.stdout.strip().splitlines()[-1])
         result["variant"] = v
         print(json.dumps(result), flush=True)

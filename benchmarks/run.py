@@ -393,6 +393,7 @@ def markdown(reports: list[dict]) -> str:
     lines += profile_section(reports)
     lines += targets.targets_section([row for _, row in rows], targets.newest_profiles(reports), TARGET_SPEEDUP,
                                      TARGET_RSS)
+    lines += targets.step_ops_section()
     lines += targets.levers_section()
     lines += ["", "## Same work check", "",
               "Counts over all steps each side ran, posttrain/TRL, from the batches each tool built. Bold counts "

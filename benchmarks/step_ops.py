@@ -1,9 +1,10 @@
 """Which operators one SmolLM2 SFT step spends its time in (torch.profiler, self CPU time).
 
-    .venv/bin/python benchmarks/step_ops.py [--rows 4 --length 256] [--top 15]
+    .venv/bin/python benchmarks/step_ops.py [--rows 4 --length 256] [--top 15] [--json PATH]
 
 The step is levers.py's baseline (TokenLogprobs under bf16 autocast, backward, clip, fused
-AdamW), profiled over 2 steps after 2 warm-up steps. Prints one JSON line: seconds a step per
+AdamW), profiled over 2 steps after 2 warm-up steps. Prints one JSON line (and writes it to
+--json; RESULTS.md shows the newest results/step-ops-*.json of each shape): seconds a step per
 operator, largest first, and the step's total; run it with run.py's allocator settings and
 threads (MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=17179869184 OMP_NUM_THREADS=2).
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -24,7 +26,10 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=4)
     parser.add_argument("--length", type=int, default=256)
     parser.add_argument("--top", type=int, default=15)
+    parser.add_argument("--json", default=None, help="also write the line to this file")
     args = parser.parse_args()
+    if args.rows < 1 or args.length < 2:
+        parser.error(f"--rows {args.rows} --length {args.length}: need at least 1 row of 2 tokens")
     from posttrain.models import load_causal_lm, resolve_model_path
     from posttrain.models.logprobs import TokenLogprobs
 
@@ -52,8 +57,11 @@ def main() -> None:
     events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
     per_step = {e.key: e.self_cpu_time_total / 1e6 / steps for e in events}
     top = dict(list(per_step.items())[:args.top])
-    print(json.dumps({"rows": args.rows, "length": args.length, "threads": torch.get_num_threads(),
-                      "step_s": sum(per_step.values()), "ops_s": top}))
+    line = json.dumps({"rows": args.rows, "length": args.length, "threads": torch.get_num_threads(),
+                       "step_s": sum(per_step.values()), "ops_s": top})
+    print(line)
+    if args.json:
+        Path(args.json).write_text(line + "\n")
 
 
 if __name__ == "__main__":

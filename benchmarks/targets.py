@@ -124,6 +124,27 @@ def targets_section(rows: list[dict], profiles: dict, target_speedup: dict[str, 
     return lines
 
 
+def step_ops_section(top: int = 8) -> list[str]:
+    """Operator time inside one SFT step (benchmarks/step_ops.py's newest run per shape)."""
+    newest_of = {}
+    for path in sorted(RESULTS.glob("step-ops-*.json")):
+        run = json.loads(path.read_text())
+        newest_of[(run["rows"], run["length"])] = run
+    if not newest_of:
+        return []
+    lines = ["", "## Inside one training step", "",
+             "`benchmarks/step_ops.py`: torch.profiler's self CPU time per operator over the SFT step of "
+             "levers.py's baseline (rows × tokens), seconds a step and share of the profiled step; `aten::mm` "
+             "is every GEMM, the rest is what a step spends above its GEMM floor.", "",
+             "| shape | profiled step s | " + " | ".join(f"op {i + 1}" for i in range(top)) + " |",
+             "|---|---|" + "---|" * top]
+    for (rows, length), run in sorted(newest_of.items(), key=lambda kv: -kv[0][1]):
+        ops = list(run["ops_s"].items())[:top]
+        cells = [f"{name.removeprefix('aten::')} {sec:.3f} s ({100 * sec / run['step_s']:.0f} %)" for name, sec in ops]
+        lines.append(f"| {rows} × {length} | {run['step_s']:.2f} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def levers_section() -> list[str]:
     """What each lever of issue 14 measured alone gave (benchmarks/levers.py's newest run per shape)."""
     # The newest run of each shape.
