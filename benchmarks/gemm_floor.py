@@ -10,6 +10,8 @@ Y = X·Wᵀ [M,K]·[K,N]; for a trained pass also dX = dY·W [M,N]·[N,K] and dW
 passes each workload makes). Attention's T² products, norms, activations, casts, the optimizer
 and all generation are left out, so the floor is below any real step: a target that needs a
 shorter step than the floor cannot be met on this machine by any scheduling of the same work.
+Beside it, the causal attention of every layer timed with torch's own SDPA kernel (at each
+micro-batch's mean length): a second floor, for the kernels this torch has.
 
 Writes benchmarks/results/gemm-floor-<date>.json, which run.py's RESULTS.md reads (targets.py).
 """
@@ -19,7 +21,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import statistics
 import time
 from functools import lru_cache
 from pathlib import Path
@@ -31,18 +32,48 @@ BENCH = Path(__file__).resolve().parent
 
 @lru_cache(maxsize=None)
 def mm_seconds(m: int, k: int, n: int, seconds: float = 0.4) -> float:
-    """Median wall time of one bf16 [m,k]·[k,n] product (windows of ≥ `seconds`/4 after a warm-up)."""
+    """Wall time of one bf16 [m,k]·[k,n] product: the fastest of 6 windows of ≥ `seconds`/6 after
+    a warm-up (the best the machine did, so the floor stays a lower bound when its rate drifts)."""
     a, b = torch.randn(m, k).to(torch.bfloat16), torch.randn(k, n).to(torch.bfloat16)
     out = torch.empty(m, n, dtype=torch.bfloat16)
     torch.mm(a, b, out=out)
     times = []
-    for _ in range(4):
+    for _ in range(6):
         count, start = 0, time.perf_counter()
-        while count == 0 or time.perf_counter() - start < seconds / 4:
+        while count == 0 or time.perf_counter() - start < seconds / 6:
             torch.mm(a, b, out=out)
             count += 1
         times.append((time.perf_counter() - start) / count)
-    return statistics.median(times)
+    return min(times)
+
+
+@lru_cache(maxsize=None)
+def attention_seconds(rows: int, length: int, heads: int, head_dim: int, backward: bool) -> float:
+    """Wall time (fastest of 6 windows) of one causal bf16 `scaled_dot_product_attention` over [rows, heads,
+    length, head_dim] (the kernel transformers' `sdpa` calls; flash on the CPU), with its
+    backward when `backward`: what one layer's attention costs with torch's own kernels."""
+    import torch.nn.functional as F
+
+    q, k, v = (torch.randn(rows, heads, length, head_dim).to(torch.bfloat16).requires_grad_(backward)
+               for _ in range(3))
+    grad = torch.randn(rows, heads, length, head_dim).to(torch.bfloat16)
+
+    def once():
+        with torch.set_grad_enabled(backward):
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            if backward:
+                out.backward(grad)
+                q.grad = k.grad = v.grad = None
+
+    once()
+    times = []
+    for _ in range(6):
+        count, start = 0, time.perf_counter()
+        while count == 0 or time.perf_counter() - start < 0.1:
+            once()
+            count += 1
+        times.append((time.perf_counter() - start) / count)
+    return min(times)
 
 
 def linear_shapes(config: dict) -> list[tuple[int, int]]:
@@ -80,11 +111,13 @@ PASSES = {"sft": [(True, True)], "rm": [(True, False)], "dpo": [(True, True), (F
           "grpo": [(True, True), (False, True)], "rloo": [(True, True), (False, True), (False, True)]}
 
 
-def step_floor(workload: str, config: dict, counts: dict, steps: int, micro_batches: int) -> dict:
+def step_floor(workload: str, config: dict, counts: dict, steps: int, micro_batches: int, sequences: int) -> dict:
     """Seconds of the GEMMs one step of `workload` must do, from posttrain's counts over `steps`
     steps (counts_total of a run): rows' tokens with padding where the tool padded (SFT, RM, DPO),
     prompt + generated tokens for rollouts; LM-head positions: loss tokens or generated tokens;
-    each pass in `micro_batches` equal products, as the workload's micro-batches are."""
+    each pass in `micro_batches` equal products, as the workload's micro-batches are. Beside the
+    GEMMs, `attention_seconds`: every layer's causal attention at `sequences` rows a micro-batch of
+    the mean length, with torch's kernel (a floor for this torch, not for the machine)."""
     if workload in ("sft", "rm", "dpo"):
         tokens, head = counts["padded_tokens"], counts.get("loss_tokens", 0)
     else:
@@ -92,7 +125,12 @@ def step_floor(workload: str, config: dict, counts: dict, steps: int, micro_batc
     rows, positions = round(tokens / steps / micro_batches), round(head / steps / micro_batches)
     seconds = micro_batches * sum(pass_seconds(config, rows, positions if with_head else 0, backward=backward)
                                   for backward, with_head in PASSES[workload])
-    return {"seconds": seconds, "tokens_per_micro_batch": rows, "head_positions_per_micro_batch": positions,
+    length = max(round(rows / sequences), 1)
+    attention = micro_batches * config["num_hidden_layers"] * sum(
+        attention_seconds(sequences, length, config["num_attention_heads"], config["head_dim"], backward)
+        for backward, _ in PASSES[workload])
+    return {"seconds": seconds, "attention_seconds": attention, "tokens_per_micro_batch": rows,
+            "sequences_per_micro_batch": sequences, "head_positions_per_micro_batch": positions,
             "micro_batches": micro_batches, "passes": PASSES[workload]}
 
 
@@ -125,9 +163,12 @@ def main() -> None:
         settings = report["meta"]["settings"][f"{workload}/smollm2"]
         episodes = settings.get("prompts", 0) * settings.get("num_generations", 0)
         micro = episodes // settings["batch_size"] if episodes else 1
+        # Rows a micro-batch: the RM scores chosen and rejected as rows of their own.
+        sequences = settings["batch_size"] * (2 if workload == "rm" else 1)
         steps = next(r["steps"] for r in report["runs"] if r["tool"] == "posttrain" and r["workload"] == workload
                      and r["model"] == "smollm2" and "steps" in r)
-        floors[workload] = step_floor(workload, config, row["posttrain"]["counts_total"], steps, micro)
+        floors[workload] = step_floor(workload, config, row["posttrain"]["counts_total"], steps, micro,
+                                     sequences)
         print(workload, json.dumps(floors[workload]), flush=True)
     if not floors:
         parser.error(f"--results: {path}: no SmolLM2 row that posttrain ran")

@@ -1,10 +1,11 @@
 """RESULTS.md's last measured sections: what each lever gave, and for every SmolLM2 row short of
 a target, what is left and whether this machine could close it.
 
-Speed: a step of posttrain must do at least the GEMMs of its passes (gemm_floor.py, timed in the
-run's conditions). If TRL's step ÷ the target is shorter than that floor, no change of posttrain's
-code can reach the target on this machine for the same work. Otherwise the row is open, and the
-profile says where posttrain's step spends the time above the floor.
+Speed: a step of posttrain must do at least the GEMMs of its passes (gemm_floor.py, timed on this
+machine). If TRL's step ÷ the target is shorter than that floor, no change of posttrain's code can
+reach the target on this machine for the same work; if it is shorter than the GEMMs plus every
+layer's attention with torch's own kernel, not without a faster attention kernel. Otherwise the
+row is open, and the profile says where posttrain's step spends the time above those floors.
 
 Memory: the profile's runtime + weights + optimizer state + activations are alive together at
 the end of a forward (gradients are set to None before it), whatever the allocator does. If that
@@ -73,21 +74,27 @@ def targets_section(rows: list[dict], profiles: dict, target_speedup: dict[str, 
         needed = trl["seconds_per_step"]["median"] / target_speedup[workload]
         step = pt["seconds_per_step"]["median"]
         gemm = floor["floors"].get(workload, {}).get("seconds") if floor else None
+        attention = floor["floors"].get(workload, {}).get("attention_seconds") if floor else None
         share = shares(profiled[1], "posttrain") if profiled else None
         required = step * sum(share[c] for c in REQUIRED) if share else None
         if ratio >= target_speedup[workload]:
             verdict = "met"
         elif gemm is not None and gemm > needed:
-            verdict = f"out of reach: the GEMMs alone take {gemm:.2f} s > {needed:.2f} s"
+            verdict = f"out of reach on this machine: the GEMMs alone take {gemm:.2f} s > {needed:.2f} s"
+        elif attention is not None and gemm + attention > needed:
+            verdict = (f"out of reach with this torch's kernels: GEMMs and attention take {gemm + attention:.2f} s "
+                       f"> {needed:.2f} s")
         elif share:
             extra = [f"{c} {step * share[c]:.2f} s" for c in CATEGORIES if c not in REQUIRED and step * share[c] >= 0.05]
-            above = f"{required - gemm:.2f} s above their GEMM floor" if gemm is not None else f"{required:.2f} s"
+            above = (f"{required - gemm - (attention or 0):.2f} s above their GEMMs and attention" if gemm is not None
+                     else f"{required:.2f} s")
             verdict = f"open: {step - needed:.2f} s to cut; required passes {above}" \
                 + (f"; besides them {', '.join(extra)}" if extra else "")
         else:
             verdict = "open: no profile"
         speed.append(f"| {workload} | ≥ {target_speedup[workload]}× | {ratio:.2f}× | {step:.2f} | {needed:.2f} | "
                      + (f"{gemm:.2f}" if gemm is not None else "—") + " | "
+                     + (f"{attention:.2f}" if attention is not None else "—") + " | "
                      + (f"{required:.2f}" if required is not None else "—") + f" | {verdict} |")
         if profiled:
             parts = memory(profiled[1], "posttrain")
@@ -109,12 +116,16 @@ def targets_section(rows: list[dict], profiles: dict, target_speedup: dict[str, 
              "Speed: `needed` is the posttrain step that would reach the target (TRL's step ÷ target); `GEMM "
              "floor` the seconds the step's matrix products alone take at the model's shapes on this machine "
              "(`benchmarks/gemm_floor.py`" + (f", measured {floor['date']} for run {floor['results']}" if floor else "")
-             + "; attention, norms, casts, the optimizer and generation left out); `required passes` posttrain's "
+             + "; attention, norms, casts, the optimizer and generation left out; each product the fastest of 6 "
+             "windows); `attention` every layer's causal attention with this torch's SDPA kernel (flash; "
+             "the math backend was no faster, see the levers); `required passes` posttrain's "
              "own time in training forwards, backwards, optimizer and the no-grad forwards the work needs "
              "(profile shares × this table's step time). A needed step below the GEMM floor cannot be reached "
-             "on this machine by any code doing the same work.", "",
-             "| workload | target | now | posttrain s/step | needed s/step | GEMM floor s | required passes s | verdict |",
-             "|---|---|---|---|---|---|---|---|", *speed]
+             "on this machine by any code doing the same work; below GEMMs + attention, not without a faster "
+             "attention kernel than this torch has.", "",
+             "| workload | target | now | posttrain s/step | needed s/step | GEMM floor s | attention s | required "
+             "passes s | verdict |",
+             "|---|---|---|---|---|---|---|---|---|", *speed]
     if mem:
         lines += ["", f"Memory: the target is {target_rss} × TRL's peak. Runtime, weights, optimizer state and "
                   "activations (profile) are all alive at the end of a forward — the gradients of the previous "
