@@ -114,11 +114,26 @@ def write_data(root: Path) -> dict[str, Path]:
 # ---------------------------------------------------------------- running workers
 
 
-def worker_env(workload: str, tool: str, threads: int) -> dict[str, str]:
+# The allocators a run may give both tools (--allocator): glibc with the settings that keep freed
+# memory (no mmap, no trim: faster steps, memory never returned), or tcmalloc preloaded, as
+# scripts/demo.sh runs posttrain.
+ALLOCATORS = ("glibc", "tcmalloc")
+ALLOCATOR_WORDS = {"glibc": "glibc, `MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=17179869184`",
+                   "tcmalloc": "tcmalloc (`LD_PRELOAD` libtcmalloc_minimal.so.4)"}
+TCMALLOC = "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4"
+
+
+def allocator_env(allocator: str) -> dict[str, str]:
+    if allocator == "tcmalloc":
+        return {"LD_PRELOAD": TCMALLOC}
+    return {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": "17179869184"}
+
+
+def worker_env(workload: str, tool: str, threads: int, allocator: str = "glibc") -> dict[str, str]:
     env = dict(os.environ)
     env.update({
-        # The same allocator settings and thread count for both tools.
-        "MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": "17179869184",
+        # The same allocator and thread count for both tools.
+        **allocator_env(allocator),
         "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
         "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
         "HF_DATASETS_OFFLINE": "1", "TRL_EXPERIMENTAL_SILENCE": "1", "PYTHONUNBUFFERED": "1",
@@ -146,7 +161,8 @@ def run_worker(tool: str, workload: str, model: str, spec: dict, threads: int, t
         start = time.time()
         try:
             proc = subprocess.run([sys.executable, str(script), str(spec_path)], cwd=ROOT, timeout=timeout,
-                                  env=worker_env(workload, tool, threads), capture_output=True, text=True)
+                                  env=worker_env(workload, tool, threads, spec["allocator"]), capture_output=True,
+                                  text=True)
             output, rc = proc.stdout + proc.stderr, proc.returncode
         except subprocess.TimeoutExpired as err:
             output = (err.stdout or b"").decode() + (err.stderr or b"").decode() if isinstance(err.stdout, bytes) \
@@ -339,7 +355,7 @@ def markdown(reports: list[dict]) -> str:
         "renders posttrain's prompt conversations with the same chat template and the worker checks that it "
         "generates from the same ids); bf16 autocast over "
         "fp32 weights on both; gradient checkpointing off on both; AdamW, constant lr, clip 1.0; "
-        "`MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=17179869184` and the same thread count for both.",
+        "the same allocator (each run's line names it) and thread count for both.",
         "- **Repeats**: tools alternate (posttrain, TRL, posttrain, TRL, …); figures are median (min–max) over "
         "repeats; each repeat's throughput excludes its warm-up steps. The ratio column gives the ratio of the "
         "medians and, with several repeats, the median (min–max) of the per-repeat ratios (`paired`: each "
@@ -354,7 +370,8 @@ def markdown(reports: list[dict]) -> str:
         lines.append(f"- **{label[k]}** {meta['date']}, {mode}, {meta['repeats']} repeat(s), posttrain "
                      f"{meta['versions']['posttrain_commit']}: `{meta['command']}`; matmul ceiling "
                      f"({mm['start']['n']}³ GEMM, higher of before/after) fp32 {mm['ceiling_fp32'] / 1e9:.0f}, "
-                     f"bf16 {mm['ceiling_bf16'] / 1e9:.0f} GFLOP/s." + (f" {meta['note']}" if meta.get("note") else ""))
+                     f"bf16 {mm['ceiling_bf16'] / 1e9:.0f} GFLOP/s; allocator for both tools: "
+                     f"{ALLOCATOR_WORDS[meta.get('allocator', 'glibc')]}." + (f" {meta['note']}" if meta.get("note") else ""))
     if any(reports[k]["meta"].get("note") for k in used):
         lines += ["", "**Read the runs' notes before the ratios**: a run measured on a loaded machine gives "
                   "noisy figures, and rows from different runs were measured under different loads."]
@@ -533,6 +550,9 @@ def main() -> None:
     parser.add_argument("--markdown", default=str(BENCH / "RESULTS.md"))
     parser.add_argument("--uncommitted", action="store_true",
                         help="also run posttrain trainers not committed yet (for work on the harness)")
+    parser.add_argument("--allocator", choices=ALLOCATORS, default="glibc",
+                        help="for both tools: glibc with MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=17179869184, "
+                             "or tcmalloc preloaded (as scripts/demo.sh)")
     parser.add_argument("--note", default="", help="a line for the table's header (e.g. machine was shared)")
     parser.add_argument("--profile", action="store_true",
                         help="hook every worker to split its step time and peak memory (benchmarks/breakdown.py); "
@@ -554,6 +574,8 @@ def main() -> None:
             parser.error(f"--models: unknown {m!r}; choose from {', '.join(MODELS)}")
     repeats = args.repeats or (1 if args.quick else 3)
     mode = "quick" if args.quick else "full"
+    if args.allocator == "tcmalloc" and not Path(TCMALLOC).is_file():
+        parser.error(f"--allocator tcmalloc: {TCMALLOC} is missing (apt install libtcmalloc-minimal4)")
     if args.profile and args.quick:
         parser.error("--profile measures the full runs' steps; leave out --quick")
     subprocess.run(["bash", str(BENCH / "setup.sh")], cwd=ROOT, check=True)
@@ -579,6 +601,7 @@ def main() -> None:
             spec = {k: v for k, v in s.items() if k not in ("full", "quick")}
             spec.update(model_path=paths[model], warmup=warmup, timed=timed, repeat=repeat, seed=0,
                         precision="bf16", gradient_checkpointing=False, profile=args.profile,
+                        allocator=args.allocator,
                         data=str(data[DATA[workload]]),
                         reward_model=reward_models.get(model, ""))
             for tool in TOOLS:
@@ -625,7 +648,7 @@ def main() -> None:
     command = "python benchmarks/run.py " + shlex.join(sys.argv[1:])
     report = {
         "meta": {"date": now.strftime("%Y-%m-%d %H:%M"), "command": command.strip(), "quick": args.quick,
-                 "profile": args.profile,
+                 "profile": args.profile, "allocator": args.allocator,
                  "repeats": repeats, "threads": args.threads, "machine": machine(), "versions": versions(),
                  "settings": {f"{w}/{m}": SETTINGS[(w, m)] for w, m in rows}, "note": args.note,
                  "logs": str(log_dir.relative_to(ROOT))},
