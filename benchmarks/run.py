@@ -673,6 +673,12 @@ def main() -> None:
 
 
 NOTES = [
+    "Allocator probe (results/allocator-probe-2026-11-30-1025.json, `--allocator tcmalloc`, 1 repeat, not in the "
+    "tables): with tcmalloc for both tools, PPO ran 0.329 / 0.278 episodes/s (1.18×), GRPO 2.21 / 1.47 (1.50×), "
+    "RLOO 1.95 / 1.25 (1.56×), peak RSS 6.36 / 6.51, 4.46 / 4.43 and 4.46 / 4.39 GB: the ratios move within "
+    "the run-to-run spread, and both tools' PPO peak falls by 0.6–0.7 GB. (Under torch.profiler, glibc's "
+    "settings made each zero-fill of the 49152 × 576 embedding gradient take 88 ms against 13 ms under "
+    "tcmalloc; the unprofiled PPO step did not show that difference.)",
     "Optimizer implementations: TRL (transformers with torch ≥ 2.8) uses `adamw_torch_fused`; posttrain builds "
     "`torch.optim.AdamW(fused=True)` (since commit d8fa776, before R1). Both are the same fused AdamW kernel "
     "with the same hyper-parameters.",
