@@ -134,6 +134,26 @@ def step_floor(workload: str, config: dict, counts: dict, steps: int, micro_batc
             "micro_batches": micro_batches, "passes": PASSES[workload]}
 
 
+def row_floor(row: dict, report: dict, config: dict) -> dict:
+    """{workload: step_floor(...)} for a SmolLM2 row posttrain ran, else {} (KeyError when the
+    results file lacks a field the floor needs)."""
+    workload = row["workload"]
+    if row["model"] != "smollm2" or "counts_total" not in row["posttrain"]:
+        return {}
+    settings = report["meta"]["settings"][f"{workload}/smollm2"]
+    episodes = settings.get("prompts", 0) * settings.get("num_generations", 0)
+    micro = episodes // settings["batch_size"] if episodes else 1
+    # Rows a micro-batch: the RM scores chosen and rejected as rows of their own.
+    sequences = settings["batch_size"] * (2 if workload == "rm" else 1)
+    steps = [r["steps"] for r in report["runs"] if r["tool"] == "posttrain" and r["workload"] == workload
+             and r["model"] == "smollm2" and "steps" in r]
+    if not steps:
+        raise KeyError("a posttrain run")
+    floor = step_floor(workload, config, row["posttrain"]["counts_total"], steps[0], micro, sequences)
+    print(workload, json.dumps(floor), flush=True)
+    return {workload: floor}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--results", default=None, help="a full run's JSON (default: the newest full run)")
@@ -144,32 +164,28 @@ def main() -> None:
         parser.error("no full run in benchmarks/results/; run benchmarks/run.py first")
     path = Path(args.results) if args.results else runs[-1]
     if not path.is_file():
-        parser.error(f"--results: {path}: no such file")
+        parser.error(f"--results: {path}: not a file")
+    if args.threads is not None and args.threads < 1:
+        parser.error(f"--threads {args.threads}: need at least 1")
     try:
         report = json.loads(path.read_text())
         report["rows"], report["runs"], report["meta"]["settings"]
+        threads = args.threads or report["meta"]["threads"]
     except (ValueError, KeyError, TypeError) as error:
         parser.error(f"--results: {path}: not a run.py results file ({type(error).__name__}: {error})")
-    threads = args.threads or report["meta"]["threads"]
+    if report["meta"].get("quick") or report["meta"].get("profile"):
+        parser.error(f"--results: {path}: a quick or profiled run; the floor is judged against a full run")
     torch.set_num_threads(threads)
     from posttrain.models import resolve_model_path
 
     config = json.loads((Path(resolve_model_path("smollm2-135m-instruct")) / "config.json").read_text())
     floors = {}
     for row in report["rows"]:
-        workload = row["workload"]
-        if row["model"] != "smollm2" or "counts_total" not in row["posttrain"]:
-            continue
-        settings = report["meta"]["settings"][f"{workload}/smollm2"]
-        episodes = settings.get("prompts", 0) * settings.get("num_generations", 0)
-        micro = episodes // settings["batch_size"] if episodes else 1
-        # Rows a micro-batch: the RM scores chosen and rejected as rows of their own.
-        sequences = settings["batch_size"] * (2 if workload == "rm" else 1)
-        steps = next(r["steps"] for r in report["runs"] if r["tool"] == "posttrain" and r["workload"] == workload
-                     and r["model"] == "smollm2" and "steps" in r)
-        floors[workload] = step_floor(workload, config, row["posttrain"]["counts_total"], steps, micro,
-                                     sequences)
-        print(workload, json.dumps(floors[workload]), flush=True)
+        try:
+            floors.update(row_floor(row, report, config))
+        except (KeyError, TypeError, AttributeError) as error:
+            name = f"{row.get('workload')}/{row.get('model')}" if isinstance(row, dict) else repr(row)[:40]
+            parser.error(f"--results: {path}: row {name}: not a run.py row ({type(error).__name__}: {error})")
     if not floors:
         parser.error(f"--results: {path}: no SmolLM2 row that posttrain ran")
     stamp = dt.datetime.now().strftime("%Y-%m-%d-%H%M")

@@ -2,6 +2,9 @@
 
     .venv/bin/python benchmarks/levers.py [--steps 6] [--warmup 2] [--rows 4 --length 256] [--json PATH]
 
+RESULTS.md shows the newest `benchmarks/results/levers-*.json` of each shape: pass
+`--json benchmarks/results/levers-<date>.json` for a run to appear there.
+
 Each variant runs in its own process (so its peak RSS is its own) with run.py's allocator
 settings and thread count, on the step posttrain's SFT trainer takes: `TokenLogprobs` forward
 under bf16 autocast, token-mean NLL, backward, clip at 1.0, fused AdamW, grads set to None.
@@ -145,6 +148,10 @@ def main() -> None:
     parser.add_argument("--json", default=None, help="also write the lines to this file")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.threads < 1:
+        parser.error(f"--threads {args.threads}: need at least 1")
+    if args.json and (Path(args.json).is_dir() or not Path(args.json).resolve().parent.is_dir()):
+        parser.error(f"--json {args.json}: not a file in an existing folder")
     if args.steps < 1 or args.warmup < 1:
         parser.error(f"--steps {args.steps} --warmup {args.warmup}: need at least 1 of each")
     if args.rows < 1 or args.length < 2:
@@ -156,6 +163,9 @@ def main() -> None:
     for v in variants:
         if v not in VARIANTS:
             parser.error(f"--variants: unknown {v!r}; choose from {', '.join(VARIANTS)}")
+    if "compile-warm" in variants and ("compile" not in variants
+                                       or variants.index("compile") > variants.index("compile-warm")):
+        parser.error("--variants: compile-warm reuses the cache compile leaves; list compile before it")
     # The allocator settings and threads of run.py's workers, so these figures sit beside RESULTS.md's.
     env = {**os.environ, "MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": "17179869184",
            "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}

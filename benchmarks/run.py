@@ -550,9 +550,9 @@ def main() -> None:
     parser.add_argument("--markdown", default=str(BENCH / "RESULTS.md"))
     parser.add_argument("--uncommitted", action="store_true",
                         help="also run posttrain trainers not committed yet (for work on the harness)")
-    parser.add_argument("--allocator", choices=ALLOCATORS, default="glibc",
+    parser.add_argument("--allocator", choices=ALLOCATORS, default=None,
                         help="for both tools: glibc with MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=17179869184, "
-                             "or tcmalloc preloaded (as scripts/demo.sh)")
+                             "or tcmalloc preloaded (as scripts/demo.sh); default glibc")
     parser.add_argument("--note", default="", help="a line for the table's header (e.g. machine was shared)")
     parser.add_argument("--profile", action="store_true",
                         help="hook every worker to split its step time and peak memory (benchmarks/breakdown.py); "
@@ -560,6 +560,12 @@ def main() -> None:
     parser.add_argument("--report-only", action="store_true",
                         help="run nothing: rebuild the Markdown from benchmarks/results/*.json")
     args = parser.parse_args()
+    for flag, value in (("--markdown", args.markdown), ("--json", args.json)):
+        if value and (Path(value).is_dir() or not Path(value).resolve().parent.is_dir()):
+            parser.error(f"{flag} {value}: not a file in an existing folder")
+    if args.report_only and args.allocator:
+        parser.error("--allocator: a run's setting; --report-only runs nothing")
+    args.allocator = args.allocator or "glibc"
     if args.report_only:
         Path(args.markdown).write_text(markdown(earlier_reports()))
         print(f"wrote {args.markdown}")

@@ -4,7 +4,8 @@
 
 The step is levers.py's baseline (TokenLogprobs under bf16 autocast, backward, clip, fused
 AdamW), profiled over 2 steps after 2 warm-up steps. Prints one JSON line (and writes it to
---json; RESULTS.md shows the newest results/step-ops-*.json of each shape): seconds a step per
+--json; RESULTS.md shows the newest benchmarks/results/step-ops-*.json of each shape, so pass
+`--json benchmarks/results/step-ops-<date>-<rows>x<length>.json` for it to appear there): seconds a step per
 operator, largest first, and the step's total; run it with run.py's allocator settings and
 threads (MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=17179869184 OMP_NUM_THREADS=2).
 """
@@ -28,6 +29,10 @@ def main() -> None:
     parser.add_argument("--top", type=int, default=15)
     parser.add_argument("--json", default=None, help="also write the line to this file")
     args = parser.parse_args()
+    if args.top < 1:
+        parser.error(f"--top {args.top}: need at least 1")
+    if args.json and (Path(args.json).is_dir() or not Path(args.json).resolve().parent.is_dir()):
+        parser.error(f"--json {args.json}: not a file in an existing folder")
     if args.rows < 1 or args.length < 2:
         parser.error(f"--rows {args.rows} --length {args.length}: need at least 1 row of 2 tokens")
     from posttrain.models import load_causal_lm, resolve_model_path

@@ -25,6 +25,10 @@ RESULTS = Path(__file__).resolve().parent / "results"
 # and the no-grad forwards of the reference / old policy / reward model (TRL runs them too).
 REQUIRED = ("forward", "backward", "optimizer", "no-grad forward")
 ALIVE_AT_FORWARD_END = ("runtime", "weights", "optimizer state", "activations")
+# The attention floor is timed alone: in the profiled SFT step its kernels took 0.58 s where the
+# standalone timing gave 0.65 s. A needed step within this factor of GEMMs + attention is
+# reported as marginal rather than out of reach.
+MARGIN = 0.85
 
 
 def newest(pattern: str) -> dict | None:
@@ -81,9 +85,12 @@ def targets_section(rows: list[dict], profiles: dict, target_speedup: dict[str, 
             verdict = "met"
         elif gemm is not None and gemm > needed:
             verdict = f"out of reach on this machine: the GEMMs alone take {gemm:.2f} s > {needed:.2f} s"
-        elif attention is not None and gemm + attention > needed:
+        elif attention is not None and MARGIN * (gemm + attention) > needed:
             verdict = (f"out of reach with this torch's kernels: GEMMs and attention take {gemm + attention:.2f} s "
                        f"> {needed:.2f} s")
+        elif attention is not None and gemm + attention > needed:
+            verdict = (f"marginal: GEMMs and attention take {gemm + attention:.2f} s, less than "
+                       f"{100 * (1 - MARGIN):.0f} % above the needed {needed:.2f} s")
         elif share:
             extra = [f"{c} {step * share[c]:.2f} s" for c in CATEGORIES if c not in REQUIRED and step * share[c] >= 0.05]
             above = (f"{required - gemm - (attention or 0):.2f} s above their GEMMs and attention" if gemm is not None
@@ -113,12 +120,16 @@ def targets_section(rows: list[dict], profiles: dict, target_speedup: dict[str, 
     if not speed:
         return []
     lines = ["", "## What is left, row by row (SmolLM2)", "",
-             "Speed: `needed` is the posttrain step that would reach the target (TRL's step ÷ target); `GEMM "
+             "Speed: `now` is posttrain's throughput ÷ TRL's (the throughput table's ratio of medians), `target` "
+             "its goal; `posttrain s/step` and `needed` are median seconds a step (TRL's ÷ the target), so they "
+             "cross-check with `now` only roughly. `GEMM "
              "floor` the seconds the step's matrix products alone take at the model's shapes on this machine "
              "(`benchmarks/gemm_floor.py`" + (f", measured {floor['date']} for run {floor['results']}" if floor else "")
              + "; attention, norms, casts, the optimizer and generation left out; each product the fastest of 6 "
-             "windows); `attention` every layer's causal attention with this torch's SDPA kernel (flash; "
-             "the math backend was no faster, see the levers); `required passes` posttrain's "
+             "windows); `attention` every layer's causal attention with this torch's SDPA kernel, flash (the "
+             "levers' math backend: no faster at 4 × 256, 9 % faster at 4 × 78 but more memory), timed alone "
+             f"(verdicts within {100 * (1 - MARGIN):.0f} % of GEMMs + attention are called marginal); "
+             "`required passes` posttrain's "
              "own time in training forwards, backwards, optimizer and the no-grad forwards the work needs "
              "(profile shares × this table's step time). A needed step below the GEMM floor cannot be reached "
              "on this machine by any code doing the same work; below GEMMs + attention, not without a faster "
@@ -147,12 +158,12 @@ def step_ops_section(top: int = 8) -> list[str]:
              "`benchmarks/step_ops.py`: torch.profiler's self CPU time per operator over the SFT step of "
              "levers.py's baseline (rows × tokens), seconds a step and share of the profiled step; `aten::mm` "
              "is every GEMM, the rest is what a step spends above its GEMM floor.", "",
-             "| shape | profiled step s | " + " | ".join(f"op {i + 1}" for i in range(top)) + " |",
-             "|---|---|" + "---|" * top]
+             "| shape | threads | profiled step s | " + " | ".join(f"op {i + 1}" for i in range(top)) + " |",
+             "|---|---|---|" + "---|" * top]
     for (rows, length), run in sorted(newest_of.items(), key=lambda kv: -kv[0][1]):
         ops = list(run["ops_s"].items())[:top]
         cells = [f"{name.removeprefix('aten::')} {sec:.3f} s ({100 * sec / run['step_s']:.0f} %)" for name, sec in ops]
-        lines.append(f"| {rows} × {length} | {run['step_s']:.2f} | " + " | ".join(cells) + " |")
+        lines.append(f"| {rows} × {length} | {run['threads']} | {run['step_s']:.2f} | " + " | ".join(cells) + " |")
     return lines
 
 
@@ -170,18 +181,20 @@ def levers_section() -> list[str]:
              "`benchmarks/levers.py`: one SmolLM2 SFT step (rows × tokens, loss on each row's second half, bf16 "
              "autocast, fused AdamW) per variant, each its own process, run.py's allocator settings and threads; "
              "median step of the timed steps, first step (compiling shows there), peak RSS of the timed steps "
-             "(VmHWM reset after the warm-up; runs before that reset show their whole-run peak). `compile`: "
+             "(VmHWM reset after the warm-up); `against`: the variant it is compared with. Step times differ from "
+             "the benchmark's SFT row (no data loading, logging or hooks here; other days' machine rate), so "
+             "compare rows of this table only with each other. `compile`: "
              "`torch.compile` of the policy with an empty inductor cache; `compile-warm`: a new process over the "
              "cache it left. `in-backward`: each parameter's AdamW step run by a post-accumulate-grad hook and its "
              "gradient freed at once; it cannot clip the global norm, so it is compared with `no-clip`, and it only "
              "lowers the peak if the peak falls where gradients are alive. `recast`: one fp32 → bf16 cast of "
              "every Linear weight, what autocast pays each forward: the most that bf16 compute weights kept "
              "between optimizer steps could save a forward.", "",
-             "| shape | variant | against | step s | against s | first step s | peak RSS GB | against GB |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| shape | threads | variant | against | step s | against s | first step s | peak RSS GB | against GB |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for run in runs:
         by = {r["variant"]: r for r in run["results"]}
-        shape = f"{run.get('rows', 4)} × {run.get('length', 256)}"
+        shape = f"{run.get('rows', 4)} × {run.get('length', 256)} | {run['threads']}"
         for name, r in by.items():
             ref = by.get("no-clip" if name == "in-backward" else "baseline")
             if name == "recast":
