@@ -462,7 +462,7 @@ def profile_section(reports: list[dict]) -> list[str]:
             peak = statistics.median(r["peak_rss_bytes"] for r in mine) / 1e9
             lines.append(f"| {workload} | {model} | {tool} | {step:.2f} | "
                          + " | ".join(f"{100 * shares[c]:.0f} %" for c in CATEGORIES) + f" | {peak:.2f} | "
-                         + " | ".join(f"{parts[m]:.2f}" for m in MEMORY) + f" |")
+                         + " | ".join(f"{parts[m]:.2f}" for m in MEMORY) + " |")
     dates = sorted({meta["date"] for meta, _ in newest.values()})
     lines += ["", f"Profiled: {', '.join(dates)}."]
     return lines
