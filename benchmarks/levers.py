@@ -60,6 +60,15 @@ def batch(vocab: int, rows: int = 4, length: int = 256):
     return input_ids, loss_mask, position_ids
 
 
+def refuse_bad_shape_or_output(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """One-line errors, before any work, for a batch shape with no loss position or a --json that
+    cannot be written (levers.py and step_ops.py)."""
+    if args.rows < 1 or args.length < 2:
+        parser.error(f"--rows {args.rows} --length {args.length}: need at least 1 row of 2 tokens")
+    if args.json and (Path(args.json).is_dir() or not Path(args.json).resolve().parent.is_dir()):
+        parser.error(f"--json {args.json}: not a file in an existing folder")
+
+
 def run_variant(variant: str, steps: int, warmup: int, rows: int, length: int) -> dict:
     import torch
 
@@ -150,12 +159,9 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads < 1:
         parser.error(f"--threads {args.threads}: need at least 1")
-    if args.json and (Path(args.json).is_dir() or not Path(args.json).resolve().parent.is_dir()):
-        parser.error(f"--json {args.json}: not a file in an existing folder")
     if args.steps < 1 or args.warmup < 1:
         parser.error(f"--steps {args.steps} --warmup {args.warmup}: need at least 1 of each")
-    if args.rows < 1 or args.length < 2:
-        parser.error(f"--rows {args.rows} --length {args.length}: need at least 1 row of 2 tokens")
+    refuse_bad_shape_or_output(parser, args)
     if args.worker:
         print(json.dumps(run_variant(args.worker, args.steps, args.warmup, args.rows, args.length)), flush=True)
         return

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from levers import batch
+from levers import batch, refuse_bad_shape_or_output
 
 
 def main() -> None:
@@ -31,10 +31,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.top < 1:
         parser.error(f"--top {args.top}: need at least 1")
-    if args.json and (Path(args.json).is_dir() or not Path(args.json).resolve().parent.is_dir()):
-        parser.error(f"--json {args.json}: not a file in an existing folder")
-    if args.rows < 1 or args.length < 2:
-        parser.error(f"--rows {args.rows} --length {args.length}: need at least 1 row of 2 tokens")
+    refuse_bad_shape_or_output(parser, args)
     from posttrain.models import load_causal_lm, resolve_model_path
     from posttrain.models.logprobs import TokenLogprobs
 
