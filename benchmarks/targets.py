@@ -8,8 +8,9 @@ layer's attention with torch's own kernel, not without a faster attention kernel
 row is open, and the profile says where posttrain's step spends the time above those floors.
 
 Memory: the profile's runtime + weights + optimizer state + activations are alive together at
-the end of a forward (gradients are set to None before it), whatever the allocator does. If that
-sum is above the target (0.6 × TRL's peak), eager execution of the same work cannot meet it.
+the end of a forward, whatever the allocator does (gradients are left out: with one micro-batch
+a step they are freed by then). If that sum is above the target (0.6 × TRL's peak), eager
+execution of the same work cannot meet it.
 """
 
 from __future__ import annotations
@@ -64,6 +65,29 @@ def memory(runs: list[dict], tool: str) -> dict[str, float]:
     return {m: statistics.median(r["profile"]["memory"][m] for r in mine) / 1e9 for m in mine[0]["profile"]["memory"]}
 
 
+def speed_verdict(ratio: float, target: float, step: float, needed: float, gemm: float | None,
+                  attention: float | None, share: dict[str, float] | None, required: float | None) -> str:
+    """Whether a row's speed target is met, out of reach (below a floor), marginal or open; seconds a
+    step (required: posttrain's time in the REQUIRED categories, from the profile shares)."""
+    if ratio >= target:
+        return "met"
+    if gemm is not None and gemm > needed:
+        return f"out of reach on this machine: the GEMMs alone take {gemm:.2f} s > {needed:.2f} s"
+    if attention is not None and MARGIN * (gemm + attention) > needed:
+        return (f"out of reach with this torch's kernels: GEMMs and attention take {gemm + attention:.2f} s "
+                f"> {needed:.2f} s")
+    if attention is not None and gemm + attention > needed:
+        return (f"marginal: GEMMs and attention take {gemm + attention:.2f} s, less than "
+                f"{100 * (1 - MARGIN):.0f} % above the needed {needed:.2f} s")
+    if not share:
+        return "open: no profile"
+    extra = [f"{c} {step * share[c]:.2f} s" for c in CATEGORIES if c not in REQUIRED and step * share[c] >= 0.05]
+    above = (f"{required - gemm - (attention or 0):.2f} s above their GEMMs and attention" if gemm is not None
+             else f"{required:.2f} s")
+    return f"open: {step - needed:.2f} s to cut; required passes {above}" \
+        + (f"; besides them {', '.join(extra)}" if extra else "")
+
+
 def targets_section(rows: list[dict], profiles: dict, target_speedup: dict[str, float],
                     target_rss: float) -> list[str]:
     """The 'What is left' section for the SmolLM2 rows (rows: RESULTS.md's picked rows)."""
@@ -81,24 +105,7 @@ def targets_section(rows: list[dict], profiles: dict, target_speedup: dict[str, 
         attention = floor["floors"].get(workload, {}).get("attention_seconds") if floor else None
         share = shares(profiled[1], "posttrain") if profiled else None
         required = step * sum(share[c] for c in REQUIRED) if share else None
-        if ratio >= target_speedup[workload]:
-            verdict = "met"
-        elif gemm is not None and gemm > needed:
-            verdict = f"out of reach on this machine: the GEMMs alone take {gemm:.2f} s > {needed:.2f} s"
-        elif attention is not None and MARGIN * (gemm + attention) > needed:
-            verdict = (f"out of reach with this torch's kernels: GEMMs and attention take {gemm + attention:.2f} s "
-                       f"> {needed:.2f} s")
-        elif attention is not None and gemm + attention > needed:
-            verdict = (f"marginal: GEMMs and attention take {gemm + attention:.2f} s, less than "
-                       f"{100 * (1 - MARGIN):.0f} % above the needed {needed:.2f} s")
-        elif share:
-            extra = [f"{c} {step * share[c]:.2f} s" for c in CATEGORIES if c not in REQUIRED and step * share[c] >= 0.05]
-            above = (f"{required - gemm - (attention or 0):.2f} s above their GEMMs and attention" if gemm is not None
-                     else f"{required:.2f} s")
-            verdict = f"open: {step - needed:.2f} s to cut; required passes {above}" \
-                + (f"; besides them {', '.join(extra)}" if extra else "")
-        else:
-            verdict = "open: no profile"
+        verdict = speed_verdict(ratio, target_speedup[workload], step, needed, gemm, attention, share, required)
         speed.append(f"| {workload} | ≥ {target_speedup[workload]}× | {ratio:.2f}× | {step:.2f} | {needed:.2f} | "
                      + (f"{gemm:.2f}" if gemm is not None else "—") + " | "
                      + (f"{attention:.2f}" if attention is not None else "—") + " | "
@@ -139,8 +146,9 @@ def targets_section(rows: list[dict], profiles: dict, target_speedup: dict[str, 
              "|---|---|---|---|---|---|---|---|---|", *speed]
     if mem:
         lines += ["", f"Memory: the target is {target_rss} × TRL's peak. Runtime, weights, optimizer state and "
-                  "activations (profile) are all alive at the end of a forward — the gradients of the previous "
-                  "step are already freed — so their sum bounds the peak of eager execution from below.", "",
+                  "activations (profile) are all alive at the end of a forward; gradients are left out (with one "
+                  "micro-batch a step they are already freed there), so the sum bounds the peak of eager "
+                  "execution from below.", "",
                   "| workload | posttrain peak GB | target GB | runtime + weights + optimizer state + activations "
                   "| verdict |", "|---|---|---|---|---|", *mem]
     return lines
