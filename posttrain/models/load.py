@@ -14,6 +14,7 @@ from urllib.parse import urlsplit
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from posttrain.models.attention import ATTENTION
 from posttrain.models.embedded import embedded_model_path
 from posttrain.models.tiny import tiny_model_path
 
@@ -118,14 +119,14 @@ def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
 
 
 def load_causal_lm(name_or_path: str, *, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
-    """The causal LM with SDPA attention; fp32 by default, as trained weights are fp32 masters."""
+    """The causal LM with SDPA attention (posttrain.models.attention: per-sequence on packed rows); fp32 by default, as trained weights are fp32 masters."""
     if dtype not in LOAD_DTYPES:
         raise ValueError(f"dtype must be one of {LOAD_DTYPES}, got {dtype!r}")
     path = resolve_model_path(name_or_path)
     adapter = Path(path) / "adapter_config.json"
     if adapter.is_file():
         return _load_with_adapter(path, adapter, dtype)
-    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa")
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=ATTENTION)
 
 
 def _load_with_adapter(folder: str, adapter: Path, dtype: torch.dtype) -> PreTrainedModel:

@@ -17,6 +17,7 @@ from peft import PeftModel
 from transformers import PreTrainedModel
 
 from posttrain.losses import chunked_logprobs
+from posttrain.models.attention import decoder_hidden
 
 
 def base_causal_lm(model: torch.nn.Module) -> PreTrainedModel:
@@ -58,10 +59,7 @@ class TokenLogprobs(torch.nn.Module):
 
     def hidden_states(self, input_ids, attention_mask, position_ids) -> torch.Tensor:
         """Last decoder layer's output [B,T,H] (the LM head not applied)."""
-        lm = base_causal_lm(self.model)
-        out = lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
-                               position_ids=position_ids, use_cache=False)
-        return out.last_hidden_state
+        return decoder_hidden(base_causal_lm(self.model).get_decoder(), input_ids, attention_mask, position_ids)
 
     def forward(self, input_ids, attention_mask, position_ids, target_mask) -> torch.Tensor:
         hidden = self.hidden_states(input_ids, attention_mask, position_ids)

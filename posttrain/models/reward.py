@@ -33,6 +33,7 @@ from transformers import AutoConfig, AutoModelForSequenceClassification, PreTrai
 from transformers.utils import logging as hf_logging
 
 from posttrain.data import PreferencePair, tokenize_pair
+from posttrain.models.attention import ATTENTION, decoder_hidden
 from posttrain.models.load import LOAD_DTYPES, load_tokenizer, resolve_model_path
 from posttrain.models.lora import save_model
 
@@ -132,7 +133,7 @@ class RewardModel(torch.nn.Module):
         hf_logging.set_verbosity_error()
         try:
             model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=dtype,
-                                                                       attn_implementation="sdpa")
+                                                                       attn_implementation=ATTENTION)
         finally:
             hf_logging.set_verbosity(verbosity)
         head = model.score
@@ -153,18 +154,17 @@ class RewardModel(torch.nn.Module):
         check_reward_model_folder(folder, f"reward model {str(path)!r}")
         if (Path(folder) / "adapter_config.json").is_file():
             model = AutoPeftModelForSequenceClassification.from_pretrained(
-                folder, num_labels=1, dtype=dtype, attn_implementation="sdpa").merge_and_unload()
+                folder, num_labels=1, dtype=dtype, attn_implementation=ATTENTION).merge_and_unload()
         else:
             model = AutoModelForSequenceClassification.from_pretrained(folder, dtype=dtype,
-                                                                       attn_implementation="sdpa")
+                                                                       attn_implementation=ATTENTION)
         return cls(model, load_tokenizer(folder))
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         # Position ids count real tokens, so a left-padded row is computed as it would be
         # alone (HF's default numbers columns, padding included).
         position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask,
-                               position_ids=position_ids, use_cache=False).last_hidden_state
+        hidden = decoder_hidden(self.backbone, input_ids, attention_mask, position_ids)
         # Last real token = last column with attention_mask 1 (left or right padding alike),
         # never "last id != pad", which is wrong when pad == eos.
         last = attention_mask.shape[1] - 1 - attention_mask.flip(-1).argmax(-1)

@@ -14,6 +14,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from posttrain.models.attention import ATTENTION
 from posttrain.models.cache import build_once
 
 UNK, IM_START, IM_END, ENDOFTEXT = "<unk>", "<|im_start|>", "<|im_end|>", "<|endoftext|>"
@@ -99,7 +100,7 @@ def build_tiny_model(
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
-        attn_implementation="sdpa",
+        attn_implementation=ATTENTION,
     )
     # fork_rng: a seeded build must not reset the caller's global RNG stream.
     with torch.random.fork_rng(devices=[]):

@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 
 from posttrain.losses import chunked_logprobs, chunked_logprobs_and_entropy
+from posttrain.models.attention import decoder_hidden
 from posttrain.models.logprobs import base_causal_lm, check_supported
 from posttrain.models.reward import RewardModel
 
@@ -33,8 +34,7 @@ class ValueModel(torch.nn.Module):
         return cls(rm)
 
     def forward(self, input_ids, attention_mask, position_ids) -> torch.Tensor:
-        hidden = self.reward_model.backbone(input_ids=input_ids, attention_mask=attention_mask,
-                                            position_ids=position_ids, use_cache=False).last_hidden_state
+        hidden = decoder_hidden(self.reward_model.backbone, input_ids, attention_mask, position_ids)
         return self.reward_model.head(hidden).squeeze(-1).float()
 
 
@@ -48,8 +48,7 @@ def response_logprobs(lm: torch.nn.Module, input_ids, attention_mask, position_i
     scaled as logits / temperature, what the sampler drew from (before top-p).
     """
     causal_lm = base_causal_lm(lm)
-    hidden = causal_lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
-                                     position_ids=position_ids, use_cache=False).last_hidden_state
+    hidden = decoder_hidden(causal_lm.get_decoder(), input_ids, attention_mask, position_ids)
     n_query = input_ids.shape[1] - response_mask.shape[1]
     # hidden[t-1] predicts token t; (h/τ)·Wᵀ = (h·Wᵀ)/τ.
     before = hidden[:, n_query - 1: -1] / temperature

