@@ -34,6 +34,12 @@ from transformers.masking_utils import sdpa_mask
 ATTENTION = "posttrain_sdpa"
 """The attn_implementation name posttrain loads models with."""
 
+MIN_PADDING = 0.125
+"""Share of a padded batch's columns that must be padding for `decoder_hidden` to pack it. Packing
+costs copies of the hidden states and of q/k/v at every layer: measured on SmolLM2 (forward +
+backward), 2.5 % padding ran 0.98–1.07× the padded time, 12 % ran 0.88–0.93×, 24 % 0.81–0.88×;
+GRPO's rollouts (little padding) ran slower and peaked 0.34 GB higher when every batch was packed."""
+
 
 def varlen_sdpa_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                           attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
@@ -105,16 +111,16 @@ def decoder_hidden(decoder: torch.nn.Module, input_ids: torch.Tensor, attention_
     attention_mask: [B,T] padding mask (1 = real token; each row's real tokens one sequence,
     left or right padding alike), None for packed rows (sequences split where position_ids
     restart, padding tail included, as transformers splits them), or a [B,1,T,T] mask, which
-    goes to the decoder as it is. A batch without padding also goes as it is: rows of equal
-    length need no packing.
+    goes to the decoder as it is. So does a padded batch with less than MIN_PADDING of padding.
     """
-    if attention_mask is not None and (attention_mask.dim() == 4 or bool(attention_mask.all())):
+    if attention_mask is not None and (attention_mask.dim() == 4 or
+                                       attention_mask.sum() > (1 - MIN_PADDING) * attention_mask.numel()):
         return decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                        use_cache=False).last_hidden_state
     if attention_mask is None:
-        rows, columns = input_ids.shape
-        packed = _packed_row(decoder, input_ids.flatten(), position_ids.flatten(), sequence_starts(position_ids).flatten())
-        return packed.view(rows, columns, -1)
+        starts = sequence_starts(position_ids).flatten()
+        packed = _packed_row(decoder, input_ids.flatten(), position_ids.flatten(), starts)
+        return packed.view(*input_ids.shape, -1)
     keep = attention_mask.bool()
     # Each row's first real token opens its sequence (left padding puts it after column 0).
     first = keep & ~F.pad(keep, (1, 0))[:, :-1]
@@ -128,4 +134,4 @@ def decoder_hidden(decoder: torch.nn.Module, input_ids: torch.Tensor, attention_
     return hidden
 
 
-__all__ = ["ATTENTION", "decoder_hidden", "sequence_starts", "varlen_sdpa_attention"]
+__all__ = ["ATTENTION", "MIN_PADDING", "decoder_hidden", "sequence_starts", "varlen_sdpa_attention"]

@@ -96,7 +96,7 @@ def test_padded_batch_runs_as_one_row_of_real_tokens(decoder, monkeypatch):
     assert seen[0][1].tolist() == [0, 7, 10, 15, 16]
 
 
-def test_batch_without_padding_and_4d_masks_go_as_they_are(decoder, monkeypatch):
+def test_little_padding_and_4d_masks_go_as_they_are(decoder, monkeypatch):
     seen = []
     forward = type(decoder).forward
 
@@ -107,10 +107,18 @@ def test_batch_without_padding_and_4d_masks_go_as_they_are(decoder, monkeypatch)
     monkeypatch.setattr(type(decoder), "forward", spy)
     ids = torch.tensor([SEQUENCES[0][:3], SEQUENCES[2][:3]])
     positions = torch.arange(3).expand(2, 3)
-    full = decoder_hidden(decoder, ids, torch.ones_like(ids), positions)
+    full = decoder_hidden(decoder, ids, torch.ones_like(ids), positions)  # no padding
     causal = torch.ones(3, 3, dtype=torch.bool).tril().expand(2, 1, 3, 3)
     torch.testing.assert_close(decoder_hidden(decoder, ids, causal, positions), full, atol=1e-5, rtol=1e-5)
-    assert seen == [(2, 3), (2, 3)]
+    # 3 padding columns of 3 × 7 = 14 %: packed; of 4 × 7 = 11 % (below MIN_PADDING = 1/8): as it is.
+    for sequences, packed in (([SEQUENCES[0], SEQUENCES[0], SEQUENCES[0][:4]], True),
+                              ([SEQUENCES[0]] * 3 + [SEQUENCES[0][:4]], False)):
+        seen.clear()
+        ids, mask, positions = padded(sequences, left=[True] * len(sequences), pad_id=0)
+        hidden = decoder_hidden(decoder, ids, mask, positions)
+        assert seen == ([(1, int(mask.sum()))] if packed else [tuple(ids.shape)])
+        for row, seq in enumerate(sequences):
+            torch.testing.assert_close(hidden[row][mask[row].bool()], alone(decoder, seq), atol=1e-5, rtol=1e-5)
 
 
 def test_varlen_attention_is_causal_within_each_sequence():
