@@ -685,6 +685,22 @@ NOTES = [
     "the run-to-run spread, and both tools' PPO peak falls by 0.6–0.7 GB. (Under torch.profiler, glibc's "
     "settings made each zero-fill of the 49152 × 576 embedding gradient take 88 ms against 13 ms under "
     "tcmalloc; the unprofiled PPO step did not show that difference.)",
+    "Padding-free passes (R2: RM, PPO, GRPO, RLOO rerun after them; SFT, DPO and the tiny rows are R1): posttrain "
+    "now runs a padded batch with at least 1/8 padding as one row of its real tokens, attention within each "
+    "sequence (`posttrain/models/attention.py`). The RM's batches (24.5 % padding) gain it: in a standalone A/B of "
+    "the RM trainer (2 runs each) the step fell from 3.30–3.48 s to 2.75–2.84 s, but here the RM ratio stayed "
+    "within the spread (paired 1.03×, 1.01–1.16, against R1's 1.08×, 1.02–1.11) while its peak fell 0.15 GB "
+    "(ratio 0.97). Rollouts carry little padding (2.5 % in the PPO iteration profiled), so PPO, GRPO and RLOO mostly keep the padded "
+    "path; their R2 ratios are R1's within the spread. The speed/memory floors (`gemm_floor.py`) are still "
+    "computed on padded tokens for the RM.",
+    "PPO, steady state, unprofiled (2 threads, this machine): generation 1.25–1.43 s, old log-probs, values and "
+    "reference 0.96–1.12 s, the 4 PPO epochs of policy + critic 9.85–9.94 s an iteration (minor page faults 10–1,027 "
+    "an iteration after the first, whose 1.19 M cost 7 s of system time). TRL's step is 15.3 s, so 2× needs "
+    "7.6 s: the epochs alone exceed it, and they are the same passes TRL makes with the same kernels (profile: "
+    "forward + backward 10.7 s posttrain, 10.3 s TRL). Even torch.compile's best measured gain at this shape "
+    "(−18 %, levers below) leaves them at 8.1 s. Under torch.profiler the epochs' `mm` ran 1.9 ms for "
+    "[324,576]·[576,1536] against 1.43 ms alone (401 GFLOP/s), and the flash-attention backward 6.1 ms a call "
+    "at 4 × 9 heads × 81 tokens.",
     "Optimizer implementations: TRL (transformers with torch ≥ 2.8) uses `adamw_torch_fused`; posttrain builds "
     "`torch.optim.AdamW(fused=True)` (since commit d8fa776, before R1). Both are the same fused AdamW kernel "
     "with the same hyper-parameters.",
