@@ -119,7 +119,8 @@ def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
 
 
 def load_causal_lm(name_or_path: str, *, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
-    """The causal LM with SDPA attention (posttrain.models.attention: per-sequence on packed rows); fp32 by default, as trained weights are fp32 masters."""
+    """The causal LM with SDPA attention, per sequence on packed rows (posttrain.models.attention);
+    fp32 by default, as trained weights are fp32 masters."""
     if dtype not in LOAD_DTYPES:
         raise ValueError(f"dtype must be one of {LOAD_DTYPES}, got {dtype!r}")
     path = resolve_model_path(name_or_path)
