@@ -9,23 +9,32 @@ Attention must then stay inside each sequence. transformers would do that from p
 restarting at 0 (masking_utils' packed-sequence detection), but with one N×N mask, whose cost
 grows with the square of the whole batch: on SmolLM2, 4 rows of 256 packed into one row
 trained 1.4× slower than the 4 rows. So the models posttrain loads use ATTENTION, an
-attention function registered with transformers: given the sequences' bounds in
-`cu_seq_lens_q` (the keyword transformers' flash-attention varlen path reads), it runs torch's
-causal SDPA within each sequence; without it, it is transformers' own SDPA, so padded,
-4D-masked and cached calls (generation) behave exactly as with attn_implementation="sdpa". A
-model loaded with plain "sdpa" still gets correct results from `decoder_hidden` (transformers'
-mask keeps sequences apart), only not this speed.
+attention function registered with transformers: given a `causal_sequences` keyword
+(CausalSequences, which transformers passes down to every layer's attention), it lays the
+packed tokens out again as rows and runs torch's SDPA once over them, causal within each
+sequence; without it, it is transformers' own SDPA, so padded, 4D-masked and cached calls
+(generation) behave exactly as with attn_implementation="sdpa". A model loaded with plain
+"sdpa" still gets correct results from `decoder_hidden` (transformers' mask keeps sequences
+apart), only not this speed.
+
+Sequences may share columns (a DPO prompt with its two replies, posttrain.models.pairs): the
+shared columns then go through the projections and MLPs once, and attention runs over the
+batch's own rows under the mask the sequences define, so only the padding is dropped.
 
 Measured (SmolLM2, bf16 autocast, forward + backward, 2 threads): 4 rollouts of 81, 62, 56 and
 45 tokens 0.91 s against 1.08 s padded; 8 reward-model rows of 65–110 tokens 2.34 s against
 2.88 s; 4 rows of 80, 80, 78, 74 tokens (2.5 % padding) 1.06 s against 1.07 s (hence MIN_PADDING);
 4 sequences of 256 packed in one row (`--packing`) 2.91–3.03 s against 3.71–4.19 s with
-transformers' mask.
+transformers' mask; the benchmark's 9 DPO batches of 4 prefix-shared pairs (10–28 % padding),
+policy forward + backward and a no-grad forward, 0.89× the time with the padded [N,1,T,T] mask
+(every batch faster; 0.93× when attention ran over each sequence right-padded instead).
 
 Shapes: B rows, T columns, N real tokens, H hidden size, h query heads, g key/value heads, d head size.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -43,37 +52,68 @@ backward), 2.5 % padding ran 0.98–1.07× the padded time, 12 % ran 0.88–0.93
 GRPO's rollouts (little padding) ran slower and peaked 0.34 GB higher when every batch was packed."""
 
 
+@dataclass(frozen=True)
+class CausalSequences:
+    """How the tokens of a packed row [1,N] are laid out again as rows for attention, in
+    `varlen_sdpa_attention`.
+
+    index: [R,L] long, the packed token at column l of row r (token 0 where a row has none:
+    no real query sees it and its outputs are dropped). output: [N] long, the flat position
+    r·L + l of each packed token. mask: None (causal attention within each row) or [R,1,L,L]
+    bool (True: the query may attend to the key).
+    """
+
+    index: torch.Tensor
+    output: torch.Tensor
+    mask: torch.Tensor | None = None
+
+    @classmethod
+    def of(cls, members: torch.Tensor) -> "CausalSequences":
+        """members [B,S,T] bool (True: column t is in causal sequence s of row b) -> the layout
+        for the packed row of every column in some sequence, in row-major order
+        (`members.any(1)`). Sequences that share no column become one causal row each,
+        right-padded to the longest; with shared columns, the batch keeps its own rows under
+        `members_mask`, so the shared columns are computed once."""
+        B, S, T = members.shape
+        real = members.any(1)
+        packed = real.flatten().cumsum(0).view(B, T) - 1  # each real column's place in the packed row
+        if (members.sum(1) > 1).any():
+            return cls(torch.where(real, packed, 0), real.flatten().nonzero().flatten(), members_mask(members))
+        flat = members.flatten(0, 1)
+        used = flat.any(-1)
+        row, flat = torch.arange(B).repeat_interleave(S)[used], flat[used]
+        longest = int(flat.sum(-1).max())
+        # A stable sort puts each sequence's columns first, in order; T marks past its end.
+        columns = torch.where(flat, torch.arange(T), T).sort(dim=-1, stable=True).values[:, :longest]
+        index = torch.where(columns < T, packed[row[:, None], columns.clamp(max=T - 1)], 0)
+        offset = torch.arange(longest).expand_as(index)
+        return cls(index, (torch.arange(len(flat))[:, None] * longest + offset)[columns < T])
+
+
 def varlen_sdpa_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                           attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
-                          cu_seq_lens_q: torch.Tensor | None = None, **kwargs) -> tuple[torch.Tensor, None]:
+                          causal_sequences: CausalSequences | None = None, **kwargs) -> tuple[torch.Tensor, None]:
     """transformers' attention-function contract: query [1,h,N,d], key and value [1,g,N,d] ->
-    (output [1,N,h,d], None). With `cu_seq_lens_q` ([S+1] long, 0 = c_0 < … < c_S = N: sequence
-    s holds tokens c_s … c_{s+1}−1), causal attention within each sequence, and attention_mask
-    is ignored. Without it, transformers' SDPA unchanged.
-
-    The S sequences go through one causal SDPA call as S rows right-padded to the longest
-    (one call per sequence made the flash backward 30 % slower on 4 rollouts): a query never
-    sees the padding after it, and the padding's own outputs are dropped.
+    (output [1,N,h,d], None). With `causal_sequences`, the packed tokens go through one SDPA
+    call laid out as its rows (one call per sequence made the flash backward 30 % slower on 4
+    rollouts), and attention_mask is ignored. Without it, transformers' SDPA unchanged.
     """
-    if cu_seq_lens_q is None:
+    if causal_sequences is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, **kwargs)
     if query.shape[0] != 1 or key.shape[2] != query.shape[2]:
         raise ValueError(f"varlen attention: expected one packed row of queries and keys alike, got query "
                          f"{tuple(query.shape)} and key {tuple(key.shape)}")
-    lengths = cu_seq_lens_q.diff()
-    sequence = torch.repeat_interleave(torch.arange(len(lengths), device=query.device), lengths.to(query.device))
-    offset = torch.arange(query.shape[2], device=query.device) - cu_seq_lens_q.to(query.device)[sequence]
+    index, mask = causal_sequences.index.to(query.device), causal_sequences.mask
 
-    def rows(x: torch.Tensor) -> torch.Tensor:  # [1,heads,N,d] -> [S,heads,L,d], zero after each sequence
-        tokens = x[0].transpose(0, 1)
-        out = tokens.new_zeros(len(lengths), int(lengths.max()), *tokens.shape[1:])
-        out[sequence, offset] = tokens
-        return out.transpose(1, 2)
+    def rows(x: torch.Tensor) -> torch.Tensor:  # [1,heads,N,d] -> [R,heads,L,d]
+        return x[0].transpose(0, 1)[index].transpose(1, 2)
 
-    out = F.scaled_dot_product_attention(rows(query), rows(key), rows(value), dropout_p=dropout, is_causal=True,
-                                         scale=scaling, enable_gqa=key.shape[1] != query.shape[1])
-    return out.transpose(1, 2)[sequence, offset][None], None
+    out = F.scaled_dot_product_attention(rows(query), rows(key), rows(value), dropout_p=dropout,
+                                         attn_mask=None if mask is None else mask.to(query.device),
+                                         is_causal=mask is None, scale=scaling,
+                                         enable_gqa=key.shape[1] != query.shape[1])
+    return out.transpose(1, 2).flatten(0, 1)[causal_sequences.output.to(query.device)][None], None
 
 
 AttentionInterface.register(ATTENTION, varlen_sdpa_attention)
@@ -89,19 +129,37 @@ def sequence_starts(position_ids: torch.Tensor) -> torch.Tensor:
     return starts
 
 
-def _packed_row(decoder: torch.nn.Module, input_ids: torch.Tensor, position_ids: torch.Tensor,
-                starts: torch.Tensor) -> torch.Tensor:
-    """Decoder output [1,N,H] for N tokens in one row [1,N], sequences starting where `starts` [N]."""
-    bounds = torch.cat([starts.nonzero().flatten(), starts.new_tensor([starts.shape[0]], dtype=torch.long)])
-    longest = int(bounds.diff().max())
-    # Under ATTENTION an all-ones mask spares transformers building the packed row's N×N mask,
-    # which ATTENTION ignores; any other attention needs None, so that transformers' packed-sequence
-    # mask keeps the sequences apart.
-    ours = decoder.config._attn_implementation == ATTENTION
-    mask = torch.ones_like(input_ids)[None] if ours else None
-    return decoder(input_ids=input_ids[None], attention_mask=mask, position_ids=position_ids[None], use_cache=False,
-                   cu_seq_lens_q=bounds, cu_seq_lens_k=bounds, max_length_q=longest,
-                   max_length_k=longest).last_hidden_state
+def sequence_members(attention_mask: torch.Tensor | None, position_ids: torch.Tensor) -> torch.Tensor:
+    """The causal sequences of a batch as members [B,S,T] bool (True: column t is in sequence s
+    of row b): from a [B,T] padding mask (one sequence a row; refused with padding between real
+    tokens), from position restarts for packed rows (mask None, sequence_starts), or a
+    [B,S,T] bool mask as it is."""
+    if attention_mask is None:
+        segment = sequence_starts(position_ids).cumsum(-1) - 1
+        return segment[:, None, :] == torch.arange(int(segment.max()) + 1)[None, :, None]
+    if attention_mask.dim() == 3:
+        return attention_mask.bool()
+    keep = attention_mask.bool()
+    # Each row's first real token opens its sequence (left padding puts it after column 0).
+    first = keep & ~F.pad(keep, (1, 0))[:, :-1]
+    split = (first.sum(-1) > 1).nonzero().flatten().tolist()
+    if split:
+        raise ValueError(f"decoder_hidden: attention_mask row {split[0]} has padding between real tokens; "
+                         "expected left or right padding only")
+    return keep[:, None, :]
+
+
+def members_mask(members: torch.Tensor) -> torch.Tensor:
+    """members [B,S,T] bool -> the same attention as a [B,1,T,T] bool mask (query t, key k): t
+    attends to k ≤ t of the first sequence holding t. A column in no sequence (padding) attends
+    to earlier padding only, so no query row is empty (an all-False row gives NaN in SDPA) and
+    no real token sees padding."""
+    B, _, T = members.shape
+    real = members.any(1)
+    first = members.int().argmax(1)
+    own = members.gather(1, first[:, :, None].expand(B, T, T))  # own[b,t,k] = members[b, first[b,t], k]
+    allowed = torch.where(real[:, :, None], own, ~real[:, None, :])
+    return (allowed & torch.ones(T, T, dtype=torch.bool).tril()).unsqueeze(1)
 
 
 def decoder_hidden(decoder: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
@@ -112,28 +170,37 @@ def decoder_hidden(decoder: torch.nn.Module, input_ids: torch.Tensor, attention_
 
     attention_mask: [B,T] padding mask (1 = real token; each row's real tokens one sequence,
     left or right padding alike), None for packed rows (sequences split where position_ids
-    restart, padding tail included, as transformers splits them), or a [B,1,T,T] mask, which
-    goes to the decoder as it is. So does a padded batch with less than MIN_PADDING of padding.
+    restart, padding tail included, as transformers splits them), [B,S,T] bool sequence
+    members (S causal sequences a row, which may share columns: a column's state is the one
+    it has in the first sequence holding it, see CausalSequences; a column in none is
+    padding), or a [B,1,T,T] mask, which goes to the decoder as it is. So does a padded
+    batch with less than MIN_PADDING of padding.
     """
-    if attention_mask is not None and (attention_mask.dim() == 4 or
-                                       attention_mask.sum() > (1 - MIN_PADDING) * attention_mask.numel()):
+    if attention_mask is not None and (attention_mask.dim() == 4 or (
+            attention_mask.dim() == 2 and attention_mask.sum() > (1 - MIN_PADDING) * attention_mask.numel())):
         return decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                        use_cache=False).last_hidden_state
-    if attention_mask is None:
-        starts = sequence_starts(position_ids).flatten()
-        packed = _packed_row(decoder, input_ids.flatten(), position_ids.flatten(), starts)
-        return packed.view(*input_ids.shape, -1)
-    keep = attention_mask.bool()
-    # Each row's first real token opens its sequence (left padding puts it after column 0).
-    first = keep & ~F.pad(keep, (1, 0))[:, :-1]
-    split = (first.sum(-1) > 1).nonzero().flatten().tolist()
-    if split:
-        raise ValueError(f"decoder_hidden: attention_mask row {split[0]} has padding between real tokens; "
-                         "expected left or right padding only")
-    packed = _packed_row(decoder, input_ids[keep], position_ids[keep], first[keep])[0]
+    members = sequence_members(attention_mask, position_ids)
+    real = members.any(1)
+    if decoder.config._attn_implementation == ATTENTION:
+        # An all-ones mask spares transformers building the packed row's N×N mask, which
+        # ATTENTION ignores when given the sequences.
+        extra = {"attention_mask": torch.ones_like(input_ids[real])[None],
+                 "causal_sequences": CausalSequences.of(members)}
+    elif members.shape[1] > 1 and attention_mask is not None:
+        # Shared columns need a mask of their own under any other attention.
+        hidden = decoder(input_ids=input_ids, attention_mask=members_mask(members), position_ids=position_ids,
+                         use_cache=False).last_hidden_state
+        return hidden * real[..., None]
+    else:
+        # transformers' packed-sequence mask keeps the sequences apart (positions restart at each).
+        extra = {"attention_mask": None}
+    packed = decoder(input_ids=input_ids[real][None], position_ids=position_ids[real][None], use_cache=False,
+                     **extra).last_hidden_state[0]
     hidden = packed.new_zeros(*input_ids.shape, packed.shape[-1])
-    hidden[keep] = packed
+    hidden[real] = packed
     return hidden
 
 
-__all__ = ["ATTENTION", "MIN_PADDING", "decoder_hidden", "sequence_starts", "varlen_sdpa_attention"]
+__all__ = ["ATTENTION", "MIN_PADDING", "CausalSequences", "decoder_hidden", "members_mask", "sequence_members",
+           "sequence_starts", "varlen_sdpa_attention"]

@@ -40,15 +40,16 @@ def check_supported(model: PreTrainedModel) -> None:
 class TokenLogprobs(torch.nn.Module):
     """Wraps a causal LM (optionally a PeftModel) for training.
 
-    forward(input_ids [B,T], attention_mask [B,T] or [B,1,T,T] or None, position_ids [B,T],
-            target_mask [B,T] bool) -> logprobs [B,T] float32
+    forward(input_ids [B,T], attention_mask [B,T], [B,S,T], [B,1,T,T] or None (decoder_hidden's
+            forms), position_ids [B,T], target_mask [B,T] bool) -> logprobs [B,T] float32
 
     `logprobs[b, t]` = log π(input_ids[b, t] | input_ids[b, :t]) where `target_mask[b, t]`,
     and 0 elsewhere; position 0 is never a target. The output is aligned with input_ids so
-    callers never shift by hand. A [B,1,T,T] bool mask (True = query row may attend to key
-    column) goes to SDPA as it is (transformers 5.24, masking_utils._preprocess_mask_arguments
-    returns 4D masks unchanged); "input_ids[b, :t]" then means the keys row t may attend to.
-    posttrain.models.pairs builds such masks for prefix-shared preference pairs.
+    callers never shift by hand. With [B,S,T] sequence members or a [B,1,T,T] bool mask,
+    "input_ids[b, :t]" means the tokens column t attends to: the earlier ones of its first
+    sequence (posttrain.models.pairs lays prefix-shared preference pairs out so), or the keys
+    its mask row allows (transformers 5.24, masking_utils._preprocess_mask_arguments, passes 4D
+    masks to SDPA unchanged).
     """
 
     def __init__(self, model: torch.nn.Module, *, chunk_size: int = 1024):

@@ -5,17 +5,20 @@ A batch of B pairs has one of two layouts (shape letters: B pairs, N rows, T tok
 * plain (N = 2B): prompt+chosen of every pair, then prompt+rejected, right-padded, with the
   usual [N,T] padding mask. The prompt is computed twice.
 * prefix-shared (N = B): one row per pair, prompt ++ chosen ++ p ++ rejected, where p is a
-  second copy of the prompt's last token, with a [N,1,T,T] boolean attention mask:
+  second copy of the prompt's last token, with a [N,2,T] bool mask of the row's two causal
+  sequences (posttrain.models.attention.sequence_members' form):
 
       tokens     x0 … x(P-1) | c0 … c(C-1) | p     r0 … r(R-1) | pad …
       positions  0  … P-1    | P  … P+C-1  | P-1   P  … P+R-1  | 0 …
-      segment    prompt      | chosen      | rejected          | padding
+      sequence 0 x0 … x(P-1)   c0 … c(C-1)
+      sequence 1 x0 … x(P-2)                 p     r0 … r(R-1)
 
-  A query attends to an earlier-or-same key of its own segment, and a reply token to the
-  prompt keys before its segment's first position: all P for chosen, x0 … x(P-2) for
-  rejected, whose segment starts with p. So chosen tokens see prompt + chosen, rejected
-  tokens see x0 … x(P-2) + p + rejected and never chosen, and positions continue from the
-  prompt in both replies.
+  Each token attends to the earlier-or-same tokens of the first sequence holding it. So
+  chosen tokens see prompt + chosen, rejected tokens see x0 … x(P-2) + p + rejected and never
+  chosen, and positions continue from the prompt in both replies. posttrain's attention
+  (posttrain.models.attention) runs the two sequences over one packed row of the real tokens,
+  the prompt's projections and MLPs computed once; any other attention gets the equivalent
+  [N,1,T,T] mask.
 
   Why the copy p: c0 and r0 are both predicted from the prompt's last hidden state, but in
   one row the token before r0 is c(C-1). p stands at position P-1 and attends to x0 … x(P-2)
@@ -36,15 +39,14 @@ import torch
 from posttrain.data import TokenizedPair, pad_batch
 from posttrain.ops import masked_sum
 
-PROMPT, CHOSEN, REJECTED, PADDING = 0, 1, 2, -1
-
 
 @dataclass
 class PairBatch:
     """Model inputs for B preference pairs laid out in N rows (N = B or 2B) of T tokens.
 
-    input_ids: [N,T] long. attention_mask: [N,T] long padding mask (plain layout) or
-    [N,1,T,T] bool, True = the query (dim 2) may attend to the key (dim 3) (prefix-shared).
+    input_ids: [N,T] long. attention_mask: [N,T] long padding mask (plain layout) or [N,2,T]
+    bool, True where column t is in the row's sequence 0 (prompt + chosen) or 1 (prompt
+    without its last token + p + rejected) (prefix-shared).
     position_ids: [N,T] long. chosen_mask / rejected_mask: [N,T] bool, True on the chosen /
     rejected reply tokens, each a prediction target. chosen_lengths / rejected_lengths: [B]
     float, reply token counts. ref_logps: [B,2] summed reference log-probs (chosen,
@@ -91,36 +93,20 @@ def _shared(pairs: list[TokenizedPair], pad_id: int):
     width = max(len(p.prompt_ids) + len(p.chosen_ids) + 1 + len(p.rejected_ids) for p in pairs)
     input_ids = torch.full((len(pairs), width), pad_id, dtype=torch.long)
     positions = torch.zeros((len(pairs), width), dtype=torch.long)
-    segments = torch.full((len(pairs), width), PADDING, dtype=torch.long)
-    prompt_seen = torch.zeros((len(pairs), width), dtype=torch.long)
+    members = torch.zeros((len(pairs), 2, width), dtype=torch.bool)
+    chosen_mask = torch.zeros((len(pairs), width), dtype=torch.bool)
+    rejected_mask = torch.zeros((len(pairs), width), dtype=torch.bool)
     for row, p in enumerate(pairs):
         n_p, n_c, n_r = len(p.prompt_ids), len(p.chosen_ids), len(p.rejected_ids)
         ids = p.prompt_ids + p.chosen_ids + p.prompt_ids[-1:] + p.rejected_ids
         input_ids[row, :len(ids)] = torch.tensor(ids)
         positions[row, :len(ids)] = torch.cat([torch.arange(n_p + n_c), torch.arange(n_p - 1, n_p + n_r)])
-        segments[row, :len(ids)] = torch.tensor([PROMPT] * n_p + [CHOSEN] * n_c + [REJECTED] * (1 + n_r))
-        prompt_seen[row, n_p: len(ids)] = torch.tensor([n_p] * n_c + [n_p - 1] * (1 + n_r))
-    chosen_mask = segments == CHOSEN
-    # The copy p opens the rejected segment but is not a target: it follows the chosen reply.
-    rejected_mask = (segments == REJECTED) & (positions >= torch.tensor([len(p.prompt_ids) for p in pairs])[:, None])
-    mask = shared_attention_mask(segments, positions, prompt_seen)
-    return input_ids, mask, positions, chosen_mask, rejected_mask
-
-
-def shared_attention_mask(segments: torch.Tensor, positions: torch.Tensor,
-                          prompt_seen: torch.Tensor) -> torch.Tensor:
-    """[N,T] segment ids, positions and prompt tokens each query sees -> [N,1,T,T] bool
-    mask (query t, key s).
-
-    t attends s ⇔ s ≤ t and (same segment, or s is a prompt token at a position below
-    prompt_seen[t]). Padding attends to padding only, so no query row is empty (an all-False
-    row gives NaN in SDPA) and no real token sees padding.
-    """
-    index = torch.arange(segments.shape[1])
-    earlier = index[None, :] <= index[:, None]
-    seg_q, seg_k = segments[:, :, None], segments[:, None, :]
-    prompt_before = (seg_k == PROMPT) & (positions[:, None, :] < prompt_seen[:, :, None])
-    return (earlier & ((seg_q == seg_k) | prompt_before)).unsqueeze(1)
+        members[row, 0, :n_p + n_c] = True
+        members[row, 1, :n_p - 1] = members[row, 1, n_p + n_c: len(ids)] = True
+        chosen_mask[row, n_p: n_p + n_c] = True
+        # The copy p opens the rejected sequence but is not a target: it follows the chosen reply.
+        rejected_mask[row, n_p + n_c + 1: len(ids)] = True
+    return input_ids, members, positions, chosen_mask, rejected_mask
 
 
 def sequence_logps(model: torch.nn.Module, batch: PairBatch, device) -> tuple[torch.Tensor, torch.Tensor]:

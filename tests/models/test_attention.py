@@ -5,7 +5,8 @@ its hidden states and gradients at every real token."""
 import pytest
 import torch
 
-from posttrain.models.attention import ATTENTION, decoder_hidden, sequence_starts, varlen_sdpa_attention
+from posttrain.models.attention import (ATTENTION, CausalSequences, decoder_hidden, members_mask, sequence_starts,
+                                       varlen_sdpa_attention)
 
 
 def alone(decoder, ids: list[int]) -> torch.Tensor:
@@ -85,7 +86,7 @@ def test_padded_batch_runs_as_one_row_of_real_tokens(decoder, monkeypatch):
     forward = type(decoder).forward
 
     def spy(self, *args, **kwargs):
-        seen.append((tuple(kwargs["input_ids"].shape), kwargs.get("cu_seq_lens_q")))
+        seen.append((tuple(kwargs["input_ids"].shape), kwargs.get("causal_sequences")))
         return forward(self, *args, **kwargs)
 
     monkeypatch.setattr(type(decoder), "forward", spy)
@@ -93,7 +94,8 @@ def test_padded_batch_runs_as_one_row_of_real_tokens(decoder, monkeypatch):
     decoder_hidden(decoder, ids, mask, positions)
     # 7 + 3 + 5 + 1 = 16 real tokens of 4 × 7 columns; the sequences start at 0, 7, 10, 15.
     assert seen[0][0] == (1, 16)
-    assert seen[0][1].tolist() == [0, 7, 10, 15, 16]
+    index = seen[0][1].index
+    assert index[:, 0].tolist() == [0, 7, 10, 15] and index[0].tolist() == list(range(7))
 
 
 def test_little_padding_and_4d_masks_go_as_they_are(decoder, monkeypatch):
@@ -125,8 +127,9 @@ def test_varlen_attention_is_causal_within_each_sequence():
     # 2 query heads over 1 key/value head; sequences of 3 and 2 tokens in one row.
     torch.manual_seed(0)
     query, key, value = torch.randn(1, 2, 5, 4), torch.randn(1, 1, 5, 4), torch.randn(1, 1, 5, 4)
+    sequences = CausalSequences.of(torch.tensor([[[1, 1, 1, 0, 0], [0, 0, 0, 1, 1]]], dtype=torch.bool))
     out, weights = varlen_sdpa_attention(torch.nn.Module(), query, key, value, None, scaling=0.5,
-                                         cu_seq_lens_q=torch.tensor([0, 3, 5]))
+                                         causal_sequences=sequences)
     assert weights is None and out.shape == (1, 5, 2, 4)
     # Query 3 (the second sequence's first token) sees key 3 only: its output is value 3, per head.
     torch.testing.assert_close(out[0, 3], value[0, 0, 3].expand(2, 4))
@@ -158,3 +161,66 @@ def test_a_model_with_plain_sdpa_still_keeps_sequences_apart(tiny_model_and_toke
     hidden = decoder_hidden(decoder, ids, mask, positions)
     for row, seq in enumerate(SEQUENCES):
         torch.testing.assert_close(hidden[row][mask[row].bool()], alone(decoder, seq), atol=1e-5, rtol=1e-5)
+
+
+def shared_prompt_batch():
+    """One row [prompt | reply A | reply B] whose sequences share the prompt: 0 = prompt + A,
+    1 = prompt + B with B's positions continuing from the prompt (the prefix-shared pairs' form
+    without the copied token); a second row of one sequence and padding."""
+    prompt, a, b = [5, 9, 14], [3, 7], [22, 8, 30]
+    ids = torch.tensor([prompt + a + b, [11, 4, 6, 0, 0, 0, 0, 0]])
+    positions = torch.tensor([[0, 1, 2, 3, 4, 3, 4, 5], [0, 1, 2, 0, 0, 0, 0, 0]])
+    members = torch.zeros(2, 2, 8, dtype=torch.bool)
+    members[0, 0, :5] = members[0, 1, :3] = members[0, 1, 5:] = members[1, 0, :3] = True
+    truth = [(0, slice(0, 5), prompt + a), (0, slice(5, 8), prompt + b), (1, slice(0, 3), [11, 4, 6])]
+    return ids, members, positions, truth
+
+
+def check_shared(decoder, hidden, truth):
+    for row, cols, seq in truth:
+        want = alone(decoder, seq)[-(cols.stop - cols.start):]  # B's states come after the prompt's
+        torch.testing.assert_close(hidden[row, cols], want, atol=1e-5, rtol=1e-5)
+
+
+def test_shared_columns_are_computed_once_and_seen_by_both_sequences(decoder, monkeypatch):
+    seen = []
+    forward = type(decoder).forward
+
+    def spy(self, *args, **kwargs):
+        seen.append(tuple(kwargs["input_ids"].shape))
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(decoder), "forward", spy)
+    ids, members, positions, truth = shared_prompt_batch()
+    hidden = decoder_hidden(decoder, ids, members, positions)
+    assert seen == [(1, 11)]  # 8 + 3 real columns, the prompt once
+    check_shared(decoder, hidden, truth)
+    assert hidden[1, 3:].abs().max() == 0
+    # The gradient reaches the shared prompt from both sequences: equal to the two sequences alone.
+    weights = torch.randn_like(hidden)
+    decoder.zero_grad(set_to_none=True)
+    (hidden * weights).sum().backward()
+    shared = {name: p.grad.clone() for name, p in decoder.named_parameters()}
+    decoder.zero_grad(set_to_none=True)
+    total = 0
+    for row, cols, seq in truth:
+        n = cols.stop - cols.start
+        states = alone(decoder, seq)
+        total = total + (states[-n:] * weights[row, cols]).sum()
+    total.backward()
+    for name, p in decoder.named_parameters():
+        scale = float(p.grad.abs().max())
+        torch.testing.assert_close(shared[name], p.grad, atol=1e-5 * scale, rtol=0, msg=name)
+
+
+def test_members_mask_gives_other_attention_the_same_sequences(tiny_model_and_tokenizer):
+    model, _ = tiny_model_and_tokenizer
+    ids, members, positions, truth = shared_prompt_batch()
+    mask = members_mask(members)[0, 0].int()
+    assert mask[4].tolist() == [1, 1, 1, 1, 1, 0, 0, 0]  # A's last token: prompt and A
+    assert mask[6].tolist() == [1, 1, 1, 0, 0, 1, 1, 0]  # B's second token: prompt and B so far, never A
+    assert members_mask(members)[1, 0, 5].tolist() == [False] * 3 + [True] * 3 + [False] * 2  # padding: padding
+    model.set_attn_implementation("sdpa")
+    hidden = decoder_hidden(model.get_decoder(), ids, members, positions)
+    check_shared(model.get_decoder(), hidden, truth)
+    assert hidden[1, 3:].abs().max() == 0

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from posttrain.data import TokenizedPair, load_preference_pairs
+from posttrain.models.attention import members_mask
 from posttrain.models.logprobs import TokenLogprobs
 from posttrain.models.pairs import collate_pairs, sequence_logps
 
@@ -76,7 +77,8 @@ def test_shared_mask_keeps_rejected_from_chosen_and_continues_positions():
     assert batch.position_ids[0].tolist() == [0, 1, 2, 3, 4, 2, 3, 4]
     assert batch.chosen_mask[0].tolist() == [False] * 3 + [True] * 2 + [False] * 3
     assert batch.rejected_mask[0].tolist() == [False] * 6 + [True] * 2
-    mask = batch.attention_mask[0, 0].int().tolist()
+    assert batch.attention_mask[0].int().tolist() == [[1, 1, 1, 1, 1, 0, 0, 0], [1, 1, 0, 0, 0, 1, 1, 1]]
+    mask = members_mask(batch.attention_mask)[0, 0].int().tolist()
     assert mask[3] == [1, 1, 1, 1, 0, 0, 0, 0]  # c0: prompt and itself
     assert mask[5] == [1, 1, 0, 0, 0, 1, 0, 0]  # p: x0, x1 and itself, as x2 had
     assert mask[7] == [1, 1, 0, 0, 0, 1, 1, 1]  # r1: x0, x1, p, r0, r1, never chosen
