@@ -3,7 +3,8 @@ al. 2024, "Back to Basics"), one iteration at a time:
 
   1. generate: sample K = num_generations responses to each prompt of the rollout batch;
   2. score: the weighted sum of the judges' scores (reward models, reward functions);
-  3. reference & old policy: log π_ref (β > 0) and log π_old (μ > 1 or several minibatches);
+  3. reference & old policy: log π_ref (β > 0) and log π_old (μ > 1, several minibatches, or
+     the KL-shaped reward where stage 6 cannot give it: see `shaped_in_training`);
   4. rewards: minus the missing-EOS penalty, minus β · Σ_t log π/π_ref with kl_in_reward (RLOO);
   5. advantages: relative to the group — minus its mean (GRPO, ÷ std unless Dr. GRPO) or
      minus the mean of the other K − 1 (RLOO) — the same for every token of a response;
@@ -119,13 +120,47 @@ def logprobs_of(net: PolicyAndValue, reference, gen: Generation, cfg: GRPOConfig
     return {name: torch.cat(chunks) for name, chunks in parts.items()}
 
 
+def shaped_advantages(scores: torch.Tensor, gen: Generation, old: torch.Tensor | None, ref: torch.Tensor | None,
+                      cfg: GRPOConfig) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
+    """Stages 4–5 for whole groups (b responses of `gen`, a prompt's K adjacent; scores [b]; old
+    and ref [b, A] log-probs, read with kl_in_reward only) -> (rewards [b], the KL Σ_t log
+    π_old/π_ref [b] or None, token advantages [b, A], zero-variance flags [b] bool).
+
+    Rewards: the scores minus the missing-EOS penalty and, with kl_in_reward, minus β · KL
+    (k1, unbiased per response under π_old's samples)."""
+    rewards = scores - cfg.missing_eos_penalty * (~gen.ended).float()
+    kl = None
+    if cfg.kl_in_reward:
+        kl = masked_sum(kl_k1(old, ref), gen.response_mask, dim=-1)
+        rewards = rewards - cfg.beta * kl
+    advantages = ADVANTAGES[cfg.advantage](rewards, group_size=cfg.num_generations, scale=cfg.scale_rewards)
+    flat = zero_variance_groups(rewards, group_size=cfg.num_generations)
+    if cfg.drop_zero_variance:
+        advantages = torch.where(flat, 0.0, advantages)
+    return rewards, kl, per_token(advantages, gen.response_mask), flat
+
+
+def shaped_in_training(cfg: GRPOConfig) -> bool:
+    """Whether stage 6 computes stages 4–5 itself, from its forward's own log-probs: with the
+    KL-shaped reward, μ = 1 and one minibatch, the weights do not move between sampling and the
+    single optimizer step, so the training forward's detached log-probs are log π_old, and the
+    separate no-grad forward TRL makes for them (a third of RLOO's step) is skipped. Each
+    micro-batch must then hold whole groups (batch_size a multiple of K) for the group baseline."""
+    return (cfg.kl_in_reward and cfg.num_iterations == 1 and cfg.num_minibatches == 1
+            and cfg.batch_size % cfg.num_generations == 0)
+
+
 def policy_epochs(model, optimizer, accelerator, gen: Generation, advantages, old, ref, cfg: GRPOConfig, *,
-                  guard: NonFiniteGuard, step: int, batch: str) -> dict:
+                  guard: NonFiniteGuard, step: int, batch: str, shaping: dict | None = None) -> dict:
     """Stage 6: num_iterations passes over the responses in minibatches, one optimizer step
     each, accumulated over micro-batches with one global normaliser (ops.aggregate). old / ref:
     [B, A] log-probs or None (then the ratio is taken against the detached current log-probs,
     which is exactly 1 on the first pass: TRL's shortcut for μ = 1). The guard skips a
-    non-finite update (iteration `step`, prompts `batch`)."""
+    non-finite update (iteration `step`, prompts `batch`).
+
+    shaping (when shaped_in_training): advantages is None and each micro-batch, whole groups in
+    a random group order, gets its advantages from shaped_advantages over its own forward's
+    log-probs; shaping's "scores" [B] is read and its "rewards", "kl", "flat" [B] are filled in."""
     world, device = accelerator.num_processes, accelerator.device
     _, per_minibatch, _ = cfg.sizes(world)
     mode = LOSS_TYPES[cfg.loss_type]
@@ -133,7 +168,11 @@ def policy_epochs(model, optimizer, accelerator, gen: Generation, advantages, ol
     kl_coef = 0.0 if cfg.kl_in_reward else cfg.beta
     sums = defaultdict(float)
     for _ in range(cfg.num_iterations):
-        order = torch.randperm(len(gen.responses))
+        if shaping is None:
+            order = torch.randperm(len(gen.responses))
+        else:
+            k = cfg.num_generations
+            order = (torch.randperm(len(gen.responses) // k)[:, None] * k + torch.arange(k)).flatten()
         for start in range(0, len(order), per_minibatch):
             rows_of_minibatch = order[start: start + per_minibatch]
             mask_all = gen.response_mask[rows_of_minibatch]
@@ -148,7 +187,14 @@ def policy_epochs(model, optimizer, accelerator, gen: Generation, advantages, ol
                 with nullcontext() if i == len(micro) - 1 else accelerator.no_sync(model):
                     logprobs, _, _ = model(*(t.to(device) for t in part.sequences()), mask)
                     old_rows = logprobs.detach() if old is None else old[rows].to(device)
-                    loss, stats = grpo_loss(logprobs, old_rows, advantages[rows].to(device), mask,
+                    if shaping is None:
+                        rows_advantages = advantages[rows]
+                    else:
+                        rewards, kl, rows_advantages, flat = shaped_advantages(
+                            shaping["scores"][rows], part, old_rows.cpu(), ref[rows], cfg)
+                        for key, value in (("rewards", rewards), ("kl", kl), ("flat", flat)):
+                            shaping[key][rows] = value
+                    loss, stats = grpo_loss(logprobs, old_rows, rows_advantages.to(device), mask,
                                             ref[rows].to(device) if kl_coef > 0 else None, clip_eps=cfg.clip_eps_low,
                                             clip_eps_high=cfg.clip_eps_high, beta=kl_coef)
                     accelerator.backward(aggregate(loss, mask, mode, normalizer=normalizer))
@@ -231,10 +277,10 @@ def train(cfg: GRPOConfig) -> Path:
     whole = whole_copy(accelerator, model)
     sampler = Sampler(whole.policy, tokenizer, precision=cfg.precision,
                       batch_size=local_prompts * cfg.num_generations)
-    estimator = ADVANTAGES[cfg.advantage]
-    # log π_old is needed to reuse responses (the ratio) and for the KL-shaped reward; else the
-    # first pass's ratio is 1 by construction and the forward is skipped.
-    needs_old = cfg.num_iterations > 1 or cfg.num_minibatches > 1 or cfg.kl_in_reward
+    # log π_old is needed to reuse responses (the ratio) and for the KL-shaped reward, unless
+    # stage 6 gives it; else the first pass's ratio is 1 by construction and the forward is skipped.
+    in_training = shaped_in_training(cfg)
+    needs_old = (cfg.num_iterations > 1 or cfg.num_minibatches > 1 or cfg.kl_in_reward) and not in_training
     command = "rloo" if isinstance(cfg, RLOOConfig) else "grpo"
     guard = NonFiniteGuard(cfg, command)
     log = RunLog(accelerator, cfg, iterations, start, command)
@@ -254,24 +300,24 @@ def train(cfg: GRPOConfig) -> Path:
             scores, judge_means = reward(gen, prompts)
             # 3. Old policy and reference log-probs.
             forward = logprobs_of(net, reference, gen, cfg, accelerator, old=needs_old)
-            # 4. Rewards: missing-EOS penalty, and the KL-shaped sequence reward (RLOO):
-            #    r − β · Σ_t log π_old/π_ref (k1, unbiased per response under π_old's samples).
-            rewards = scores - cfg.missing_eos_penalty * (~gen.ended).float()
-            kl = None
-            if cfg.kl_in_reward:
-                kl = masked_sum(kl_k1(forward["old"], forward["ref"]), gen.response_mask, dim=-1)
-                rewards = rewards - cfg.beta * kl
-            # 5. Group-relative advantages, the same for every token of a response.
-            advantages = estimator(rewards, group_size=cfg.num_generations, scale=cfg.scale_rewards)
-            flat = zero_variance_groups(rewards, group_size=cfg.num_generations)
-            if cfg.drop_zero_variance:
-                advantages = torch.where(flat, 0.0, advantages)
-            token_advantages = per_token(advantages, gen.response_mask)
+            # 4–5. Rewards (missing-EOS penalty, the KL-shaped reward with kl_in_reward) and
+            #      group-relative advantages, the same for every token of a response; in stage 6
+            #      when shaped_in_training.
+            shaping = None
+            if in_training:
+                shaping = {"scores": scores, "rewards": torch.zeros_like(scores), "kl": torch.zeros_like(scores),
+                           "flat": torch.zeros_like(scores, dtype=torch.bool)}
+                token_advantages = None
+            else:
+                rewards, kl, token_advantages, flat = shaped_advantages(scores, gen, forward.get("old"),
+                                                                        forward.get("ref"), cfg)
             rolled = time.perf_counter()
             # 6. Policy epochs.
             stats = policy_epochs(model, optimizer, accelerator, gen, token_advantages, forward.get("old"),
                                   forward.get("ref"), cfg, guard=guard, step=it + 1,
-                                  batch=batch_records(prompts, indices, cfg.data))
+                                  batch=batch_records(prompts, indices, cfg.data), shaping=shaping)
+            if shaping is not None:
+                rewards, kl, flat = shaping["rewards"], shaping["kl"], shaping["flat"]
             scheduler.step()
             refresh(whole, model)
             sampler.sync()

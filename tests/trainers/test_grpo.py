@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from posttrain.config import ConfigError, GRPOConfig, RLOOConfig, build_config, to_yaml
 from posttrain.models.reward import RewardModel
@@ -102,6 +103,31 @@ def test_rloo_with_a_reward_model_lora_and_several_minibatches(tmp_path, tiny_pa
     assert rows[0]["objective/kl"] == pytest.approx(0, abs=1e-6)         # the first batch: π = π_ref
     assert captured[0][1] is None                                         # LoRA: adapters off = π_ref
     assert (out / "model.safetensors").is_file()
+
+
+def test_rloo_takes_log_pi_old_from_its_training_forward_as_a_separate_forward_would(tmp_path, monkeypatch):
+    # μ = 1, one minibatch: micro-batches of whole groups (batch_size 4 = K) take the KL-shaped
+    # reward from the training forward's own log-probs; batch_size 2 splits groups, so the same
+    # run makes the separate no-grad forward. Rewards, KL (nonzero once the policy has moved)
+    # and weights must agree, up to fp32 summation order.
+    olds = []
+    original = grpo.logprobs_of
+    monkeypatch.setattr(grpo, "logprobs_of", lambda *a, old, **kw: olds.append(old) or original(*a, old=old, **kw))
+    runs = {}
+    for batch_size in (4, 2):
+        olds.clear()
+        cfg = config(tmp_path, f"b{batch_size}", cls=RLOOConfig, max_steps=3, batch_size=batch_size)
+        assert grpo.shaped_in_training(cfg) == (batch_size == 4)
+        out = grpo.train(cfg)
+        assert olds == [batch_size == 2] * 3
+        runs[batch_size] = (metrics(out), load_file(out / "model.safetensors"))
+    (fused, fused_weights), (separate, separate_weights) = runs[4], runs[2]
+    for a, b in zip(fused, separate):
+        for key in ("objective/scores", "objective/rewards", "objective/kl", "objective/zero_variance_groups"):
+            assert a[key] == pytest.approx(b[key], abs=1e-5), (a["step"], key)
+    assert abs(fused[-1]["objective/kl"]) > 1e-3
+    for key, value in fused_weights.items():
+        torch.testing.assert_close(value, separate_weights[key], atol=1e-5, rtol=1e-4, msg=key)
 
 
 def test_kl_as_a_loss_term_keeps_the_reference_frozen(tmp_path, captured):
