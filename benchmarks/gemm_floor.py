@@ -3,7 +3,8 @@
     .venv/bin/python benchmarks/gemm_floor.py [--results benchmarks/results/<full run>.json]
 
 A step cannot take less time than the matrix products it must do. For each SmolLM2 row of a
-full run this takes the tokens posttrain's batches really held per step (the run's counts) and
+full run this takes the real tokens posttrain's batches held per step (the run's counts; padding
+is work a layout can skip, as posttrain's padding-free passes do, so it is not counted) and
 times, in bf16 on the run's thread count, each Linear layer's products at that size — forward
 Y = X·Wᵀ [M,K]·[K,N]; for a trained pass also dX = dY·W [M,N]·[N,K] and dW = dYᵀ·X [N,M]·[M,K]
 — summed over the 30 layers, plus the LM head's where the pass scores tokens (PASSES says which
@@ -113,13 +114,13 @@ PASSES = {"sft": [(True, True)], "rm": [(True, False)], "dpo": [(True, True), (F
 
 def step_floor(workload: str, config: dict, counts: dict, steps: int, micro_batches: int, sequences: int) -> dict:
     """Seconds of the GEMMs one step of `workload` must do, from posttrain's counts over `steps`
-    steps (counts_total of a run): rows' tokens with padding where the tool padded (SFT, RM, DPO),
-    prompt + generated tokens for rollouts; LM-head positions: loss tokens or generated tokens;
+    steps (counts_total of a run): the rows' real tokens (SFT, RM; DPO: `computed_tokens`, each
+    prompt once as prefix sharing lays pairs out), prompt + generated tokens for rollouts; LM-head positions: loss tokens or generated tokens;
     each pass in `micro_batches` equal products, as the workload's micro-batches are. Beside the
     GEMMs, `attention_seconds`: every layer's causal attention at `sequences` rows a micro-batch of
     the mean length, with torch's kernel (a floor for this torch, not for the machine)."""
     if workload in ("sft", "rm", "dpo"):
-        tokens, head = counts["padded_tokens"], counts.get("loss_tokens", 0)
+        tokens, head = counts.get("computed_tokens", counts["tokens"]), counts.get("loss_tokens", 0)
     else:
         tokens, head = counts["prompt_tokens"] + counts["generated_tokens"], counts["generated_tokens"]
     rows, positions = round(tokens / steps / micro_batches), round(head / steps / micro_batches)
