@@ -527,8 +527,9 @@ METHOD = """
   per token in the loss (TRL: `use_bias_correction_kl=False`, i.e. the same plain k3), each response's token
   mean then the mean over responses (`loss_type="grpo"` on both); neither needs log π_old at μ = 1 (the ratio is
   taken against the detached current log-probs). RLOO: each side's defaults with β = 0.05 — both compute log
-  π_old (a no-grad policy forward) and log π_ref, subtract β · Σ_t (log π_old − log π_ref) (k1, summed over the
-  response) from the reward, and use the leave-one-out baseline without std scaling; posttrain clips the ratio per
+  π_old and log π_ref (TRL: a no-grad forward of each; posttrain, since commit 70c0b8f: log π_old from the training
+  forward itself, whose weights have not moved since sampling at μ = 1, so one no-grad forward), subtract
+  β · Σ_t (log π_old − log π_ref) (k1, summed over the response) from the reward, and use the leave-one-out baseline without std scaling; posttrain clips the ratio per
   token and reduces `dr_grpo` (token sum / (responses · 32)), TRL clips one ratio per response (the exp of its
   summed token log-ratios) and averages over responses: at μ = 1 both gradients are A · Σ_t ∇log π_t per
   response averaged over responses, posttrain's further divided by 32.
