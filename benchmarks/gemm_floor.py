@@ -104,12 +104,13 @@ def pass_seconds(config: dict, tokens: int, head_positions: int, *, backward: bo
 
 # Per workload, the passes a step must make over its rows, each (backward?, LM head?): SFT and
 # DPO's policy score their targets through the LM head; the RM and PPO's critic and reward model
-# end in a scalar head. DPO's reference, GRPO's reference, RLOO's old policy and reference, and
-# PPO's reference and reward model are no-grad forwards; PPO trains policy and critic for its 4
-# epochs. PPO's old log-probs and values, and every generation, are left out (a lower floor).
+# end in a scalar head. DPO's, GRPO's and RLOO's reference, and PPO's reference and reward model
+# are no-grad forwards; PPO trains policy and critic for its 4 epochs. PPO's old log-probs and
+# values, RLOO's log π_old (its training forward gives them at μ = 1) and every generation are
+# left out (a lower floor).
 PASSES = {"sft": [(True, True)], "rm": [(True, False)], "dpo": [(True, True), (False, True)],
           "ppo": [(True, True)] * 4 + [(True, False)] * 4 + [(False, True), (False, False)],
-          "grpo": [(True, True), (False, True)], "rloo": [(True, True), (False, True), (False, True)]}
+          "grpo": [(True, True), (False, True)], "rloo": [(True, True), (False, True)]}
 
 
 def step_floor(workload: str, config: dict, counts: dict, steps: int, micro_batches: int, sequences: int) -> dict:
