@@ -5,6 +5,7 @@ its hidden states and gradients at every real token."""
 import pytest
 import torch
 
+from posttrain.models import attention
 from posttrain.models.attention import (ATTENTION, CausalSequences, decoder_hidden, members_mask, sequence_starts,
                                        varlen_sdpa_attention)
 
@@ -37,7 +38,15 @@ def decoder(tiny_model_and_tokenizer):
 SEQUENCES = [[5, 9, 14, 3, 7, 22, 8], [11, 4, 6], [30, 2, 19, 25, 1], [17]]
 
 
-def test_padded_batch_equals_each_sequence_alone(decoder):
+@pytest.fixture(params=["math", "flash"])
+def backend(request, monkeypatch):
+    """Both SDPA backends decoder_hidden picks from (math for rows up to MATH_MAX_LENGTH tokens)."""
+    if request.param == "flash":
+        monkeypatch.setattr(attention, "MATH_MAX_LENGTH", 0)
+    return request.param
+
+
+def test_padded_batch_equals_each_sequence_alone(decoder, backend):
     ids, mask, positions = padded(SEQUENCES, left=[False, True, True, False], pad_id=0)
     hidden = decoder_hidden(decoder, ids, mask, positions)
     assert hidden.shape == (*ids.shape, decoder.config.hidden_size)
@@ -46,7 +55,7 @@ def test_padded_batch_equals_each_sequence_alone(decoder):
     assert hidden[~mask.bool()].abs().max() == 0  # padding columns are zero, not some token's state
 
 
-def test_gradients_equal_each_sequence_alone(decoder):
+def test_gradients_equal_each_sequence_alone(decoder, backend):
     ids, mask, positions = padded(SEQUENCES, left=[True, False, True, False], pad_id=0)
     weights = torch.randn(*ids.shape, decoder.config.hidden_size)
     (decoder_hidden(decoder, ids, mask, positions) * weights).sum().backward()
@@ -98,7 +107,7 @@ def test_padded_batch_runs_as_one_row_of_real_tokens(decoder, monkeypatch):
     assert index[:, 0].tolist() == [0, 7, 10, 15] and index[0].tolist() == list(range(7))
 
 
-def test_little_padding_and_4d_masks_go_as_they_are(decoder, monkeypatch):
+def test_little_padding_and_4d_masks_go_as_they_are(decoder, backend, monkeypatch):
     seen = []
     forward = type(decoder).forward
 
@@ -182,7 +191,7 @@ def check_shared(decoder, hidden, truth):
         torch.testing.assert_close(hidden[row, cols], want, atol=1e-5, rtol=1e-5)
 
 
-def test_shared_columns_are_computed_once_and_seen_by_both_sequences(decoder, monkeypatch):
+def test_shared_columns_are_computed_once_and_seen_by_both_sequences(decoder, backend, monkeypatch):
     seen = []
     forward = type(decoder).forward
 
