@@ -64,7 +64,10 @@ flash attention's (2.76 against 2.51–2.54 GB)."""
 
 
 def attention_backend(length: int):
-    """The SDPA backend context for rows of `length` tokens (see MATH_MAX_LENGTH)."""
+    """The SDPA backend context for rows of `length` tokens (see MATH_MAX_LENGTH). Entered inside
+    the attention function, never around the decoder: a gradient-checkpointed layer recomputes
+    its forward in the backward, outside any context around the decoder call, and must pick the
+    same backend (else torch.utils.checkpoint refuses the recomputed tensors)."""
     return sdpa_kernel(SDPBackend.MATH) if length <= MATH_MAX_LENGTH else nullcontext()
 
 
@@ -108,15 +111,19 @@ class CausalSequences:
 
 def varlen_sdpa_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                           attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
-                          causal_sequences: CausalSequences | None = None, **kwargs) -> tuple[torch.Tensor, None]:
+                          causal_sequences: CausalSequences | None = None, short_rows_math: bool = False,
+                          **kwargs) -> tuple[torch.Tensor, None]:
     """transformers' attention-function contract: query [1,h,N,d], key and value [1,g,N,d] ->
     (output [1,N,h,d], None). With `causal_sequences`, the packed tokens go through one SDPA
     call laid out as its rows (one call per sequence made the flash backward 30 % slower on 4
-    rollouts), and attention_mask is ignored. Without it, transformers' SDPA unchanged.
+    rollouts), and attention_mask is ignored. Without it, transformers' SDPA unchanged (query
+    [B,h,T,d]), through the math backend for rows of at most MATH_MAX_LENGTH when
+    short_rows_math (decoder_hidden's passes; generation keeps flash attention).
     """
     if causal_sequences is None:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
-                                      scaling=scaling, **kwargs)
+        with attention_backend(query.shape[2]) if short_rows_math else nullcontext():
+            return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                          scaling=scaling, **kwargs)
     if query.shape[0] != 1 or key.shape[2] != query.shape[2]:
         raise ValueError(f"varlen attention: expected one packed row of queries and keys alike, got query "
                          f"{tuple(query.shape)} and key {tuple(key.shape)}")
@@ -191,14 +198,14 @@ def decoder_hidden(decoder: torch.nn.Module, input_ids: torch.Tensor, attention_
     members (S causal sequences a row, which may share columns: a column's state is the one
     it has in the first sequence holding it, see CausalSequences; a column in none is
     padding), or a [B,1,T,T] mask, which goes to the decoder as it is. So does a padded
-    batch with less than MIN_PADDING of padding. Rows of at most MATH_MAX_LENGTH tokens attend
-    through SDPA's math backend.
+    batch with less than MIN_PADDING of padding. Under ATTENTION, rows of at most MATH_MAX_LENGTH
+    tokens attend through SDPA's math backend.
     """
     if attention_mask is not None and (attention_mask.dim() == 4 or (
             attention_mask.dim() == 2 and attention_mask.sum() > (1 - MIN_PADDING) * attention_mask.numel())):
-        with attention_backend(input_ids.shape[1]):
-            return decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                           use_cache=False).last_hidden_state
+        extra = {"short_rows_math": True} if decoder.config._attn_implementation == ATTENTION else {}
+        return decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                       use_cache=False, **extra).last_hidden_state
     members = sequence_members(attention_mask, position_ids)
     real = members.any(1)
     if decoder.config._attn_implementation == ATTENTION:
