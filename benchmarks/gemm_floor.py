@@ -116,7 +116,8 @@ PASSES = {"sft": [(True, True)], "rm": [(True, False)], "dpo": [(True, True), (F
 def step_floor(workload: str, config: dict, counts: dict, steps: int, micro_batches: int, sequences: int) -> dict:
     """Seconds of the GEMMs one step of `workload` must do, from posttrain's counts over `steps`
     steps (counts_total of a run): the rows' real tokens (SFT, RM; DPO: `computed_tokens`, each
-    prompt once as prefix sharing lays pairs out), prompt + generated tokens for rollouts; LM-head positions: loss tokens or generated tokens;
+    prompt once as prefix sharing lays pairs out), prompt + generated tokens for rollouts;
+    LM-head positions: loss tokens or generated tokens;
     each pass in `micro_batches` equal products, as the workload's micro-batches are. Beside the
     GEMMs, `attention_seconds`: every layer's causal attention at `sequences` rows a micro-batch of
     the mean length, with torch's kernel (a floor for this torch, not for the machine)."""

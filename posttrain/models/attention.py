@@ -228,5 +228,5 @@ def decoder_hidden(decoder: torch.nn.Module, input_ids: torch.Tensor, attention_
     return hidden
 
 
-__all__ = ["ATTENTION", "MATH_MAX_LENGTH", "MIN_PADDING", "CausalSequences", "decoder_hidden", "members_mask", "sequence_members",
-           "sequence_starts", "varlen_sdpa_attention"]
+__all__ = ["ATTENTION", "MATH_MAX_LENGTH", "MIN_PADDING", "CausalSequences", "attention_backend", "decoder_hidden",
+           "members_mask", "sequence_members", "sequence_starts", "varlen_sdpa_attention"]

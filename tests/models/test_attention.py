@@ -38,6 +38,20 @@ def decoder(tiny_model_and_tokenizer):
 SEQUENCES = [[5, 9, 14, 3, 7, 22, 8], [11, 4, 6], [30, 2, 19, 25, 1], [17]]
 
 
+@pytest.fixture
+def calls(decoder, monkeypatch) -> list[dict]:
+    """The keyword arguments of every decoder forward a test makes."""
+    seen = []
+    forward = type(decoder).forward
+
+    def spy(self, *args, **kwargs):
+        seen.append(kwargs)
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(decoder), "forward", spy)
+    return seen
+
+
 @pytest.fixture(params=["math", "flash"])
 def backend(request, monkeypatch):
     """Both SDPA backends decoder_hidden picks from (math for rows up to MATH_MAX_LENGTH tokens)."""
@@ -90,32 +104,16 @@ def test_packed_rows_equal_each_sequence_alone(decoder):
         torch.testing.assert_close(hidden[r, start:start + len(seq)], alone(decoder, seq), atol=1e-5, rtol=1e-5)
 
 
-def test_padded_batch_runs_as_one_row_of_real_tokens(decoder, monkeypatch):
-    seen = []
-    forward = type(decoder).forward
-
-    def spy(self, *args, **kwargs):
-        seen.append((tuple(kwargs["input_ids"].shape), kwargs.get("causal_sequences")))
-        return forward(self, *args, **kwargs)
-
-    monkeypatch.setattr(type(decoder), "forward", spy)
+def test_padded_batch_runs_as_one_row_of_real_tokens(decoder, calls):
     ids, mask, positions = padded(SEQUENCES, left=[False] * 4, pad_id=0)
     decoder_hidden(decoder, ids, mask, positions)
     # 7 + 3 + 5 + 1 = 16 real tokens of 4 × 7 columns; the sequences start at 0, 7, 10, 15.
-    assert seen[0][0] == (1, 16)
-    index = seen[0][1].index
+    assert tuple(calls[0]["input_ids"].shape) == (1, 16)
+    index = calls[0]["causal_sequences"].index
     assert index[:, 0].tolist() == [0, 7, 10, 15] and index[0].tolist() == list(range(7))
 
 
-def test_little_padding_and_4d_masks_go_as_they_are(decoder, backend, monkeypatch):
-    seen = []
-    forward = type(decoder).forward
-
-    def spy(self, *args, **kwargs):
-        seen.append(tuple(kwargs["input_ids"].shape))
-        return forward(self, *args, **kwargs)
-
-    monkeypatch.setattr(type(decoder), "forward", spy)
+def test_little_padding_and_4d_masks_go_as_they_are(decoder, backend, calls):
     ids = torch.tensor([SEQUENCES[0][:3], SEQUENCES[2][:3]])
     positions = torch.arange(3).expand(2, 3)
     full = decoder_hidden(decoder, ids, torch.ones_like(ids), positions)  # no padding
@@ -124,10 +122,10 @@ def test_little_padding_and_4d_masks_go_as_they_are(decoder, backend, monkeypatc
     # 3 padding columns of 3 × 7 = 14 %: packed; of 4 × 7 = 11 % (below MIN_PADDING = 1/8): as it is.
     for sequences, packed in (([SEQUENCES[0], SEQUENCES[0], SEQUENCES[0][:4]], True),
                               ([SEQUENCES[0]] * 3 + [SEQUENCES[0][:4]], False)):
-        seen.clear()
+        calls.clear()
         ids, mask, positions = padded(sequences, left=[True] * len(sequences), pad_id=0)
         hidden = decoder_hidden(decoder, ids, mask, positions)
-        assert seen == ([(1, int(mask.sum()))] if packed else [tuple(ids.shape)])
+        assert [tuple(c["input_ids"].shape) for c in calls] == [(1, int(mask.sum())) if packed else tuple(ids.shape)]
         for row, seq in enumerate(sequences):
             torch.testing.assert_close(hidden[row][mask[row].bool()], alone(decoder, seq), atol=1e-5, rtol=1e-5)
 
@@ -191,18 +189,10 @@ def check_shared(decoder, hidden, truth):
         torch.testing.assert_close(hidden[row, cols], want, atol=1e-5, rtol=1e-5)
 
 
-def test_shared_columns_are_computed_once_and_seen_by_both_sequences(decoder, backend, monkeypatch):
-    seen = []
-    forward = type(decoder).forward
-
-    def spy(self, *args, **kwargs):
-        seen.append(tuple(kwargs["input_ids"].shape))
-        return forward(self, *args, **kwargs)
-
-    monkeypatch.setattr(type(decoder), "forward", spy)
+def test_shared_columns_are_computed_once_and_seen_by_both_sequences(decoder, backend, calls):
     ids, members, positions, truth = shared_prompt_batch()
     hidden = decoder_hidden(decoder, ids, members, positions)
-    assert seen == [(1, 11)]  # 8 + 3 real columns, the prompt once
+    assert [tuple(c["input_ids"].shape) for c in calls] == [(1, 11)]  # 8 + 3 real columns, the prompt once
     check_shared(decoder, hidden, truth)
     assert hidden[1, 3:].abs().max() == 0
     # The gradient reaches the shared prompt from both sequences: equal to the two sequences alone.
