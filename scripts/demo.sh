@@ -9,7 +9,9 @@ bash scripts/setup.sh
 # 650 s → 537 s), and a SmolLM2 SFT run went 20-41 % faster at 0.79-0.88x the peak RSS.
 # glibc's default malloc returns big buffers to the OS after every step and pays to get them
 # back; without tcmalloc, these two settings keep them (a step ~1.9x faster, more memory held).
-tcmalloc="$(ldconfig -p 2>/dev/null | awk '/libtcmalloc_minimal\.so\.4 /{print $NF; exit}')"
+# awk reads all of ldconfig's output: an early exit would kill ldconfig with SIGPIPE, which
+# pipefail and set -e turn into the script's exit (status 141).
+tcmalloc="$(ldconfig -p 2>/dev/null | awk '/libtcmalloc_minimal\.so\.4 /{found = $NF} END {print found}')"
 if [ -n "$tcmalloc" ]; then
     export LD_PRELOAD="$tcmalloc${LD_PRELOAD:+:$LD_PRELOAD}"
 else
