@@ -201,14 +201,15 @@ def decoder_hidden(decoder: torch.nn.Module, input_ids: torch.Tensor, attention_
     batch with less than MIN_PADDING of padding. Under ATTENTION, rows of at most MATH_MAX_LENGTH
     tokens attend through SDPA's math backend.
     """
+    ours = decoder.config._attn_implementation == ATTENTION
     if attention_mask is not None and (attention_mask.dim() == 4 or (
             attention_mask.dim() == 2 and attention_mask.sum() > (1 - MIN_PADDING) * attention_mask.numel())):
-        extra = {"short_rows_math": True} if decoder.config._attn_implementation == ATTENTION else {}
+        extra = {"short_rows_math": True} if ours else {}
         return decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                        use_cache=False, **extra).last_hidden_state
     members = sequence_members(attention_mask, position_ids)
     real = members.any(1)
-    if decoder.config._attn_implementation == ATTENTION:
+    if ours:
         # An all-ones mask spares transformers building the packed row's N×N mask, which
         # ATTENTION ignores when given the sequences.
         extra = {"attention_mask": torch.ones_like(input_ids[real])[None],

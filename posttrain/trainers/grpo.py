@@ -23,7 +23,7 @@ import json
 import time
 from collections import defaultdict
 from contextlib import nullcontext
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 
@@ -140,6 +140,23 @@ def shaped_advantages(scores: torch.Tensor, gen: Generation, old: torch.Tensor |
     return rewards, kl, per_token(advantages, gen.response_mask), flat
 
 
+@dataclass
+class InTrainingShaping:
+    """Stages 4–5 done in stage 6 (shaped_in_training): the scores [B] policy_epochs reads, and
+    the rewards [B], KL [B] and zero-variance flags [B] bool it fills in, micro-batch by
+    micro-batch, for the iteration's metrics."""
+
+    scores: torch.Tensor
+    rewards: torch.Tensor
+    kl: torch.Tensor
+    flat: torch.Tensor
+
+    @classmethod
+    def of(cls, scores: torch.Tensor) -> "InTrainingShaping":
+        zeros = torch.zeros_like(scores)
+        return cls(scores, zeros.clone(), zeros.clone(), zeros.bool())
+
+
 def shaped_in_training(cfg: GRPOConfig) -> bool:
     """Whether stage 6 computes stages 4–5 itself, from its forward's own log-probs: with the
     KL-shaped reward, μ = 1 and one minibatch, the weights do not move between sampling and the
@@ -151,7 +168,7 @@ def shaped_in_training(cfg: GRPOConfig) -> bool:
 
 
 def policy_epochs(model, optimizer, accelerator, gen: Generation, advantages, old, ref, cfg: GRPOConfig, *,
-                  guard: NonFiniteGuard, step: int, batch: str, shaping: dict | None = None) -> dict:
+                  guard: NonFiniteGuard, step: int, batch: str, shaping: InTrainingShaping | None = None) -> dict:
     """Stage 6: num_iterations passes over the responses in minibatches, one optimizer step
     each, accumulated over micro-batches with one global normaliser (ops.aggregate). old / ref:
     [B, A] log-probs or None (then the ratio is taken against the detached current log-probs,
@@ -160,7 +177,7 @@ def policy_epochs(model, optimizer, accelerator, gen: Generation, advantages, ol
 
     shaping (when shaped_in_training): advantages is None and each micro-batch, whole groups in
     a random group order, gets its advantages from shaped_advantages over its own forward's
-    log-probs; shaping's "scores" [B] is read and its "rewards", "kl", "flat" [B] are filled in."""
+    log-probs, and fills shaping's rewards, kl and flat in."""
     world, device = accelerator.num_processes, accelerator.device
     _, per_minibatch, _ = cfg.sizes(world)
     mode = LOSS_TYPES[cfg.loss_type]
@@ -190,10 +207,9 @@ def policy_epochs(model, optimizer, accelerator, gen: Generation, advantages, ol
                     if shaping is None:
                         rows_advantages = advantages[rows]
                     else:
-                        rewards, kl, rows_advantages, flat = shaped_advantages(
-                            shaping["scores"][rows], part, old_rows.cpu(), ref[rows], cfg)
-                        for key, value in (("rewards", rewards), ("kl", kl), ("flat", flat)):
-                            shaping[key][rows] = value
+                        rewards, kl, rows_advantages, flat = shaped_advantages(shaping.scores[rows], part,
+                                                                               old_rows.cpu(), ref[rows], cfg)
+                        shaping.rewards[rows], shaping.kl[rows], shaping.flat[rows] = rewards, kl, flat
                     loss, stats = grpo_loss(logprobs, old_rows, rows_advantages.to(device), mask,
                                             ref[rows].to(device) if kl_coef > 0 else None, clip_eps=cfg.clip_eps_low,
                                             clip_eps_high=cfg.clip_eps_high, beta=kl_coef)
@@ -303,12 +319,8 @@ def train(cfg: GRPOConfig) -> Path:
             # 4–5. Rewards (missing-EOS penalty, the KL-shaped reward with kl_in_reward) and
             #      group-relative advantages, the same for every token of a response; in stage 6
             #      when shaped_in_training.
-            shaping = None
-            if in_training:
-                shaping = {"scores": scores, "rewards": torch.zeros_like(scores), "kl": torch.zeros_like(scores),
-                           "flat": torch.zeros_like(scores, dtype=torch.bool)}
-                token_advantages = None
-            else:
+            shaping, token_advantages = (InTrainingShaping.of(scores) if in_training else None), None
+            if shaping is None:
                 rewards, kl, token_advantages, flat = shaped_advantages(scores, gen, forward.get("old"),
                                                                         forward.get("ref"), cfg)
             rolled = time.perf_counter()
@@ -317,7 +329,7 @@ def train(cfg: GRPOConfig) -> Path:
                                   forward.get("ref"), cfg, guard=guard, step=it + 1,
                                   batch=batch_records(prompts, indices, cfg.data), shaping=shaping)
             if shaping is not None:
-                rewards, kl, flat = shaping["rewards"], shaping["kl"], shaping["flat"]
+                rewards, kl, flat = shaping.rewards, shaping.kl, shaping.flat
             scheduler.step()
             refresh(whole, model)
             sampler.sync()
