@@ -11,8 +11,8 @@ Y = X·Wᵀ [M,K]·[K,N]; for a trained pass also dX = dY·W [M,N]·[N,K] and dW
 passes each workload makes). Attention's T² products, norms, activations, casts, the optimizer
 and all generation are left out, so the floor is below any real step: a target that needs a
 shorter step than the floor cannot be met on this machine by any scheduling of the same work.
-Beside it, the causal attention of every layer timed with torch's own SDPA kernel (at each
-micro-batch's mean length): a second floor, for the kernels this torch has.
+Beside it, the causal attention of every layer (at each micro-batch's mean length), the faster of
+torch's SDPA kernel and posttrain's eager attention: a second floor, for the kernels at hand.
 
 Writes benchmarks/results/gemm-floor-<date>.json, which run.py's RESULTS.md reads (targets.py).
 """
@@ -49,32 +49,39 @@ def mm_seconds(m: int, k: int, n: int, seconds: float = 0.4) -> float:
 
 
 @lru_cache(maxsize=None)
-def attention_seconds(rows: int, length: int, heads: int, head_dim: int, backward: bool) -> float:
-    """Wall time (fastest of 6 windows) of one causal bf16 `scaled_dot_product_attention` over [rows, heads,
-    length, head_dim] (the kernel transformers' `sdpa` calls; flash on the CPU), with its
-    backward when `backward`: what one layer's attention costs with torch's own kernels."""
+def attention_seconds(rows: int, length: int, heads: int, kv_heads: int, head_dim: int, backward: bool) -> float:
+    """Wall time (fastest of 6 windows) of one layer's causal bf16 attention over [rows, heads,
+    length, head_dim] queries and `kv_heads` key/value heads, with its backward when `backward`:
+    the faster of torch's `scaled_dot_product_attention` (flash on the CPU) and posttrain's
+    `eager_attention` (which its passes use for rows of at most EAGER_MAX_LENGTH tokens)."""
     import torch.nn.functional as F
 
-    q, k, v = (torch.randn(rows, heads, length, head_dim).to(torch.bfloat16).requires_grad_(backward)
-               for _ in range(3))
-    grad = torch.randn(rows, heads, length, head_dim).to(torch.bfloat16)
+    from posttrain.models.attention import eager_attention
 
-    def once():
+    q = torch.randn(rows, heads, length, head_dim).to(torch.bfloat16).requires_grad_(backward)
+    k, v = (torch.randn(rows, kv_heads, length, head_dim).to(torch.bfloat16).requires_grad_(backward)
+            for _ in range(2))
+    grad = torch.randn(rows, heads, length, head_dim).to(torch.bfloat16)
+    kernels = {"flash": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True),
+               "eager": lambda: eager_attention(q, k, v, None, head_dim ** -0.5)}
+
+    def once(kernel):
         with torch.set_grad_enabled(backward):
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            out = kernel()
             if backward:
                 out.backward(grad)
                 q.grad = k.grad = v.grad = None
 
-    once()
-    times = []
-    for _ in range(6):
-        count, start = 0, time.perf_counter()
-        while count == 0 or time.perf_counter() - start < 0.1:
-            once()
-            count += 1
-        times.append((time.perf_counter() - start) / count)
-    return min(times)
+    best = float("inf")
+    for kernel in kernels.values():
+        once(kernel)
+        for _ in range(6):
+            count, start = 0, time.perf_counter()
+            while count == 0 or time.perf_counter() - start < 0.1:
+                once(kernel)
+                count += 1
+            best = min(best, (time.perf_counter() - start) / count)
+    return best
 
 
 def linear_shapes(config: dict) -> list[tuple[int, int]]:
@@ -120,7 +127,7 @@ def step_floor(workload: str, config: dict, counts: dict, steps: int, micro_batc
     LM-head positions: loss tokens or generated tokens;
     each pass in `micro_batches` equal products, as the workload's micro-batches are. Beside the
     GEMMs, `attention_seconds`: every layer's causal attention at `sequences` rows a micro-batch of
-    the mean length, with torch's kernel (a floor for this torch, not for the machine)."""
+    the mean length, with the faster kernel at hand (a floor for these kernels, not for the machine)."""
     if workload in ("sft", "rm", "dpo"):
         tokens, head = counts.get("computed_tokens", counts["tokens"]), counts.get("loss_tokens", 0)
     else:
@@ -130,7 +137,8 @@ def step_floor(workload: str, config: dict, counts: dict, steps: int, micro_batc
                                   for backward, with_head in PASSES[workload])
     length = max(round(rows / sequences), 1)
     attention = micro_batches * config["num_hidden_layers"] * sum(
-        attention_seconds(sequences, length, config["num_attention_heads"], config["head_dim"], backward)
+        attention_seconds(sequences, length, config["num_attention_heads"], config["num_key_value_heads"],
+                          config["head_dim"], backward)
         for backward, _ in PASSES[workload])
     return {"seconds": seconds, "attention_seconds": attention, "tokens_per_micro_batch": rows,
             "sequences_per_micro_batch": sequences, "head_positions_per_micro_batch": positions,

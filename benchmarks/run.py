@@ -558,6 +558,9 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true",
                         help="hook every worker to split its step time and peak memory (benchmarks/breakdown.py); "
                              "its rates stay out of the throughput table")
+    parser.add_argument("--trl-attention", choices=("sdpa", "eager"), default="eager",
+                        help="attn_implementation TRL's models are loaded with; default eager, TRL's faster one on "
+                             "every workload here (benchmarks/trl_attention.py); posttrain picks per row length")
     parser.add_argument("--report-only", action="store_true",
                         help="run nothing: rebuild the Markdown from benchmarks/results/*.json")
     args = parser.parse_args()
@@ -608,7 +611,7 @@ def main() -> None:
             spec = {k: v for k, v in s.items() if k not in ("full", "quick")}
             spec.update(model_path=paths[model], warmup=warmup, timed=timed, repeat=repeat, seed=0,
                         precision="bf16", gradient_checkpointing=False, profile=args.profile,
-                        allocator=args.allocator,
+                        allocator=args.allocator, trl_attention=args.trl_attention,
                         data=str(data[DATA[workload]]),
                         reward_model=reward_models.get(model, ""))
             for tool in TOOLS:

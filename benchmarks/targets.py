@@ -133,14 +133,15 @@ def targets_section(rows: list[dict], profiles: dict, target_speedup: dict[str, 
              "floor` the seconds the step's matrix products alone take at the model's shapes on this machine "
              "(`benchmarks/gemm_floor.py`" + (f", measured {floor['date']} for run {floor['results']}" if floor else "")
              + "; attention, norms, casts, the optimizer and generation left out; each product the fastest of 6 "
-             "windows); `attention` every layer's causal attention with this torch's SDPA kernel, flash (the "
-             "levers' math backend: no faster at 4 × 256, 9 % faster at 4 × 78 but more memory), timed alone "
+             "windows); `attention` every layer's causal attention, the faster of this torch's SDPA kernel (flash) "
+             "and posttrain's eager attention (2–5× faster below 192 tokens, 0.75× flash's time at 4 × 256), "
+             "timed alone "
              f"(verdicts within {100 * (1 - MARGIN):.0f} % of GEMMs + attention are called marginal); "
              "`required passes` posttrain's "
              "own time in training forwards, backwards, optimizer and the no-grad forwards the work needs "
              "(profile shares × this table's step time). A needed step below the GEMM floor cannot be reached "
              "on this machine by any code doing the same work; below GEMMs + attention, not without a faster "
-             "attention kernel than this torch has.", "",
+             "attention kernel than these.", "",
              "| workload | target | now | posttrain s/step | needed s/step | GEMM floor s | attention s | required "
              "passes s | verdict |",
              "|---|---|---|---|---|---|---|---|---|", *speed]

@@ -33,7 +33,8 @@ order = [i for step in range(clock.total_steps) for i in step_items(step, len(pa
 dataset = Dataset.from_list([{"prompt_ids": pairs[i].prompt_ids, "chosen_ids": pairs[i].chosen_ids,
                               "rejected_ids": pairs[i].rejected_ids} for i in order])
 
-model = AutoModelForCausalLM.from_pretrained(spec["model_path"], dtype=torch.float32, attn_implementation="sdpa")
+model = AutoModelForCausalLM.from_pretrained(spec["model_path"], dtype=torch.float32,
+                                             attn_implementation=spec["trl_attention"])
 
 
 # TRL 1.16's DPOTrainer always tokenises from text (it has no pre-tokenised path); its

@@ -40,7 +40,8 @@ def run(trainer_class, config_class, completion_ids_of, **algorithm) -> None:
     steps = [step_items(step, len(prompts), spec["prompts"], spec["seed"]) for step in range(clock.total_steps)]
     dataset = Dataset.from_list([{"prompt": prompts[i].messages} for step in steps for i in step])
     expected = iter([[prompts[i].input_ids for i in step for _ in range(k)] for step in steps])
-    model = AutoModelForCausalLM.from_pretrained(spec["model_path"], dtype=torch.float32, attn_implementation="sdpa")
+    model = AutoModelForCausalLM.from_pretrained(spec["model_path"], dtype=torch.float32,
+                                             attn_implementation=spec["trl_attention"])
 
     def lowercase_reward(prompts, completions, **kwargs):
         return lowercase_share(prompts, [c[0]["content"] for c in completions])

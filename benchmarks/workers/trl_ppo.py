@@ -40,7 +40,7 @@ prompts, _ = load_prompts(spec["data"], tokenizer, max_prompt_length=spec["max_p
 order = [i for step in range(updates) for i in step_items(step, len(prompts), spec["batch_size"], spec["seed"])]
 dataset = Dataset.from_list([{"input_ids": prompts[i].input_ids} for i in order])
 
-load = dict(dtype=torch.float32, attn_implementation="sdpa")
+load = dict(dtype=torch.float32, attn_implementation=spec["trl_attention"])
 policy = AutoModelForCausalLM.from_pretrained(spec["model_path"], **load)
 ref_policy = AutoModelForCausalLM.from_pretrained(spec["model_path"], **load)
 reward_model = AutoModelForSequenceClassification.from_pretrained(spec["reward_model"], num_labels=1, **load)

@@ -35,7 +35,7 @@ dataset = Dataset.from_list([{"chosen_ids": pairs[i].prompt_ids + pairs[i].chose
 
 torch.manual_seed(spec["seed"])
 model = AutoModelForSequenceClassification.from_pretrained(spec["model_path"], num_labels=1, dtype=torch.float32,
-                                                           attn_implementation="sdpa")
+                                                           attn_implementation=spec["trl_attention"])
 model.config.pad_token_id = tokenizer.pad_token_id
 
 

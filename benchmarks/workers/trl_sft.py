@@ -36,7 +36,8 @@ dataset = Dataset.from_list([
      "labels": [t if keep else -100 for t, keep in zip(examples[i].input_ids, examples[i].loss_mask)]}
     for i in order])
 
-model = AutoModelForCausalLM.from_pretrained(spec["model_path"], dtype=torch.float32, attn_implementation="sdpa")
+model = AutoModelForCausalLM.from_pretrained(spec["model_path"], dtype=torch.float32,
+                                             attn_implementation=spec["trl_attention"])
 
 
 class Clock(TrainerCallback):

@@ -11,8 +11,8 @@ grows with the square of the whole batch: on SmolLM2, 4 rows of 256 packed into 
 trained 1.4× slower than the 4 rows. So the models posttrain loads use ATTENTION, an
 attention function registered with transformers: given a `causal_sequences` keyword
 (CausalSequences, which transformers passes down to every layer's attention), it lays the
-packed tokens out again as rows and runs torch's SDPA once over them, causal within each
-sequence; without it, it is transformers' own SDPA, so padded, 4D-masked and cached calls
+packed tokens out again as rows and attends once over them (`eager_attention` for short rows,
+torch's SDPA for long ones), causal within each sequence; without it, it is transformers' own SDPA, so padded, 4D-masked and cached calls
 (generation) behave exactly as with attn_implementation="sdpa". A model loaded with plain
 "sdpa" still gets correct results from `decoder_hidden` (transformers' mask keeps sequences
 apart), only not this speed.
@@ -34,12 +34,10 @@ Shapes: B rows, T columns, N real tokens, H hidden size, h query heads, g key/va
 
 from __future__ import annotations
 
-from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import AttentionInterface, AttentionMaskInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import sdpa_mask
@@ -53,22 +51,44 @@ costs copies of the hidden states and of q/k/v at every layer: measured on SmolL
 backward), 2.5 % padding ran 0.98–1.07× the padded time, 12 % ran 0.88–0.93×, 24 % 0.81–0.88×;
 GRPO's rollouts (little padding) ran slower and peaked 0.34 GB higher when every batch was packed."""
 
-MATH_MAX_LENGTH = 192
-"""Longest row for which `decoder_hidden`'s passes run SDPA's math backend instead of flash
-attention. At SmolLM2's shapes (9 query heads over 3 key/value heads of 64, bf16, forward +
-backward, 2 threads) math took 0.62× flash's time for 8 rows × 64, 0.73× at 8 × 128, 0.62× at
-8 × 170, 0.89× at 4 × 192, 1.02× at 4 × 256 and 2.0× at 4 × 512. It costs memory: on this CPU it
-computes in fp32 and keeps scores, probabilities and the key/value heads expanded to every query
-head for the backward; a SmolLM2 forward + backward of 4 rows × 110 peaked 0.23–0.25 GB above
-flash attention's (2.76 against 2.51–2.54 GB)."""
+EAGER_MAX_LENGTH = 192
+"""Longest row for which `decoder_hidden`'s passes attend through `eager_attention` instead of
+SDPA's flash kernel. At SmolLM2's shapes (9 query heads over 3 key/value heads of 64, bf16,
+forward + backward, 2 threads) eager attention took 0.2–0.4× flash's time for 8 rows × 64–110
+and 0.5× at 8 × 192, 0.75× at 4 × 256–320 and 1.0× at 4 × 384. It keeps the probabilities for the
+backward (fp32 and bf16: 6.9 MB a layer at 8 × 110 against flash's 2.7 MB), so it stops at 192
+tokens, below the 4 × 256 SFT rows where it would add 0.4 GB for a 0.12 s step gain. SDPA's math
+backend, used here before, took 2–2.5× eager's time and kept 13.1 MB at 8 × 110: it computes in
+fp32 and copies the key/value heads to every query head."""
 
 
-def attention_backend(length: int):
-    """The SDPA backend context for rows of `length` tokens (see MATH_MAX_LENGTH). Entered inside
-    the attention function, never around the decoder: a gradient-checkpointed layer recomputes
-    its forward in the backward, outside any context around the decoder call, and must pick the
-    same backend (else torch.utils.checkpoint refuses the recomputed tensors)."""
-    return sdpa_kernel(SDPBackend.MATH) if length <= MATH_MAX_LENGTH else nullcontext()
+def eager_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
+                    scaling: float, dropout: float = 0.0, training: bool = False) -> torch.Tensor:
+    """softmax(q·kᵀ·scaling + mask)·v by two matrix products, computed as transformers' eager
+    attention computes it (products in the inputs' dtype, the softmax in fp32, probabilities cast
+    back, dropout on them), but without copying the key/value heads: the query heads that share a
+    key/value head are stacked along the rows of one product.
+
+    query [B,h,L,d], key and value [B,g,L,d] (h a multiple of g; query head i reads key/value head
+    i // (h/g), as SDPA's enable_gqa) -> [B,h,L,d]. mask: None (causal), or [B or 1,1,L,L], bool
+    (True: the query may attend to the key) or float (added to the scores). A query row that may
+    attend to no key gets finite output (fp32's lowest value stands in for −inf), which the caller
+    drops; SDPA would give NaN there.
+    """
+    B, h, L, d = query.shape
+    g = key.shape[1]
+    scores = torch.matmul(query.reshape(B, g, h // g * L, d), key.transpose(-1, -2)).view(B, g, h // g, L, L)
+    if mask is None:
+        mask = torch.ones(L, L, dtype=torch.bool, device=query.device).tril()
+    if mask.dtype == torch.bool:
+        bias = torch.zeros(mask.shape, device=query.device).masked_fill_(~mask, torch.finfo(torch.float32).min)
+    else:
+        bias = mask.float()
+    if bias.dim() == 4:
+        bias = bias[:, :, None]  # [B,1,1,L,L]: the same for every head
+    probs = torch.softmax(torch.add(bias, scores.float(), alpha=scaling), dim=-1).to(query.dtype)
+    probs = F.dropout(probs, p=dropout, training=training)
+    return torch.matmul(probs.view(B, g, h // g * L, L), value).view(B, h, L, d)
 
 
 @dataclass(frozen=True)
@@ -111,30 +131,36 @@ class CausalSequences:
 
 def varlen_sdpa_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                           attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
-                          causal_sequences: CausalSequences | None = None, short_rows_math: bool = False,
+                          causal_sequences: CausalSequences | None = None, short_rows_eager: bool = False,
                           **kwargs) -> tuple[torch.Tensor, None]:
     """transformers' attention-function contract: query [1,h,N,d], key and value [1,g,N,d] ->
-    (output [1,N,h,d], None). With `causal_sequences`, the packed tokens go through one SDPA
+    (output [1,N,h,d], None). With `causal_sequences`, the packed tokens go through one attention
     call laid out as its rows (one call per sequence made the flash backward 30 % slower on 4
     rollouts), and attention_mask is ignored. Without it, transformers' SDPA unchanged (query
-    [B,h,T,d]), through the math backend for rows of at most MATH_MAX_LENGTH when
-    short_rows_math (decoder_hidden's passes; generation keeps flash attention).
+    [B,h,T,d]), except that with `short_rows_eager` (decoder_hidden's passes, never generation) rows
+    of at most EAGER_MAX_LENGTH tokens go through `eager_attention`, as packed rows of that length do.
     """
+    scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
     if causal_sequences is None:
-        with attention_backend(query.shape[2]) if short_rows_math else nullcontext():
-            return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
-                                          scaling=scaling, **kwargs)
+        if (short_rows_eager and query.shape[2] == key.shape[2] <= EAGER_MAX_LENGTH
+                and kwargs.get("position_bias") is None and kwargs.get("softcap") is None):
+            out = eager_attention(query, key, value, attention_mask, scaling, dropout, module.training)
+            return out.transpose(1, 2).contiguous(), None
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
     if query.shape[0] != 1 or key.shape[2] != query.shape[2]:
         raise ValueError(f"varlen attention: expected one packed row of queries and keys alike, got query "
                          f"{tuple(query.shape)} and key {tuple(key.shape)}")
     index, mask = causal_sequences.index.to(query.device), causal_sequences.mask
+    mask = None if mask is None else mask.to(query.device)
 
     def rows(x: torch.Tensor) -> torch.Tensor:  # [1,heads,N,d] -> [R,heads,L,d]
         return x[0].transpose(0, 1)[index].transpose(1, 2)
 
-    with attention_backend(index.shape[1]):
-        out = F.scaled_dot_product_attention(rows(query), rows(key), rows(value), dropout_p=dropout,
-                                             attn_mask=None if mask is None else mask.to(query.device),
+    if index.shape[1] <= EAGER_MAX_LENGTH:
+        out = eager_attention(rows(query), rows(key), rows(value), mask, scaling, dropout, module.training)
+    else:
+        out = F.scaled_dot_product_attention(rows(query), rows(key), rows(value), dropout_p=dropout, attn_mask=mask,
                                              is_causal=mask is None, scale=scaling,
                                              enable_gqa=key.shape[1] != query.shape[1])
     return out.transpose(1, 2).flatten(0, 1)[causal_sequences.output.to(query.device)][None], None
@@ -198,13 +224,13 @@ def decoder_hidden(decoder: torch.nn.Module, input_ids: torch.Tensor, attention_
     members (S causal sequences a row, which may share columns: a column's state is the one
     it has in the first sequence holding it, see CausalSequences; a column in none is
     padding), or a [B,1,T,T] mask, which goes to the decoder as it is. So does a padded
-    batch with less than MIN_PADDING of padding. Under ATTENTION, rows of at most MATH_MAX_LENGTH
-    tokens attend through SDPA's math backend.
+    batch with less than MIN_PADDING of padding. Under ATTENTION, rows of at most EAGER_MAX_LENGTH
+    tokens attend through `eager_attention`.
     """
     ours = decoder.config._attn_implementation == ATTENTION
     if attention_mask is not None and (attention_mask.dim() == 4 or (
             attention_mask.dim() == 2 and attention_mask.sum() > (1 - MIN_PADDING) * attention_mask.numel())):
-        extra = {"short_rows_math": True} if ours else {}
+        extra = {"short_rows_eager": True} if ours else {}
         return decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                        use_cache=False, **extra).last_hidden_state
     members = sequence_members(attention_mask, position_ids)
@@ -229,5 +255,5 @@ def decoder_hidden(decoder: torch.nn.Module, input_ids: torch.Tensor, attention_
     return hidden
 
 
-__all__ = ["ATTENTION", "MATH_MAX_LENGTH", "MIN_PADDING", "CausalSequences", "attention_backend", "decoder_hidden",
+__all__ = ["ATTENTION", "EAGER_MAX_LENGTH", "MIN_PADDING", "CausalSequences", "decoder_hidden", "eager_attention",
            "members_mask", "sequence_members", "sequence_starts", "varlen_sdpa_attention"]

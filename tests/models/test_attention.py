@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from posttrain.models import attention
-from posttrain.models.attention import (ATTENTION, CausalSequences, decoder_hidden, members_mask, sequence_starts,
-                                       varlen_sdpa_attention)
+from posttrain.models.attention import (ATTENTION, CausalSequences, decoder_hidden, eager_attention, members_mask,
+                                       sequence_starts, varlen_sdpa_attention)
 
 
 def alone(decoder, ids: list[int]) -> torch.Tensor:
@@ -52,11 +52,12 @@ def calls(decoder, monkeypatch) -> list[dict]:
     return seen
 
 
-@pytest.fixture(params=["math", "flash"])
+@pytest.fixture(params=["eager", "flash"])
 def backend(request, monkeypatch):
-    """Both SDPA backends decoder_hidden picks from (math for rows up to MATH_MAX_LENGTH tokens)."""
+    """Both attentions decoder_hidden picks from (eager_attention for rows up to EAGER_MAX_LENGTH
+    tokens, SDPA's flash kernel above)."""
     if request.param == "flash":
-        monkeypatch.setattr(attention, "MATH_MAX_LENGTH", 0)
+        monkeypatch.setattr(attention, "EAGER_MAX_LENGTH", 0)
     return request.param
 
 
@@ -130,7 +131,7 @@ def test_little_padding_and_4d_masks_go_as_they_are(decoder, backend, calls):
             torch.testing.assert_close(hidden[row][mask[row].bool()], alone(decoder, seq), atol=1e-5, rtol=1e-5)
 
 
-def test_varlen_attention_is_causal_within_each_sequence():
+def test_varlen_attention_is_causal_within_each_sequence(backend):
     # 2 query heads over 1 key/value head; sequences of 3 and 2 tokens in one row.
     torch.manual_seed(0)
     query, key, value = torch.randn(1, 2, 5, 4), torch.randn(1, 1, 5, 4), torch.randn(1, 1, 5, 4)
@@ -144,6 +145,49 @@ def test_varlen_attention_is_causal_within_each_sequence():
     for head in range(2):
         scores = 0.5 * key[0, 0, :3] @ query[0, head, 2]
         torch.testing.assert_close(out[0, 2, head], torch.softmax(scores, 0) @ value[0, 0, :3])
+
+
+def grouped_qkv(dtype=torch.float32):
+    """6 query heads over 2 key/value heads (query heads 0–2 read key/value head 0), 2 rows × 7."""
+    torch.manual_seed(0)
+    return [torch.randn(2, heads, 7, 8, dtype=dtype, requires_grad=True) for heads in (6, 2, 2)]
+
+
+@pytest.mark.parametrize("mask_kind", ["causal", "bool", "float"])
+def test_eager_attention_equals_sdpa(mask_kind):
+    query, key, value = grouped_qkv()
+    allowed = torch.rand(2, 1, 7, 7) < 0.6
+    allowed |= torch.eye(7, dtype=torch.bool)  # every query sees at least itself: SDPA gives no NaN
+    mask = {"causal": None, "bool": allowed, "float": torch.randn(2, 1, 7, 7)}[mask_kind]
+    out = eager_attention(query, key, value, mask, scaling=0.3)
+    weights = torch.randn_like(out)
+    grads = torch.autograd.grad((out * weights).sum(), (query, key, value))
+    expected = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=mask,
+                                                                is_causal=mask is None, scale=0.3, enable_gqa=True)
+    torch.testing.assert_close(out, expected, atol=1e-6, rtol=1e-5)
+    for got, want in zip(grads, torch.autograd.grad((expected * weights).sum(), (query, key, value))):
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+
+
+def test_eager_attention_in_bf16_stays_near_flash():
+    # bf16 products and fp32 softmax, as flash attention: the outputs differ by bf16 rounding only.
+    query, key, value = grouped_qkv(torch.bfloat16)
+    out = eager_attention(query, key, value, None, scaling=8 ** -0.5)
+    assert out.dtype == torch.bfloat16
+    flash = torch.nn.functional.scaled_dot_product_attention(query, key, value, is_causal=True, enable_gqa=True)
+    torch.testing.assert_close(out.float(), flash.float(), atol=2e-2, rtol=2e-2)
+
+
+def test_eager_attention_row_with_no_key_is_finite():
+    # SDPA gives NaN for a query that may attend to nothing (a padding column of a left-padded
+    # row); eager_attention gives finite values, which decoder_hidden then drops, and finite gradients.
+    query, key, value = grouped_qkv()
+    mask = torch.ones(7, 7, dtype=torch.bool).tril().expand(2, 1, 7, 7).clone()
+    mask[1, 0, 2] = False
+    out = eager_attention(query, key, value, mask, scaling=0.3)
+    torch.testing.assert_close(out[1, :, 2], value[1].repeat_interleave(3, 0).mean(1))  # uniform over all keys
+    out[:, :, 3:].sum().backward()
+    assert all(t.grad.isfinite().all() for t in (query, key, value))
 
 
 def test_sequence_starts_follow_position_restarts():
