@@ -122,7 +122,7 @@ PASSES = {"sft": [(True, True)], "rm": [(True, False)], "dpo": [(True, True), (F
 
 def step_floor(workload: str, config: dict, counts: dict, steps: int, micro_batches: int, sequences: int) -> dict:
     """Seconds of the GEMMs one step of `workload` must do, from posttrain's counts over `steps`
-    steps (counts_total of a run): the rows' real tokens (SFT, RM; DPO: `computed_tokens`, each
+    steps (counts_total of a run): the rows' real tokens (SFT; RM and DPO: `computed_tokens`, each
     prompt once as prefix sharing lays pairs out), prompt + generated tokens for rollouts;
     LM-head positions: loss tokens or generated tokens;
     each pass in `micro_batches` equal products, as the workload's micro-batches are. Beside the
@@ -154,8 +154,8 @@ def row_floor(row: dict, report: dict, config: dict) -> dict:
     settings = report["meta"]["settings"][f"{workload}/smollm2"]
     episodes = settings.get("prompts", 0) * settings.get("num_generations", 0)
     micro = episodes // settings["batch_size"] if episodes else 1
-    # Rows a micro-batch: the RM scores chosen and rejected as rows of their own.
-    sequences = settings["batch_size"] * (2 if workload == "rm" else 1)
+    # Rows a micro-batch: the RM and DPO lay each pair out as one prefix-shared row.
+    sequences = settings["batch_size"]
     steps = [r["steps"] for r in report["runs"] if r["tool"] == "posttrain" and r["workload"] == workload
              and r["model"] == "smollm2" and "steps" in r]
     if not steps:

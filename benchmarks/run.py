@@ -723,8 +723,8 @@ NOTES = [
     "counts in TRL's time to first step) and hand TRL pre-tokenised data: TRL's own tokenising path is not "
     "exercised. TRL 1.16's DPOTrainer has no pre-tokenised path, so its `_prepare_dataset` is replaced by the "
     "identity; its collator still truncates and pads as usual.",
-    "DPO: posttrain's default lays a pair out as one prefix-shared row (the prompt computed once); TRL feeds "
-    "prompt+chosen and prompt+rejected as two rows. That saving is part of posttrain's speed, not a difference "
+    "DPO and (since the run after R-eager) RM: posttrain's default lays a pair out as one prefix-shared row (the "
+    "prompt computed once); TRL feeds prompt+chosen and prompt+rejected as two rows. That saving is part of posttrain's speed, not a difference "
     "in the work: pairs, reply tokens and the tokens of the two sequences are checked equal.",
     "PPO: responses are sampled, so the two tools' sampled lengths differ by chance (and EOS is frequent for the "
     "random tiny model); generated tokens/s is the fairer rate when the counts differ. TRL 1.12's PPO loader "

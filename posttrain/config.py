@@ -173,6 +173,8 @@ class RMConfig(TrainConfig):
     """Subtract a record's "margin" inside the Bradley–Terry sigmoid when it has one."""
     center_coef: float = 0.0
     """Reward-centring coefficient: adds center_coef·(r_w + r_l)² to keep scores near 0."""
+    prefix_sharing: bool = True
+    """One row per pair (prompt, chosen, rejected) so the prompt is computed once; False: two rows."""
 
     def validate(self) -> None:
         from posttrain.data.formats import PAIRINGS

@@ -59,8 +59,9 @@ compute_loss = trainer.compute_loss
 
 
 def counted_compute_loss(model, inputs, *args, **kwargs):
-    # Chosen rows then rejected rows, padded together (as posttrain does).
-    clock.count(tokens=inputs["attention_mask"].sum(), padded_tokens=inputs["input_ids"].numel(),
+    # Chosen rows then rejected rows, padded together (as posttrain does with prefix_sharing=False).
+    clock.count(tokens=inputs["attention_mask"].sum(), computed_tokens=inputs["attention_mask"].sum(),
+                padded_tokens=inputs["input_ids"].numel(),
                 pairs=inputs["input_ids"].shape[0] // 2)
     return compute_loss(model, inputs, *args, **kwargs)
 

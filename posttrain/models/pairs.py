@@ -27,7 +27,9 @@ A batch of B pairs has one of two layouts (shape letters: B pairs, N rows, T tok
   That keeps TokenLogprobs' contract (hidden[t-1] predicts token t) and costs one token.
 
 Either way the LM head runs only on chosen and rejected reply tokens (TokenLogprobs), and
-chosen and rejected go through the model in one forward pass.
+chosen and rejected go through the model in one forward pass. The reward model scores pairs
+in the same layouts, reading each reply's reward at its last token
+(posttrain.trainers.reward.pair_rewards).
 """
 
 from __future__ import annotations

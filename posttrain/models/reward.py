@@ -160,7 +160,22 @@ class RewardModel(torch.nn.Module):
                                                                        attn_implementation=ATTENTION)
         return cls(model, load_tokenizer(folder))
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor | None = None,
+                last: torch.Tensor | None = None) -> torch.Tensor:
+        """Rewards (float32) of the sequences in input_ids [B,T].
+
+        attention_mask [B,T] padding mask (left or right padding): one sequence a row, rewards
+        [B] read at each row's last real token. Or several causal sequences a row that may
+        share columns (a prefix-shared preference pair, posttrain.models.pairs): attention_mask
+        the [B,S,T] bool members, position_ids [B,T], and last [B,S] long, the column of each
+        sequence's last token: rewards [B,S] read there.
+        """
+        if attention_mask.dim() == 3:
+            if position_ids is None or last is None:
+                raise ValueError("RewardModel: [B,S,T] sequence members need position_ids and last")
+            hidden = decoder_hidden(self.backbone, input_ids, attention_mask, position_ids)
+            rows = torch.arange(input_ids.shape[0], device=input_ids.device)[:, None]
+            return self.head(hidden[rows, last]).squeeze(-1).float()
         # Position ids count real tokens, so a left-padded row is computed as it would be
         # alone (HF's default numbers columns, padding included).
         position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)

@@ -24,6 +24,7 @@ from posttrain.data import TokenizedPair, load_preference_pairs, pad_batch
 from posttrain.losses import bradley_terry_loss
 from posttrain.models import load_tokenizer
 from posttrain.models.lora import apply_lora
+from posttrain.models.pairs import collate_pairs
 from posttrain.models.reward import RewardModel
 from posttrain.ops import aggregate
 from posttrain.trainers.common import (RunLog, StopRequest, Throughput, build_optimizer, build_scheduler,
@@ -45,12 +46,24 @@ def load_pairs(cfg: RMConfig, source: str, tokenizer, print_fn) -> list[Tokenize
     return pairs
 
 
-def pair_rewards(model, pairs: list[TokenizedPair], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rewards of chosen [B] and rejected [B]: all 2B sequences in one padded forward pass."""
-    examples = [pair.examples()[0] for pair in pairs] + [pair.examples()[1] for pair in pairs]
-    batch = pad_batch(examples, pad_id)
-    rewards = model(batch.input_ids.to(device), batch.attention_mask.to(device))
-    return rewards[:len(pairs)], rewards[len(pairs):]
+def pair_rewards(model, pairs: list[TokenizedPair], pad_id: int, device, *,
+                 prefix_sharing: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rewards of chosen [B] and rejected [B] in one forward pass: with prefix_sharing, one row a
+    pair, the prompt computed once (posttrain.models.pairs' layout; the rewards are the two
+    sequences' own, tested), else the 2B sequences padded as rows of their own."""
+    if not prefix_sharing:
+        examples = [pair.examples()[0] for pair in pairs] + [pair.examples()[1] for pair in pairs]
+        batch = pad_batch(examples, pad_id)
+        rewards = model(batch.input_ids.to(device), batch.attention_mask.to(device))
+        return rewards[:len(pairs)], rewards[len(pairs):]
+    batch = collate_pairs(pairs, pad_id, prefix_sharing=True)
+    width = batch.input_ids.shape[1]
+    # Each reply's last token (its EOS): the last column of its mask.
+    last = torch.stack([width - 1 - mask.flip(-1).int().argmax(-1)
+                        for mask in (batch.chosen_mask, batch.rejected_mask)], dim=1)
+    rewards = model(batch.input_ids.to(device), batch.attention_mask.to(device), batch.position_ids.to(device),
+                    last.to(device))
+    return rewards[:, 0], rewards[:, 1]
 
 
 def margins(cfg: RMConfig, pairs: list[TokenizedPair], device) -> torch.Tensor | None:
@@ -72,7 +85,7 @@ def evaluate(model, pairs: list[TokenizedPair], cfg: RMConfig, accelerator, pad_
     model.eval()
     chosen, rejected, losses = [], [], []
     for batch, counts in eval_batches(pairs, cfg.batch_size, accelerator):
-        r_w, r_l = pair_rewards(model, batch, pad_id, accelerator.device)
+        r_w, r_l = pair_rewards(model, batch, pad_id, accelerator.device, prefix_sharing=cfg.prefix_sharing)
         loss, _ = bradley_terry_loss(r_w, r_l, margin=margins(cfg, batch, accelerator.device),
                                      center_coef=cfg.center_coef)
         if not counts:
@@ -145,7 +158,8 @@ def train(cfg: RMConfig) -> Path:
                 batch = [pairs[j] for j in mb]
                 with nullcontext() if i == len(mine) - 1 else accelerator.no_sync(model):
                     # 3. One forward over chosen + rejected; Σ BT loss / global pair count.
-                    r_w, r_l = pair_rewards(model, batch, pad_id, accelerator.device)
+                    r_w, r_l = pair_rewards(model, batch, pad_id, accelerator.device,
+                                            prefix_sharing=cfg.prefix_sharing)
                     per_pair, stats = bradley_terry_loss(r_w, r_l, margin=margins(cfg, batch, accelerator.device),
                                                          center_coef=cfg.center_coef)
                     every_pair = torch.ones_like(per_pair, dtype=torch.bool)[:, None]

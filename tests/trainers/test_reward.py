@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 
 from process_groups import run_group
 from posttrain.config import RMConfig, build_config
+from posttrain.data import TokenizedPair
 from posttrain.models.reward import RewardModel
 from posttrain.trainers import reward
 
@@ -84,6 +85,58 @@ def test_accumulation_equals_one_big_batch_with_margins(tmp_path):
     for key in a:
         torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=1e-4)  # padding changes rounding
     assert metrics(big)[0]["loss/train"] == pytest.approx(metrics(small)[0]["loss/train"], abs=1e-6)
+
+
+# (prompt, chosen, rejected) token ids.
+PAIRS = [([5, 9, 14, 3], [7, 22, 8], [11, 4]), ([30, 2], [19, 25, 1, 6, 7], [17]),
+         ([3, 4, 5, 6, 7, 8], [9], [10, 11, 12])]
+
+
+@pytest.mark.parametrize("attention", ["posttrain", "sdpa"])
+def test_prefix_shared_rewards_and_gradients_equal_the_plain_layout(tiny_path, attention, monkeypatch):
+    # The same 3 pairs (prompts and replies of different lengths) scored one row a pair, the
+    # prompt once, and as 6 padded rows: the same rewards and parameter gradients (fp32 sums in
+    # another order). "sdpa": a model without posttrain's attention gets the sequences as a mask.
+    pairs = [TokenizedPair(*ids, None, i) for i, ids in enumerate(PAIRS)]
+    rm = RewardModel.from_causal_lm("tiny-random", seed=0)
+    if attention == "sdpa":
+        rm.base.set_attn_implementation("sdpa")
+    seen = []
+    forward = type(rm.backbone).forward
+    monkeypatch.setattr(type(rm.backbone), "forward",
+                        lambda self, *args, **kwargs: seen.append(kwargs) or forward(self, *args, **kwargs))
+    results = {}
+    for shared in (True, False):
+        rm.zero_grad(set_to_none=True)
+        chosen, rejected = reward.pair_rewards(rm, pairs, 0, "cpu", prefix_sharing=shared)
+        (chosen * torch.tensor([1.0, -2.0, 0.5]) + rejected * torch.tensor([0.3, 1.0, -1.0])).sum().backward()
+        results[shared] = chosen.detach(), rejected.detach(), {n: p.grad.clone() for n, p in rm.named_parameters()}
+    for got, want in zip(results[True][:2], results[False][:2]):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    for name, grad in results[False][2].items():
+        torch.testing.assert_close(results[True][2][name], grad, atol=1e-5 * float(grad.abs().max()), rtol=0,
+                                   msg=name)
+    if attention == "posttrain":
+        # Prompt once, plus p (the copy of its last token) a pair: 4+3+1+2, 2+5+1+1, 6+1+1+3.
+        assert tuple(seen[0]["input_ids"].shape) == (1, 10 + 9 + 11)
+
+
+def test_forward_with_sequence_members_needs_positions_and_last_columns(tiny_path):
+    rm = RewardModel.from_causal_lm("tiny-random", seed=0)
+    with pytest.raises(ValueError, match="need position_ids and last"):
+        rm(torch.ones(1, 4, dtype=torch.long), torch.ones(1, 2, 4, dtype=torch.bool))
+
+
+def test_prefix_sharing_trains_as_the_plain_layout(tmp_path):
+    # One SGD-like step (see the accumulation test) with each layout: the same update.
+    data = write_jsonl(tmp_path / "d.jsonl", case_records(8, random.Random(2)))
+    sgd_like = dict(max_steps=1, batch_size=8, lr=1.0, adam_eps=1.0, max_grad_norm=0.0)
+    shared = reward.train(config(tmp_path, "shared", data, **sgd_like))
+    plain = reward.train(config(tmp_path, "plain", data, prefix_sharing=False, **sgd_like))
+    a, b = weights(shared), weights(plain)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=1e-4)
+    assert metrics(shared)[0]["loss/train"] == pytest.approx(metrics(plain)[0]["loss/train"], abs=1e-6)
 
 
 def test_two_processes_match_one_process(tmp_path):
