@@ -38,6 +38,19 @@ def newest(pattern: str) -> dict | None:
     return json.loads(paths[-1].read_text()) if paths else None
 
 
+def newest_floors() -> dict | None:
+    """Each workload's floor from the newest gemm-floor-*.json that has it (rows come from
+    different runs, each floor measured for its own run), or None when there is none:
+    {"floors": {workload: floor}, "measured": {workload: "<date> for run <file>"}}."""
+    merged = {"floors": {}, "measured": {}}
+    for path in sorted(RESULTS.glob("gemm-floor-*.json")):
+        data = json.loads(path.read_text())
+        for workload, floor in data["floors"].items():
+            merged["floors"][workload] = floor
+            merged["measured"][workload] = f"{data['date']} for run {data['results']}"
+    return merged if merged["floors"] else None
+
+
 def newest_profiles(reports: list[dict]) -> dict[tuple[str, str], tuple[dict, list[dict]]]:
     """(workload, model) → (meta, profiled runs) of the newest profiled run that has it."""
     found = {}
@@ -91,7 +104,7 @@ def speed_verdict(ratio: float, target: float, step: float, needed: float, gemm:
 def targets_section(rows: list[dict], profiles: dict, target_speedup: dict[str, float],
                     target_rss: float) -> list[str]:
     """The 'What is left' section for the SmolLM2 rows (rows: RESULTS.md's picked rows)."""
-    floor = newest("gemm-floor-*.json")
+    floor = newest_floors()
     speed, mem = [], []
     for row in rows:
         pt, trl, workload = row["posttrain"], row["trl"], row["workload"]
@@ -131,7 +144,8 @@ def targets_section(rows: list[dict], profiles: dict, target_speedup: dict[str, 
              "its goal; `posttrain s/step` and `needed` are median seconds a step (TRL's ÷ the target), so they "
              "cross-check with `now` only roughly. `GEMM "
              "floor` the seconds the step's matrix products alone take at the model's shapes on this machine "
-             "(`benchmarks/gemm_floor.py`" + (f", measured {floor['date']} for run {floor['results']}" if floor else "")
+             "(`benchmarks/gemm_floor.py`" + (", measured " + "; ".join(sorted({m for m in floor["measured"].values()}))
+                                               if floor else "")
              + "; attention, norms, casts, the optimizer and generation left out; each product the fastest of 6 "
              "windows); `attention` every layer's causal attention, the faster of this torch's SDPA kernel (flash) "
              "and posttrain's eager attention (2–5× faster below 192 tokens, 0.75× flash's time at 4 × 256), "
