@@ -129,6 +129,46 @@ class CausalSequences:
         return cls(index, (torch.arange(len(flat))[:, None] * longest + offset)[columns < T])
 
 
+class _Rows(torch.autograd.Function):
+    """x [N,...] -> x[index] [R,L,...], with the gradient read back rather than scattered.
+
+    Every packed token sits at exactly one place of the rows (`output`); the others repeat token
+    0 and hold padding, whose outputs the caller drops, so no gradient reaches them (a padding
+    query's output is dropped; a padding key is seen by padding queries only, as laid out in
+    `CausalSequences`). The gradient of each token is therefore the one at its own place: a
+    gather, where autograd's rule for indexing scatters with accumulation into [N,...]
+    (index_put_: 0.045 s of a SmolLM2 reward-model step under torch.profiler, 2 threads). Paired
+    in one process, a forward + backward over 4 prefix-shared pairs (605 tokens) took 0.034 s
+    less with both functions, and a DPO step on the benchmark's pairs 0.011–0.013 s less."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, index: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(output)
+        return x[index]
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        (output,) = ctx.saved_tensors
+        return grad.flatten(0, 1)[output], None, None
+
+
+class _Packed(torch.autograd.Function):
+    """rows [R,L,...] -> [N,...], the packed tokens at their places (`output`); the inverse of
+    `_Rows`. The backward gathers the gradient back into rows, zero at the padding places."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, index: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(index, output)
+        length = index.shape[1]
+        return x[output // length, output % length]  # no copy of a strided x into one [R·L,...] first
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        index, output = ctx.saved_tensors
+        rows = grad.new_zeros(index.numel(), *grad.shape[1:]).index_copy_(0, output, grad)
+        return rows.view(*index.shape, *grad.shape[1:]), None, None
+
+
 def varlen_sdpa_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                           attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
                           causal_sequences: CausalSequences | None = None, short_rows_eager: bool = False,
@@ -151,11 +191,12 @@ def varlen_sdpa_attention(module: torch.nn.Module, query: torch.Tensor, key: tor
     if query.shape[0] != 1 or key.shape[2] != query.shape[2]:
         raise ValueError(f"varlen attention: expected one packed row of queries and keys alike, got query "
                          f"{tuple(query.shape)} and key {tuple(key.shape)}")
-    index, mask = causal_sequences.index.to(query.device), causal_sequences.mask
+    index, output = causal_sequences.index.to(query.device), causal_sequences.output.to(query.device)
+    mask = causal_sequences.mask
     mask = None if mask is None else mask.to(query.device)
 
     def rows(x: torch.Tensor) -> torch.Tensor:  # [1,heads,N,d] -> [R,heads,L,d]
-        return x[0].transpose(0, 1)[index].transpose(1, 2)
+        return _Rows.apply(x[0].transpose(0, 1), index, output).transpose(1, 2)
 
     if index.shape[1] <= EAGER_MAX_LENGTH:
         out = eager_attention(rows(query), rows(key), rows(value), mask, scaling, dropout, module.training)
@@ -163,7 +204,7 @@ def varlen_sdpa_attention(module: torch.nn.Module, query: torch.Tensor, key: tor
         out = F.scaled_dot_product_attention(rows(query), rows(key), rows(value), dropout_p=dropout, attn_mask=mask,
                                              is_causal=mask is None, scale=scaling,
                                              enable_gqa=key.shape[1] != query.shape[1])
-    return out.transpose(1, 2).flatten(0, 1)[causal_sequences.output.to(query.device)][None], None
+    return _Packed.apply(out.transpose(1, 2), index, output)[None], None
 
 
 AttentionInterface.register(ATTENTION, varlen_sdpa_attention)
