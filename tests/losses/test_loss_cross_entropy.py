@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from posttrain import ops
 from posttrain.losses import chunked_cross_entropy, chunked_logprobs, chunked_logprobs_and_entropy
+from posttrain.losses import cross_entropy
 
 
 def _random_problem(dtype=torch.float32, seed=0):
@@ -32,8 +33,11 @@ def test_hand_numbers():
     torch.testing.assert_close(chunked_logprobs(hidden, weight, labels, mask), -loss)
 
 
+@pytest.mark.parametrize("keep_logits", [True, False])
 @pytest.mark.parametrize("chunk_size", [1, 4, 1000])
-def test_matches_f_cross_entropy_values_and_grads(chunk_size):
+def test_matches_f_cross_entropy_values_and_grads(chunk_size, keep_logits, monkeypatch):
+    if not keep_logits:
+        monkeypatch.setattr(cross_entropy, "KEEP_LOGITS_BYTES", 0)
     hidden, weight, labels, mask = _random_problem()
     ours = chunked_cross_entropy(hidden, weight, labels, mask, chunk_size=chunk_size)
     naive = F.cross_entropy((hidden @ weight.T).flatten(0, 1), labels.flatten(), reduction="none")
@@ -51,6 +55,39 @@ def test_flat_hidden_and_logprobs_match_log_softmax():
     flat = chunked_logprobs(hidden.flatten(0, 1), weight, labels.flatten(), mask.flatten(), chunk_size=3)
     expected = torch.log_softmax(hidden @ weight.T, -1).gather(-1, labels[..., None]).squeeze(-1) * mask
     torch.testing.assert_close(flat.view(3, 5), expected)
+
+
+def test_kept_logits_give_the_recomputed_gradients_bit_for_bit(monkeypatch):
+    # bf16 products under autocast, as in training: keeping the logits must change nothing but
+    # the time, and must be what happens below the budget (the saved tensors hold one per chunk).
+    generator = torch.Generator().manual_seed(1)
+    hidden = torch.randn(2, 40, 16, generator=generator).requires_grad_()
+    weight = torch.randn(300, 16, generator=generator).requires_grad_()
+    labels = torch.randint(0, 300, (2, 40), generator=generator)
+    mask = torch.rand(2, 40, generator=generator) > 0.2
+    upstream = torch.randn(2, 40, generator=generator)
+
+    def run():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = chunked_cross_entropy(hidden, weight, labels, mask, chunk_size=16)
+        node = next(f for f, _ in loss.grad_fn.next_functions if f is not None)
+        saved = len(node.saved_tensors)
+        return loss, torch.autograd.grad(loss, (hidden, weight), upstream), saved
+
+    kept_loss, kept_grads, kept_saved = run()
+    monkeypatch.setattr(cross_entropy, "KEEP_LOGITS_BYTES", 0)
+    loss, grads, saved = run()
+    chunks = -(-int(mask.sum()) // 16)
+    assert (kept_saved, saved) == (5 + chunks, 5)
+    assert torch.equal(kept_loss, loss)
+    assert all(torch.equal(a, b) for a, b in zip(kept_grads, grads))
+
+
+def test_no_logits_are_kept_without_gradients():
+    hidden, weight, labels, mask = _random_problem()
+    with torch.no_grad():
+        loss = chunked_cross_entropy(hidden, weight, labels, mask)
+    assert loss.grad_fn is None
 
 
 def test_gradcheck_float64_custom_backward():
