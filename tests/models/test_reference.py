@@ -109,9 +109,12 @@ def test_bf16_linear_weights_give_autocasts_log_probs_bit_for_bit(tiny_model_and
     dtypes = {name: p.dtype for name, p in bf16.model.named_parameters()}
     assert dtypes["model.model.layers.0.self_attn.q_proj.weight"] == torch.bfloat16
     assert dtypes["model.model.layers.0.mlp.down_proj.weight"] == torch.bfloat16
-    # Left as autocast leaves them: norms, the embedding and the head tied to it.
+    # Left as autocast leaves them: norms and the embedding; the head tied to it gets its own
+    # bf16 copy (posttrain's LM heads multiply in bf16 under autocast).
     assert dtypes["model.model.layers.0.input_layernorm.weight"] == torch.float32
-    assert dtypes["model.model.embed_tokens.weight"] == torch.float32
-    assert bf16.model.model.lm_head.weight is bf16.model.model.model.embed_tokens.weight
+    assert bf16.model.model.model.embed_tokens.weight.dtype == torch.float32
+    head = bf16.model.model.lm_head.weight
+    assert head.dtype == torch.bfloat16 and not head.requires_grad
+    assert torch.equal(head, model.lm_head.weight.to(torch.bfloat16))
     for a, b in zip(fp32.logps(batch()), bf16.logps(batch())):
         assert torch.equal(a, b)
