@@ -34,6 +34,7 @@ Shapes: B rows, T columns, N real tokens, H hidden size, h query heads, g key/va
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -253,8 +254,70 @@ def members_mask(members: torch.Tensor) -> torch.Tensor:
     return (allowed & torch.ones(T, T, dtype=torch.bool).tril()).unsqueeze(1)
 
 
+LAST_LAYER_AT = ("LlamaDecoderLayer",)
+"""Decoder-layer classes whose last layer `decoder_hidden(..., at=)` computes at the read tokens
+only (`_last_layer_at` follows their forward: pre-norm attention with rotary positions and
+grouped key/value heads, then a pre-norm MLP, each added to the residual). Others run whole."""
+
+
+def _hidden_at(decoder: torch.nn.Module, input_ids: torch.Tensor, position_ids: torch.Tensor,
+               sequences: CausalSequences, take: torch.Tensor) -> torch.Tensor:
+    """The packed row input_ids [1,N] through every layer but the last, as the decoder's forward
+    runs them (embedding, rotary tables, layers under ATTENTION with `sequences`), then
+    `_last_layer_at` at the packed tokens `take` [K] -> [K,H]."""
+    hidden = decoder.embed_tokens(input_ids)
+    cos_sin = decoder.rotary_emb(hidden, position_ids=position_ids)
+    for layer in decoder.layers[: decoder.config.num_hidden_layers - 1]:
+        hidden = layer(hidden, attention_mask=None, position_ids=position_ids, position_embeddings=cos_sin,
+                       causal_sequences=sequences)
+    return _last_layer_at(decoder, hidden, cos_sin, sequences, take)
+
+
+def _last_layer_at(decoder: torch.nn.Module, hidden: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor],
+                   sequences: CausalSequences, take: torch.Tensor) -> torch.Tensor:
+    """The decoder's last layer and final norm, computed for the packed tokens `take` [K] only:
+    their queries, attention over their own sequence's keys, output projection and MLP; keys and
+    values for every token, which those queries read. hidden [1,N,H] is the input of the last
+    layer, cos_sin the rotary tables [1,N,d]. -> [K,H], what the whole pass gives at `take`.
+
+    For a Llama-style layer (`_LAST_LAYER_AT`): a reward model reads one token of each sequence,
+    so the rest of the last layer is work thrown away (1/30 of SmolLM2's layers)."""
+    layer = decoder.layers[-1]
+    attn = layer.self_attn
+    rope = sys.modules[type(attn).__module__].apply_rotary_pos_emb
+    d, N, K = attn.head_dim, hidden.shape[1], take.shape[0]
+    cos, sin = cos_sin
+    x = layer.input_layernorm(hidden)
+    key = attn.k_proj(x).view(1, N, -1, d).transpose(1, 2)  # [1,g,N,d]
+    value = attn.v_proj(x).view(1, N, -1, d).transpose(1, 2)
+    query = attn.q_proj(x[:, take]).view(1, K, -1, d).transpose(1, 2)  # [1,h,K,d]
+    key = rope(key, key, cos, sin)[1]
+    query = rope(query, query, cos[:, take], sin[:, take])[0]
+    h, g = query.shape[1], key.shape[1]
+    # Each taken token's row r and column l in the rows layout; its keys are that row's tokens.
+    index, length = sequences.index.to(take.device), sequences.index.shape[1]
+    place = sequences.output.to(take.device)[take]
+    row, column = place // length, place % length
+    keys = index[row]  # [K,L]
+    if sequences.mask is None:
+        allowed = torch.arange(length, device=take.device)[None, :] <= column[:, None]
+    else:
+        allowed = sequences.mask.to(take.device)[row, 0, column]  # [K,L]
+    k_rows = key[0][:, keys].transpose(0, 1)  # [K,g,L,d]
+    v_rows = value[0][:, keys].transpose(0, 1)
+    q_rows = query[0].transpose(0, 1).reshape(K, g, h // g, d)  # query head i reads key head i // (h/g)
+    scores = torch.matmul(q_rows, k_rows.transpose(-1, -2))  # [K,g,h/g,L]
+    bias = torch.zeros(K, 1, 1, length, device=take.device).masked_fill_(~allowed[:, None, None],
+                                                                          torch.finfo(torch.float32).min)
+    probs = torch.softmax(torch.add(bias, scores.float(), alpha=attn.scaling), dim=-1).to(query.dtype)
+    out = attn.o_proj(torch.matmul(probs, v_rows).reshape(K, h * d))
+    hidden = hidden[0, take] + out
+    hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+    return decoder.norm(hidden)
+
+
 def decoder_hidden(decoder: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
-                   position_ids: torch.Tensor) -> torch.Tensor:
+                   position_ids: torch.Tensor, *, at: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """The decoder's last hidden states [B,T,H] for input_ids [B,T], as
     `decoder(input_ids, attention_mask, position_ids, use_cache=False)` gives them at every
     real token; 0 at padding.
@@ -267,25 +330,37 @@ def decoder_hidden(decoder: torch.nn.Module, input_ids: torch.Tensor, attention_
     padding), or a [B,1,T,T] mask, which goes to the decoder as it is. So does a padded
     batch with less than MIN_PADDING of padding. Under ATTENTION, rows of at most EAGER_MAX_LENGTH
     tokens attend through `eager_attention`.
+
+    at: (rows [K], columns [K]) long, real columns: only the states there, [K,H]. Under ATTENTION a
+    packed pass of a LAST_LAYER_AT model then computes its last layer at those tokens only (a
+    reward model's read tokens); ValueError if one is padding.
     """
     ours = decoder.config._attn_implementation == ATTENTION
     if attention_mask is not None and (attention_mask.dim() == 4 or (
             attention_mask.dim() == 2 and attention_mask.sum() > (1 - MIN_PADDING) * attention_mask.numel())):
         extra = {"short_rows_eager": True} if ours else {}
-        return decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                       use_cache=False, **extra).last_hidden_state
+        hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                         use_cache=False, **extra).last_hidden_state
+        return hidden if at is None else hidden[at]
     members = sequence_members(attention_mask, position_ids)
     real = members.any(1)
+    if at is not None and not real[at].all():
+        raise ValueError("decoder_hidden: `at` names a padding column")
     if ours:
+        sequences = CausalSequences.of(members)
+        layers = getattr(decoder, "layers", None)
+        if (at is not None and layers is not None and type(layers[-1]).__name__ in LAST_LAYER_AT
+                and (decoder.config.attention_dropout == 0 or not decoder.training)):
+            take = (real.flatten().cumsum(0).view(real.shape) - 1)[at]  # each read column's packed place
+            return _hidden_at(decoder, input_ids[real][None], position_ids[real][None], sequences, take)
         # An all-ones mask spares transformers building the packed row's N×N mask, which
         # ATTENTION ignores when given the sequences.
-        extra = {"attention_mask": torch.ones_like(input_ids[real])[None],
-                 "causal_sequences": CausalSequences.of(members)}
+        extra = {"attention_mask": torch.ones_like(input_ids[real])[None], "causal_sequences": sequences}
     elif members.shape[1] > 1 and attention_mask is not None:
         # Shared columns need a mask of their own under any other attention.
         hidden = decoder(input_ids=input_ids, attention_mask=members_mask(members), position_ids=position_ids,
-                         use_cache=False).last_hidden_state
-        return hidden * real[..., None]
+                         use_cache=False).last_hidden_state * real[..., None]
+        return hidden if at is None else hidden[at]
     else:
         # transformers' packed-sequence mask keeps the sequences apart (positions restart at each).
         extra = {"attention_mask": None}
@@ -293,8 +368,8 @@ def decoder_hidden(decoder: torch.nn.Module, input_ids: torch.Tensor, attention_
                      **extra).last_hidden_state[0]
     hidden = packed.new_zeros(*input_ids.shape, packed.shape[-1])
     hidden[real] = packed
-    return hidden
+    return hidden if at is None else hidden[at]
 
 
-__all__ = ["ATTENTION", "EAGER_MAX_LENGTH", "MIN_PADDING", "CausalSequences", "decoder_hidden", "eager_attention",
+__all__ = ["ATTENTION", "EAGER_MAX_LENGTH", "LAST_LAYER_AT", "MIN_PADDING", "CausalSequences", "decoder_hidden", "eager_attention",
            "members_mask", "sequence_members", "sequence_starts", "varlen_sdpa_attention"]

@@ -173,18 +173,19 @@ class RewardModel(torch.nn.Module):
         if attention_mask.dim() == 3:
             if position_ids is None or last is None:
                 raise ValueError("RewardModel: [B,S,T] sequence members need position_ids and last")
-            hidden = decoder_hidden(self.backbone, input_ids, attention_mask, position_ids)
-            rows = torch.arange(input_ids.shape[0], device=input_ids.device)[:, None]
-            return self.head(hidden[rows, last]).squeeze(-1).float()
+            rows = torch.arange(input_ids.shape[0], device=input_ids.device)[:, None].expand_as(last)
+            hidden = decoder_hidden(self.backbone, input_ids, attention_mask, position_ids,
+                                    at=(rows.flatten(), last.flatten()))
+            return self.head(hidden).squeeze(-1).float().view(last.shape)
         # Position ids count real tokens, so a left-padded row is computed as it would be
         # alone (HF's default numbers columns, padding included).
         position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-        hidden = decoder_hidden(self.backbone, input_ids, attention_mask, position_ids)
         # Last real token = last column with attention_mask 1 (left or right padding alike),
         # never "last id != pad", which is wrong when pad == eos.
         last = attention_mask.shape[1] - 1 - attention_mask.flip(-1).argmax(-1)
         rows = torch.arange(input_ids.shape[0], device=input_ids.device)
-        return self.head(hidden[rows, last]).squeeze(-1).float()
+        hidden = decoder_hidden(self.backbone, input_ids, attention_mask, position_ids, at=(rows, last))
+        return self.head(hidden).squeeze(-1).float()
 
     def encode(self, prompt: str | list[dict[str, str]], response: str | list[dict[str, str]], *,
                finished: bool = True, max_length: int | None = None) -> list[int]:

@@ -5,9 +5,11 @@ its hidden states and gradients at every real token."""
 import pytest
 import torch
 
+from posttrain.data import TokenizedPair
 from posttrain.models import attention
 from posttrain.models.attention import (ATTENTION, CausalSequences, decoder_hidden, eager_attention, members_mask,
                                        sequence_starts, varlen_sdpa_attention)
+from posttrain.models.pairs import collate_pairs
 
 
 def alone(decoder, ids: list[int]) -> torch.Tensor:
@@ -267,3 +269,63 @@ def test_members_mask_gives_other_attention_the_same_sequences(tiny_model_and_to
     hidden = decoder_hidden(model.get_decoder(), ids, members, positions)
     check_shared(model.get_decoder(), hidden, truth)
     assert hidden[1, 3:].abs().max() == 0
+
+
+def read_layouts(pad_id: int) -> dict:
+    """Three batches and the columns a reward model reads in them (each sequence's last token):
+    padded rows, one packed row of restarting positions, and prefix-shared pairs ([B,2,T] members)."""
+    ids, mask, positions = padded(SEQUENCES, [False, True, False, True], pad_id)
+    last = mask.shape[1] - 1 - mask.flip(-1).argmax(-1)
+    out = {"padded": (ids, mask, positions, (torch.arange(4), last))}
+    flat = sum(SEQUENCES, [])
+    starts = torch.tensor([0, 7, 10, 15])
+    positions = torch.cat([torch.arange(len(s)) for s in SEQUENCES])[None]
+    out["packed"] = (torch.tensor([flat]), None, positions, (torch.zeros(4, dtype=torch.long),
+                                                            starts + torch.tensor([6, 2, 4, 0])))
+    pairs = [TokenizedPair([5, 9, 14, 3], [7, 22, 8], [11, 4], None, 0), TokenizedPair([30, 2], [19], [17, 6, 1], None, 1)]
+    batch = collate_pairs(pairs, pad_id, prefix_sharing=True)
+    members = batch.attention_mask
+    last = members.shape[-1] - 1 - members.flip(-1).int().argmax(-1)  # [B,2]
+    out["shared"] = (batch.input_ids, members, batch.position_ids,
+                     (torch.arange(2)[:, None].expand_as(last).flatten(), last.flatten()))
+    return out
+
+
+@pytest.mark.parametrize("layout", ["padded", "packed", "shared"])
+def test_states_at_read_tokens_equal_the_whole_pass(decoder, backend, layout):
+    # decoder_hidden(at=) computes the last layer at the read tokens only: the states there and
+    # every parameter's gradient must be the whole pass's, and the last MLP must see only them.
+    ids, mask, positions, at = read_layouts(pad_id=0)[layout]
+    seen = []
+    hook = decoder.layers[-1].mlp.register_forward_hook(lambda module, args, out: seen.append(args[0].shape))
+    weights = torch.randn(len(at[0]), decoder.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    results = []
+    for fast in (True, False):
+        decoder.zero_grad(set_to_none=True)
+        states = decoder_hidden(decoder, ids, mask, positions, at=at) if fast else \
+            decoder_hidden(decoder, ids, mask, positions)[at]
+        (states * weights).sum().backward()
+        results.append((states.detach(), {n: p.grad.clone() for n, p in decoder.named_parameters()}))
+    hook.remove()
+    assert seen[0][:-1] == (len(at[0]),)  # the fast pass's last MLP ran on the read tokens alone
+    torch.testing.assert_close(results[0][0], results[1][0], atol=1e-5, rtol=1e-5)
+    for name, grad in results[1][1].items():
+        scale = float(grad.abs().max())
+        torch.testing.assert_close(results[0][1][name], grad, atol=1e-5 * scale, rtol=0, msg=name)
+
+
+def test_other_layer_classes_run_the_whole_last_layer(decoder, monkeypatch):
+    ids, mask, positions, at = read_layouts(pad_id=0)["shared"]
+    monkeypatch.setattr(attention, "LAST_LAYER_AT", ())
+    seen = []
+    hook = decoder.layers[-1].mlp.register_forward_hook(lambda module, args, out: seen.append(args[0].shape))
+    states = decoder_hidden(decoder, ids, mask, positions, at=at)
+    hook.remove()
+    assert seen[0][1] > len(at[0])
+    torch.testing.assert_close(states, decoder_hidden(decoder, ids, mask, positions)[at])
+
+
+def test_reading_a_padding_column_is_refused(decoder):
+    ids, mask, positions, (rows, last) = read_layouts(pad_id=0)["padded"]
+    with pytest.raises(ValueError, match="padding column"):
+        decoder_hidden(decoder, ids, mask, positions, at=(rows, torch.full_like(last, mask.shape[1] - 1)))

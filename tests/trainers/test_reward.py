@@ -102,9 +102,9 @@ def test_prefix_shared_rewards_and_gradients_equal_the_plain_layout(tiny_path, a
     if attention == "sdpa":
         rm.base.set_attn_implementation("sdpa")
     seen = []
-    forward = type(rm.backbone).forward
-    monkeypatch.setattr(type(rm.backbone), "forward",
-                        lambda self, *args, **kwargs: seen.append(kwargs) or forward(self, *args, **kwargs))
+    embed = type(rm.backbone.embed_tokens).forward
+    monkeypatch.setattr(type(rm.backbone.embed_tokens), "forward",
+                        lambda self, ids: seen.append(ids) or embed(self, ids))
     results = {}
     for shared in (True, False):
         rm.zero_grad(set_to_none=True)
@@ -118,7 +118,7 @@ def test_prefix_shared_rewards_and_gradients_equal_the_plain_layout(tiny_path, a
                                    msg=name)
     if attention == "posttrain":
         # Prompt once, plus p (the copy of its last token) a pair: 4+3+1+2, 2+5+1+1, 6+1+1+3.
-        assert tuple(seen[0]["input_ids"].shape) == (1, 10 + 9 + 11)
+        assert tuple(seen[0].shape) == (1, 10 + 9 + 11)
 
 
 def test_forward_with_sequence_members_needs_positions_and_last_columns(tiny_path):
