@@ -270,6 +270,10 @@ def _hidden_at(decoder: torch.nn.Module, input_ids: torch.Tensor, position_ids: 
     for layer in decoder.layers[: decoder.config.num_hidden_layers - 1]:
         hidden = layer(hidden, attention_mask=None, position_ids=position_ids, position_embeddings=cos_sin,
                        causal_sequences=sequences)
+    last = decoder.layers[-1]
+    if getattr(last, "gradient_checkpointing", False) and last.training and torch.is_grad_enabled():
+        # Checkpointed as the layer itself would be (transformers' GradientCheckpointingLayer).
+        return last._gradient_checkpointing_func(_last_layer_at, decoder, hidden, cos_sin, sequences, take)
     return _last_layer_at(decoder, hidden, cos_sin, sequences, take)
 
 
