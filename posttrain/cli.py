@@ -227,6 +227,21 @@ def _join_negative_numbers(argv: list[str]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The `posttrain` command; returns its exit status. One process of a multi-process run
+    (WORLD_SIZE > 1: torchrun, accelerate launch) started as the program (argv None) leaves by
+    os._exit once the command is done, skipping the interpreter's teardown: there the last DDP
+    module's reducer destroyed gloo's process group holding the GIL and joined a gloo thread that
+    needed the GIL to free its last barrier's tensors: a deadlock after the run had saved and
+    closed everything (gdb's stacks of a PPO test rank that hung so until the test's timeout)."""
+    status = _main(argv)
+    if argv is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+    return status
+
+
+def _main(argv: list[str] | None) -> int:
     # transformers' "Loading weights" and datasets' map bars say nothing a user needs next to our
     # own progress bars; set either variable to 0 to see them. Read when those libraries import.
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
