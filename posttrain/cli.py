@@ -229,11 +229,15 @@ def _join_negative_numbers(argv: list[str]) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     """The `posttrain` command; returns its exit status. One process of a multi-process run
     (WORLD_SIZE > 1: torchrun, accelerate launch) started as the program (argv None) leaves by
-    os._exit once the command is done, skipping the interpreter's teardown: there the last DDP
-    module's reducer destroyed gloo's process group holding the GIL and joined a gloo thread that
-    needed the GIL to free its last barrier's tensors: a deadlock after the run had saved and
-    closed everything (gdb's stacks of a PPO test rank that hung so until the test's timeout)."""
-    status = _main(argv)
+    os._exit once the command is done (a signal's stop included), so the DDP modules a finished
+    run keeps (trainers.common.KEPT_UNTIL_EXIT) are never torn down: freeing them could deadlock
+    in gloo's process group after the run had saved and closed everything."""
+    try:
+        status = _main(argv)
+    except SystemExit as stop:  # a run stopped by a signal (checkpoint_and_exit)
+        if argv is not None or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+            raise
+        status = stop.code if isinstance(stop.code, int) else 1
     if argv is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         sys.stdout.flush()
         sys.stderr.flush()
