@@ -53,7 +53,7 @@ class TrainConfig:
     max_steps: int = 0
     """Optimizer steps to run; 0 means derive from epochs."""
     batch_size: int = 4
-    """Micro-batch size per process (records, or packed rows with --packing)."""
+    """Micro-batch size per process: records (SFT with --packing: packed rows)."""
     grad_accum: int = 1
     """Micro-batches accumulated per optimizer step."""
     lr: float = 2e-5
