@@ -70,26 +70,26 @@ def eager_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     back, dropout on them), but without copying the key/value heads: the query heads that share a
     key/value head are stacked along the rows of one product.
 
-    query [B,h,L,d], key and value [B,g,L,d] (h a multiple of g; query head i reads key/value head
-    i // (h/g), as SDPA's enable_gqa) -> [B,h,L,d]. mask: None (causal), or [B or 1,1,L,L], bool
-    (True: the query may attend to the key) or float (added to the scores). A query row that may
-    attend to no key gets finite output (fp32's lowest value stands in for −inf), which the caller
-    drops; SDPA would give NaN there.
+    query [B,h,Q,d], key and value [B,g,L,d] (h a multiple of g; query head i reads key/value head
+    i // (h/g), as SDPA's enable_gqa) -> [B,h,Q,d]. mask: None (causal; Q = L), or [B or 1,1,Q,L],
+    bool (True: the query may attend to the key) or float (added to the scores). A query row that
+    may attend to no key gets finite output (fp32's lowest value stands in for −inf), which the
+    caller drops; SDPA would give NaN there.
     """
-    B, h, L, d = query.shape
-    g = key.shape[1]
-    scores = torch.matmul(query.reshape(B, g, h // g * L, d), key.transpose(-1, -2)).view(B, g, h // g, L, L)
+    B, h, Q, d = query.shape
+    g, L = key.shape[1], key.shape[2]
+    scores = torch.matmul(query.reshape(B, g, h // g * Q, d), key.transpose(-1, -2)).view(B, g, h // g, Q, L)
     if mask is None:
-        mask = torch.ones(L, L, dtype=torch.bool, device=query.device).tril()
+        mask = torch.ones(Q, L, dtype=torch.bool, device=query.device).tril()
     if mask.dtype == torch.bool:
         bias = torch.zeros(mask.shape, device=query.device).masked_fill_(~mask, torch.finfo(torch.float32).min)
     else:
         bias = mask.float()
     if bias.dim() == 4:
-        bias = bias[:, :, None]  # [B,1,1,L,L]: the same for every head
+        bias = bias[:, :, None]  # [B,1,1,Q,L]: the same for every head
     probs = torch.softmax(torch.add(bias, scores.float(), alpha=scaling), dim=-1).to(query.dtype)
     probs = F.dropout(probs, p=dropout, training=training)
-    return torch.matmul(probs.view(B, g, h // g * L, L), value).view(B, h, L, d)
+    return torch.matmul(probs.view(B, g, h // g * Q, L), value).view(B, h, Q, d)
 
 
 @dataclass(frozen=True)
@@ -298,7 +298,7 @@ def _last_layer_at(decoder: torch.nn.Module, hidden: torch.Tensor, cos_sin: tupl
     query = attn.q_proj(x[:, take]).view(1, K, -1, d).transpose(1, 2)  # [1,h,K,d]
     key = rope(key, key, cos, sin)[1]
     query = rope(query, query, cos[:, take], sin[:, take])[0]
-    h, g = query.shape[1], key.shape[1]
+    h = query.shape[1]
     # Each taken token's row r and column l in the rows layout; its keys are that row's tokens.
     index, length = sequences.index.to(take.device), sequences.index.shape[1]
     place = sequences.output.to(take.device)[take]
@@ -310,12 +310,9 @@ def _last_layer_at(decoder: torch.nn.Module, hidden: torch.Tensor, cos_sin: tupl
         allowed = sequences.mask.to(take.device)[row, 0, column]  # [K,L]
     k_rows = key[0][:, keys].transpose(0, 1)  # [K,g,L,d]
     v_rows = value[0][:, keys].transpose(0, 1)
-    q_rows = query[0].transpose(0, 1).reshape(K, g, h // g, d)  # query head i reads key head i // (h/g)
-    scores = torch.matmul(q_rows, k_rows.transpose(-1, -2))  # [K,g,h/g,L]
-    bias = torch.zeros(K, 1, 1, length, device=take.device).masked_fill_(~allowed[:, None, None],
-                                                                          torch.finfo(torch.float32).min)
-    probs = torch.softmax(torch.add(bias, scores.float(), alpha=attn.scaling), dim=-1).to(query.dtype)
-    out = attn.o_proj(torch.matmul(probs, v_rows).reshape(K, h * d))
+    # Each taken token is a one-query row of its own: [K,h,1,d] against its row's keys.
+    out = eager_attention(query[0].transpose(0, 1)[:, :, None], k_rows, v_rows, allowed[:, None, None], attn.scaling)
+    out = attn.o_proj(out.reshape(K, h * d))
     hidden = hidden[0, take] + out
     hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
     return decoder.norm(hidden)
