@@ -418,6 +418,8 @@ class GRPOConfig(TrainConfig):
     """Give no loss to groups whose rewards are all equal (they carry no signal; DAPO's dynamic sampling)."""
     missing_eos_penalty: float = 0.0
     """Subtracted from the reward of a response cut off at max_new_tokens."""
+    prefix_sharing: bool = True
+    """A prompt's responses in one micro-batch share a row, so the prompt is computed once; False: a row each."""
     samples_steps: int = 10
     """Append some prompts, responses and rewards to samples.jsonl every this many iterations (0: never)."""
 

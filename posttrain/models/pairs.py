@@ -6,25 +6,12 @@ A batch of B pairs has one of two layouts (shape letters: B pairs, N rows, T tok
   usual [N,T] padding mask. The prompt is computed twice.
 * prefix-shared (N = B): one row per pair, prompt ++ chosen ++ p ++ rejected, where p is a
   second copy of the prompt's last token, with a [N,2,T] bool mask of the row's two causal
-  sequences (posttrain.models.attention.sequence_members' form):
-
-      tokens     x0 … x(P-1) | c0 … c(C-1) | p     r0 … r(R-1) | pad …
-      positions  0  … P-1    | P  … P+C-1  | P-1   P  … P+R-1  | 0 …
-      sequence 0 x0 … x(P-1)   c0 … c(C-1)
-      sequence 1 x0 … x(P-2)                 p     r0 … r(R-1)
-
-  Each token attends to the earlier-or-same tokens of the first sequence holding it. So
-  chosen tokens see prompt + chosen, rejected tokens see x0 … x(P-2) + p + rejected and never
-  chosen, and positions continue from the prompt in both replies. posttrain's attention
+  sequences (posttrain.models.shared_prompt draws the layout and says why p is there):
+  chosen tokens see prompt + chosen, rejected tokens see the prompt and rejected, never chosen,
+  and positions continue from the prompt in both replies. posttrain's attention
   (posttrain.models.attention) runs the two sequences over one packed row of the real tokens,
   the prompt's projections and MLPs computed once; any other attention gets the equivalent
   [N,1,T,T] mask.
-
-  Why the copy p: c0 and r0 are both predicted from the prompt's last hidden state, but in
-  one row the token before r0 is c(C-1). p stands at position P-1 and attends to x0 … x(P-2)
-  and itself: exactly the inputs x(P-1) had, so its hidden state equals the prompt's last
-  one, and r0 (like every other target) is predicted from the row position just before it.
-  That keeps TokenLogprobs' contract (hidden[t-1] predicts token t) and costs one token.
 
 Either way the LM head runs only on chosen and rejected reply tokens (TokenLogprobs), and
 chosen and rejected go through the model in one forward pass. The reward model scores pairs
@@ -39,6 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from posttrain.data import TokenizedPair, pad_batch
+from posttrain.models.shared_prompt import shared_prompt_rows
 from posttrain.ops import masked_sum
 
 
@@ -92,23 +80,14 @@ def _plain(pairs: list[TokenizedPair], pad_id: int):
 
 
 def _shared(pairs: list[TokenizedPair], pad_id: int):
-    width = max(len(p.prompt_ids) + len(p.chosen_ids) + 1 + len(p.rejected_ids) for p in pairs)
-    input_ids = torch.full((len(pairs), width), pad_id, dtype=torch.long)
-    positions = torch.zeros((len(pairs), width), dtype=torch.long)
-    members = torch.zeros((len(pairs), 2, width), dtype=torch.bool)
-    chosen_mask = torch.zeros((len(pairs), width), dtype=torch.bool)
-    rejected_mask = torch.zeros((len(pairs), width), dtype=torch.bool)
-    for row, p in enumerate(pairs):
-        n_p, n_c, n_r = len(p.prompt_ids), len(p.chosen_ids), len(p.rejected_ids)
-        ids = p.prompt_ids + p.chosen_ids + p.prompt_ids[-1:] + p.rejected_ids
-        input_ids[row, :len(ids)] = torch.tensor(ids)
-        positions[row, :len(ids)] = torch.cat([torch.arange(n_p + n_c), torch.arange(n_p - 1, n_p + n_r)])
-        members[row, 0, :n_p + n_c] = True
-        members[row, 1, :n_p - 1] = members[row, 1, n_p + n_c: len(ids)] = True
-        chosen_mask[row, n_p: n_p + n_c] = True
+    rows = shared_prompt_rows([(p.prompt_ids, [p.chosen_ids, p.rejected_ids]) for p in pairs], pad_id)
+    chosen_mask = torch.zeros(rows.input_ids.shape, dtype=torch.bool)
+    rejected_mask = torch.zeros(rows.input_ids.shape, dtype=torch.bool)
+    for row, (p, (chosen, rejected)) in enumerate(zip(pairs, rows.reply_starts)):
+        chosen_mask[row, chosen: chosen + len(p.chosen_ids)] = True
         # The copy p opens the rejected sequence but is not a target: it follows the chosen reply.
-        rejected_mask[row, n_p + n_c + 1: len(ids)] = True
-    return input_ids, members, positions, chosen_mask, rejected_mask
+        rejected_mask[row, rejected: rejected + len(p.rejected_ids)] = True
+    return rows.input_ids, rows.members, rows.position_ids, chosen_mask, rejected_mask
 
 
 def sequence_logps(model: torch.nn.Module, batch: PairBatch, device) -> tuple[torch.Tensor, torch.Tensor]:

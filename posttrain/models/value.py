@@ -6,6 +6,7 @@ Shapes: B batch, T = Q + A (prompt then response columns), A response tokens, H 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from posttrain.losses import chunked_logprobs, chunked_logprobs_and_entropy
 from posttrain.models.attention import decoder_hidden
@@ -46,23 +47,33 @@ def response_logprobs(lm: torch.nn.Module, input_ids, attention_mask, position_i
 
     The LM head runs at response positions only, chunked, never over the prompt; logits are
     scaled as logits / temperature, what the sampler drew from (before top-p).
+
+    With [N,S,T] sequence members for attention_mask (a prompt and its responses a row,
+    `Generation.shared_prompt_rows`), response_mask is the [N,T] mask of target columns and
+    log-probs and entropy are [N,T], aligned with input_ids (0 at column 0).
     """
     causal_lm = base_causal_lm(lm)
     hidden = decoder_hidden(causal_lm.get_decoder(), input_ids, attention_mask, position_ids)
-    n_query = input_ids.shape[1] - response_mask.shape[1]
+    aligned = attention_mask is not None and attention_mask.dim() == 3
+    n_query = 1 if aligned else input_ids.shape[1] - response_mask.shape[1]
     # hidden[t-1] predicts token t; (h/τ)·Wᵀ = (h·Wᵀ)/τ.
     before = hidden[:, n_query - 1: -1] / temperature
     weight = causal_lm.get_output_embeddings().weight
     device = input_ids.device.type
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
     response_ids = input_ids[:, n_query:]
+    targets = response_mask[:, 1:] if aligned else response_mask
+    entropy = None
     if with_entropy:
-        logprobs, entropy = chunked_logprobs_and_entropy(before, weight, response_ids, response_mask,
-                                                         chunk_size=chunk_size, compute_dtype=dtype)
-        return logprobs.float(), entropy.float(), hidden
-    logprobs = chunked_logprobs(before, weight, response_ids, response_mask, chunk_size=chunk_size,
-                                compute_dtype=dtype)
-    return logprobs.float(), None, hidden
+        logprobs, entropy = chunked_logprobs_and_entropy(before, weight, response_ids, targets, chunk_size=chunk_size,
+                                                         compute_dtype=dtype)
+        entropy = entropy.float()
+    else:
+        logprobs = chunked_logprobs(before, weight, response_ids, targets, chunk_size=chunk_size, compute_dtype=dtype)
+    logprobs = logprobs.float()
+    if aligned:  # column 0 is never a target
+        logprobs, entropy = F.pad(logprobs, (1, 0)), None if entropy is None else F.pad(entropy, (1, 0))
+    return logprobs, entropy, hidden
 
 
 class PolicyAndValue(torch.nn.Module):
@@ -76,8 +87,10 @@ class PolicyAndValue(torch.nn.Module):
     chosen in), like the log-prob. The critic is either a separate `ValueModel` or a
     `value_head` Linear(H, 1) on the policy's own hidden states (one decoder pass for both);
     at most one is given. Without either (GRPO, RLOO: no critic), or with with_values=False (a
-    reference pass with LoRA adapters off), values is None. Without a critic it is also the frozen
-    reference's module: log-probs come from its forward, which sharding needs (trainers/sharding.py).
+    reference pass with LoRA adapters off), values is None. With shared-prompt rows (attention_mask
+    [N,S,T], `response_logprobs`) the shapes are [N,T], and values are refused (ValueError).
+    Without a critic it is also the frozen reference's module: log-probs come from its forward,
+    which sharding needs (trainers/sharding.py).
     """
 
     def __init__(self, policy: torch.nn.Module, *, critic: ValueModel | None = None,
@@ -94,9 +107,11 @@ class PolicyAndValue(torch.nn.Module):
         logprobs, entropy, hidden = response_logprobs(self.policy, input_ids, attention_mask, position_ids,
                                                       response_mask, temperature=self.temperature,
                                                       with_entropy=with_entropy)
-        n_query = input_ids.shape[1] - response_mask.shape[1]
         if not with_values or (self.critic is None and self.value_head is None):
             return logprobs, entropy, None
+        if attention_mask is not None and attention_mask.dim() == 3:
+            raise ValueError("PolicyAndValue: values are read a response a row; shared-prompt rows give log-probs only")
+        n_query = input_ids.shape[1] - response_mask.shape[1]
         if self.critic is not None:
             all_values = self.critic(input_ids, attention_mask, position_ids)
         else:

@@ -11,6 +11,7 @@ from dataclasses import dataclass, fields
 import torch
 
 from posttrain.data import FINISH_REASONS  # the values of finish_reasons; posttrain.sampling exports it from here
+from posttrain.models.shared_prompt import shared_prompt_rows
 
 
 @dataclass
@@ -53,6 +54,28 @@ class Generation:
         positions = (attention.cumsum(-1) - 1).clamp(min=0)
         return input_ids, attention, positions
 
+    def shared_prompt_rows(self) -> "SharedPromptResponses | None":
+        """The responses laid out a prompt a row (posttrain.models.shared_prompt): the responses
+        to one prompt (equal prompt_index) follow its tokens, each in a causal sequence of its
+        own, so the prompt is computed once for all of them. None when no prompt has two
+        responses here: there is nothing to share, and `sequences()` is the layout to use."""
+        groups: dict[int, list[int]] = {}
+        for b, i in enumerate(self.prompt_index.tolist()):
+            groups.setdefault(i, []).append(b)
+        if len(groups) == len(self.prompts):
+            return None
+        rows = shared_prompt_rows([(self.prompt_ids[bs[0]][self.prompt_mask[bs[0]]].tolist(),
+                                    [self.response_ids[b][self.response_mask[b]].tolist() for b in bs])
+                                   for bs in groups.values()], pad_id=0)
+        row, start = torch.zeros(len(self.prompts), dtype=torch.long), torch.zeros(len(self.prompts), dtype=torch.long)
+        for n, bs in enumerate(groups.values()):
+            row[bs], start[bs] = n, torch.tensor(rows.reply_starts[n])
+        columns = torch.where(self.response_mask, start[:, None] + torch.arange(self.response_mask.shape[1]), 0)
+        targets = torch.zeros(rows.input_ids.shape, dtype=torch.bool)
+        targets[row[:, None].expand_as(columns)[self.response_mask], columns[self.response_mask]] = True
+        return SharedPromptResponses(rows.input_ids, rows.members, rows.position_ids, targets, row, columns,
+                                     self.response_mask)
+
     def select(self, index: torch.Tensor | slice):
         """The rows at `index`, every tensor and list field alike (a subclass keeps its type)."""
         rows = range(len(self.prompts))[index] if isinstance(index, slice) else index.tolist()
@@ -61,3 +84,28 @@ class Generation:
             value = getattr(self, f.name)
             picked[f.name] = value[index] if isinstance(value, torch.Tensor) else [value[i] for i in rows]
         return type(self)(**picked)
+
+
+@dataclass
+class SharedPromptResponses:
+    """B responses in N rows of a prompt and its responses each (`Generation.shared_prompt_rows`).
+
+    input_ids, position_ids: [N,T] long. members: [N,S,T] bool causal sequences (one a response).
+    target_mask: [N,T] bool, True on every response token. row: [B] long, each response's row;
+    columns: [B,A] long, the column of each response token (0 off response_mask [B,A] bool).
+    """
+
+    input_ids: torch.Tensor
+    members: torch.Tensor
+    position_ids: torch.Tensor
+    target_mask: torch.Tensor
+    row: torch.Tensor
+    columns: torch.Tensor
+    response_mask: torch.Tensor
+
+    def per_response(self, per_token: torch.Tensor) -> torch.Tensor:
+        """[N,T] values aligned with input_ids (log-probs of the targets) -> [B,A], each response
+        token's value in its response's row, 0 off response_mask."""
+        mask = self.response_mask.to(per_token.device)
+        return torch.where(mask, per_token[self.row.to(per_token.device)[:, None], self.columns.to(per_token.device)],
+                           0.0)

@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 
 from posttrain.config import ConfigError, GRPOConfig, RLOOConfig, build_config, to_yaml
 from posttrain.models.reward import RewardModel
+from posttrain.sampling import Generation
 from posttrain.trainers import grpo
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -209,3 +210,59 @@ def test_bad_settings_are_one_line_config_errors(tmp_path):
         config(tmp_path, "x").sizes(3)
     assert config(tmp_path, "x", rollout_batch_size=4, num_generations=4, num_minibatches=2, batch_size=4).sizes(2) \
         == (2, 4, 1)
+
+
+def hand_made_generation(prompts: list[list[int]], responses: list[list[int]], prompt_index: list[int],
+                         steps: int) -> Generation:
+    """Responses (each ≤ steps tokens) to prompts[prompt_index[b]], padded as the sampler pads."""
+    from posttrain.sampling.sampler import left_pad
+
+    prompt_ids, prompt_mask = left_pad([prompts[i] for i in prompt_index], 0)
+    response_ids = torch.zeros(len(responses), steps, dtype=torch.long)
+    response_mask = torch.zeros(len(responses), steps, dtype=torch.bool)
+    for b, tokens in enumerate(responses):
+        response_ids[b, :len(tokens)], response_mask[b, :len(tokens)] = torch.tensor(tokens), True
+    B = len(responses)
+    return Generation(prompt_ids, prompt_mask, response_ids, response_mask, torch.zeros(B, steps), ["length"] * B,
+                      torch.tensor(prompt_index), torch.zeros(B, dtype=torch.long), [""] * B, [""] * B)
+
+
+def test_shared_prompt_rows_hold_each_prompt_once_and_every_response_token_at_its_column():
+    gen = hand_made_generation([[5, 6, 7], [8]], [[1, 2], [3], [4, 4, 4], [9, 9]], [0, 1, 0, 0], steps=3)
+    shared = gen.shared_prompt_rows()
+    # Row 0: 5 6 7 | 1 2 | p=7 4 4 4 | p=7 9 9; row 1: 8 | 3, padded.
+    assert shared.input_ids.tolist() == [[5, 6, 7, 1, 2, 7, 4, 4, 4, 7, 9, 9], [8, 3] + [0] * 10]
+    assert shared.position_ids[0].tolist() == [0, 1, 2, 3, 4, 2, 3, 4, 5, 2, 3, 4]
+    assert shared.members[0].int().tolist() == [[1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0],
+                                                [1, 1, 0, 0, 0, 1, 1, 1, 1, 0, 0, 0],
+                                                [1, 1, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1]]
+    assert shared.members[1].int().tolist() == [[1, 1] + [0] * 10, [0] * 12, [0] * 12]
+    taken = torch.where(gen.response_mask, shared.input_ids[shared.row[:, None], shared.columns], 0)
+    assert torch.equal(taken, gen.response_ids)
+    assert int(shared.target_mask.sum()) == int(gen.response_mask.sum())
+    assert hand_made_generation([[5], [6]], [[1], [2]], [0, 1], steps=1).shared_prompt_rows() is None
+
+
+@pytest.mark.parametrize("attention", ["posttrain_sdpa", "sdpa"])
+def test_shared_prompt_log_probs_and_gradients_equal_a_row_a_response(tiny_model_and_tokenizer, attention):
+    # Two prompts of different lengths (left padding), groups split and interleaved, responses
+    # of 1 to 6 tokens: the same log-probs and parameter gradients as one row a response.
+    from posttrain.models.value import PolicyAndValue
+
+    model, _ = tiny_model_and_tokenizer
+    model.config._attn_implementation = attention
+    net = PolicyAndValue(model, temperature=0.7)
+    g = torch.Generator().manual_seed(0)
+    draw = lambda n: torch.randint(3, model.config.vocab_size, (n,), generator=g).tolist()  # noqa: E731
+    gen = hand_made_generation([draw(9), draw(4)], [draw(n) for n in (6, 1, 3, 5, 6)], [0, 1, 0, 1, 0], steps=6)
+    results = []
+    for sharing in (True, False):
+        net.zero_grad()
+        logprobs = grpo.response_logprobs_of(net, gen, GRPOConfig(prefix_sharing=sharing), "cpu")
+        (logprobs * torch.linspace(-1, 2, logprobs.numel()).view_as(logprobs)).sum().backward()
+        results.append((logprobs.detach(), [p.grad.clone() for p in net.parameters()]))
+    (shared, shared_grads), (plain, plain_grads) = results
+    assert torch.equal(shared == 0, ~gen.response_mask)
+    torch.testing.assert_close(shared, plain, atol=1e-5, rtol=1e-5)
+    for a, b in zip(shared_grads, plain_grads):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
