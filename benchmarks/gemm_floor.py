@@ -120,10 +120,12 @@ PASSES = {"sft": [(True, True)], "rm": [(True, False)], "dpo": [(True, True), (F
           "grpo": [(True, True), (False, True)], "rloo": [(True, True), (False, True)]}
 
 
-def step_floor(workload: str, config: dict, counts: dict, steps: int, micro_batches: int, sequences: int) -> dict:
+def step_floor(workload: str, config: dict, counts: dict, steps: int, micro_batches: int, sequences: int,
+               prompt_shares: int = 1) -> dict:
     """Seconds of the GEMMs one step of `workload` must do, from posttrain's counts over `steps`
     steps (counts_total of a run): the rows' real tokens (SFT; RM and DPO: `computed_tokens`, each
-    prompt once as prefix sharing lays pairs out), prompt + generated tokens for rollouts;
+    prompt once as prefix sharing lays pairs out), prompt + generated tokens for rollouts, the
+    prompt tokens once for every `prompt_shares` responses (GRPO, RLOO: a group's prompt once);
     LM-head positions: loss tokens or generated tokens;
     each pass in `micro_batches` equal products, as the workload's micro-batches are. Beside the
     GEMMs, `attention_seconds`: every layer's causal attention at `sequences` rows a micro-batch of
@@ -131,7 +133,7 @@ def step_floor(workload: str, config: dict, counts: dict, steps: int, micro_batc
     if workload in ("sft", "rm", "dpo"):
         tokens, head = counts.get("computed_tokens", counts["tokens"]), counts.get("loss_tokens", 0)
     else:
-        tokens, head = counts["prompt_tokens"] + counts["generated_tokens"], counts["generated_tokens"]
+        tokens, head = counts["prompt_tokens"] / prompt_shares + counts["generated_tokens"], counts["generated_tokens"]
     rows, positions = round(tokens / steps / micro_batches), round(head / steps / micro_batches)
     seconds = micro_batches * sum(pass_seconds(config, rows, positions if with_head else 0, backward=backward)
                                   for backward, with_head in PASSES[workload])
@@ -160,7 +162,10 @@ def row_floor(row: dict, report: dict, config: dict) -> dict:
              and r["model"] == "smollm2" and "steps" in r]
     if not steps:
         raise KeyError("a posttrain run")
-    floor = step_floor(workload, config, row["posttrain"]["counts_total"], steps[0], micro, sequences)
+    # GRPO's and RLOO's micro-batches hold whole groups here (batch_size = K), so prefix sharing
+    # computes each prompt once for its K responses (counted one prompt per episode).
+    shares = settings.get("num_generations", 1) if settings["batch_size"] % settings.get("num_generations", 1) == 0 else 1
+    floor = step_floor(workload, config, row["posttrain"]["counts_total"], steps[0], micro, sequences, shares)
     print(workload, json.dumps(floor), flush=True)
     return {workload: floor}
 

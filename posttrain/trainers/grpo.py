@@ -48,6 +48,14 @@ from posttrain.trainers.sharding import full_model, padded_share, prepare, refre
 SAMPLES_PER_LOG = 8
 """Responses of the main process written to samples.jsonl each samples_steps iterations."""
 
+NO_GRAD_BATCHES = 4
+"""Stage 3's no-grad forwards (log π_ref, log π_old) take this many micro-batches of batch_size
+responses at once. A no-grad forward holds one layer's activations at a time, where a training
+forward keeps every layer's for its backward, so 4× the rows stay small beside a training
+micro-batch. Fewer, larger matrix products: on 4 SmolLM2 groups (4 responses of ≤ 32
+tokens to prompts of 30–64, prefix-shared) the reference pass took 0.78–0.84 s at once against
+0.97–1.03 s in 4 micro-batches (2 threads, alternating, 5 passes each)."""
+
 
 def build_networks(cfg: GRPOConfig) -> tuple[PolicyAndValue, torch.nn.Module | None]:
     """The trained policy (no critic), and the frozen reference when β > 0 or held-out data
@@ -115,10 +123,10 @@ def response_logprobs_of(net, part: Generation, cfg: GRPOConfig, device) -> torc
 def logprobs_of(net: PolicyAndValue, reference, gen: Generation, cfg: GRPOConfig, accelerator, *,
                 old: bool) -> dict[str, torch.Tensor]:
     """Stage 3: "old" log π_old [B, A] (if old) and "ref" log π_ref [B, A] (if there is a
-    reference: β > 0), on the CPU, in micro-batches of batch_size."""
-    parts = defaultdict(list)
-    for start in range(0, len(gen.responses), cfg.batch_size):
-        part = gen.select(slice(start, start + cfg.batch_size))
+    reference: β > 0), on the CPU, NO_GRAD_BATCHES micro-batches of batch_size at a time."""
+    parts, rows = defaultdict(list), cfg.batch_size * NO_GRAD_BATCHES
+    for start in range(0, len(gen.responses), rows):
+        part = gen.select(slice(start, start + rows))
         with accelerator.autocast():
             if old:
                 parts["old"].append(response_logprobs_of(net, part, cfg, accelerator.device).cpu())
