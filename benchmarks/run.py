@@ -778,7 +778,12 @@ NOTES = [
     "`entropy` metric; not optional in 1.16), posttrain's does not; TRL's reference and policy forwards use its "
     "fused chunked LM head, posttrain's its own chunked log-probs. TRL samples under bf16 autocast from the fp32 "
     "policy; posttrain's sampler decodes from its own bf16 copy of the weights, refreshed after every optimizer "
-    "step (the copy is in posttrain's peak RSS and the refresh in its step time). Sampled lengths differ by "
+    "step (the copy is in posttrain's peak RSS and the refresh in its step time). Since commit cdea84b "
+    "posttrain's training and no-grad forwards lay a prompt and its responses out as one prefix-shared row (the "
+    "prompt computed once, `prefix_sharing`), where TRL feeds a row a response: as for DPO, that saving is part "
+    "of posttrain's speed, not a difference in the work (episodes, prompt and generated tokens are counted alike). "
+    "Since commit 5f7e71f posttrain's no-grad forwards (reference, log π_old) take 4 micro-batches of responses at "
+    "once; TRL's take `per_device_train_batch_size` rows at a time. Sampled lengths differ by "
     "chance, as in PPO (hence a ✗ on generated tokens is expected, most of all for the tiny model, whose "
     "responses often end early); prompts and episodes are equal by construction.",
 ]
