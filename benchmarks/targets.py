@@ -146,7 +146,9 @@ def targets_section(rows: list[dict], profiles: dict, target_speedup: dict[str, 
              "floor` the seconds the step's matrix products alone take at the model's shapes on this machine "
              "(`benchmarks/gemm_floor.py`" + (", measured " + "; ".join(sorted({m for m in floor["measured"].values()}))
                                                if floor else "")
-             + "; attention, norms, casts, the optimizer and generation left out; each product the fastest of 6 "
+             + "; real tokens only, a prompt once for all the replies that share it: DPO's pair, GRPO's and RLOO's "
+             "group (floors measured before 2026-12-01 counted GRPO's and RLOO's prompt once a response); "
+             "attention, norms, casts, the optimizer and generation left out; each product the fastest of 6 "
              "windows); `attention` every layer's causal attention, the faster of this torch's SDPA kernel (flash) "
              "and posttrain's eager attention (2–5× faster below 192 tokens, 0.75× flash's time at 4 × 256), "
              "timed alone "
