@@ -121,9 +121,9 @@ def response_logprobs_of(net, part: Generation, cfg: GRPOConfig, device) -> torc
 
 @torch.no_grad()
 def logprobs_of(net: PolicyAndValue, reference, gen: Generation, cfg: GRPOConfig, accelerator, *,
-                old: bool) -> dict[str, torch.Tensor]:
-    """Stage 3: "old" log π_old [B, A] (if old) and "ref" log π_ref [B, A] (if there is a
-    reference: β > 0), on the CPU, NO_GRAD_BATCHES micro-batches of batch_size at a time."""
+                old: bool, ref: bool) -> dict[str, torch.Tensor]:
+    """Stage 3: "old" log π_old [B, A] (if old) and "ref" log π_ref [B, A] (if ref: β > 0 in
+    training, always in evaluation), on the CPU, NO_GRAD_BATCHES micro-batches of batch_size at a time."""
     parts, rows = defaultdict(list), cfg.batch_size * NO_GRAD_BATCHES
     for start in range(0, len(gen.responses), rows):
         part = gen.select(slice(start, start + rows))
@@ -131,7 +131,7 @@ def logprobs_of(net: PolicyAndValue, reference, gen: Generation, cfg: GRPOConfig
             if old:
                 parts["old"].append(response_logprobs_of(net, part, cfg, accelerator.device).cpu())
             # Through the modules' own forward, where a sharded model gathers its weights.
-            if cfg.beta > 0 or cfg.eval_data:
+            if ref:
                 ref_net = reference if reference is not None else net
                 with nullcontext() if reference is not None else disabled_adapters(net.policy):
                     parts["ref"].append(response_logprobs_of(ref_net, part, cfg, accelerator.device).cpu())
@@ -264,7 +264,7 @@ def evaluate(net, reference, sampler, prompts, reward, cfg: GRPOConfig, accelera
     totals = defaultdict(float)
     for start in range(0, len(mine), cfg.rollout_batch_size):
         gen = generate(sampler, prompts, mine[start: start + cfg.rollout_batch_size], params)
-        forward = logprobs_of(net, reference, gen, cfg, accelerator, old=True)
+        forward = logprobs_of(net, reference, gen, cfg, accelerator, old=True, ref=True)
         counted = slice(0, max(real - start, 0))  # one response per prompt; the rest is padding
         mask = gen.response_mask[counted]
         totals["eval/scores"] += float(reward(gen, prompts)[0][counted].sum())
@@ -336,7 +336,7 @@ def train(cfg: GRPOConfig) -> Path:
             # 2. Score.
             scores, judge_means = reward(gen, prompts)
             # 3. Old policy and reference log-probs.
-            forward = logprobs_of(net, reference, gen, cfg, accelerator, old=needs_old)
+            forward = logprobs_of(net, reference, gen, cfg, accelerator, old=needs_old, ref=cfg.beta > 0)
             # 4–5. Rewards (missing-EOS penalty, the KL-shaped reward with kl_in_reward) and
             #      group-relative advantages, the same for every token of a response; in stage 6
             #      when shaped_in_training.

@@ -266,3 +266,13 @@ def test_shared_prompt_log_probs_and_gradients_equal_a_row_a_response(tiny_model
     torch.testing.assert_close(shared, plain, atol=1e-5, rtol=1e-5)
     for a, b in zip(shared_grads, plain_grads):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_held_out_data_without_beta_computes_the_reference_for_evaluation_only(tmp_path, monkeypatch):
+    # β = 0: training never reads log π_ref; only the held-out evaluation's KL does.
+    calls = []
+    original = grpo.logprobs_of
+    monkeypatch.setattr(grpo, "logprobs_of", lambda *a, ref, **kw: calls.append(ref) or original(*a, ref=ref, **kw))
+    grpo.train(config(tmp_path, "eval", max_steps=2, eval_data=str(write_prompts(tmp_path / "held.jsonl", 4, seed=1)),
+                      eval_steps=1))
+    assert calls.count(False) == 2 and calls.count(True) >= 2
