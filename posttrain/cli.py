@@ -230,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     """The `posttrain` command; returns its exit status. One process of a multi-process run
     (WORLD_SIZE > 1: torchrun, accelerate launch) started as the program (argv None) leaves by
     os._exit once the command is done (a signal's stop included), so the DDP modules a finished
-    run keeps (trainers.common.KEPT_UNTIL_EXIT) are never torn down: freeing them could deadlock
+    run keeps (trainers.sharding.KEPT_UNTIL_EXIT) are never torn down: freeing them could deadlock
     in gloo's process group after the run had saved and closed everything."""
     try:
         status = _main(argv)

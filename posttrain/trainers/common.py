@@ -487,18 +487,11 @@ def stop_message(cfg: TrainConfig, step: int, command: str) -> str:
             f"Resume with: posttrain {command} --config {cfg.output_dir}/config.yaml --resume")
 
 
-KEPT_UNTIL_EXIT: list[Accelerator] = []
-"""The accelerators of finished multi-process runs, with the DDP modules they prepared. Freeing a
-DDP module right after the run's last collective deadlocked: its reducer destroyed gloo's process
-group holding the GIL and joined a gloo thread that needed the GIL to free that collective's
-tensors (gdb's stacks of two-process test ranks hung so until their timeout). Kept here, they are
-freed at exit, long after, or never: `posttrain.cli.main` leaves such a process by os._exit."""
-
-
 def keep_until_exit(accelerator: Accelerator) -> None:
-    """Keep a multi-process run's accelerator (and its DDP modules) alive; see KEPT_UNTIL_EXIT."""
+    """Keep a multi-process run's accelerator alive until exit (sharding.KEPT_UNTIL_EXIT, which
+    holds its DDP module since `sharding.prepare`)."""
     if accelerator.num_processes > 1:
-        KEPT_UNTIL_EXIT.append(accelerator)
+        sharding.KEPT_UNTIL_EXIT.append(accelerator)
 
 
 def checkpoint_and_exit(accelerator: Accelerator, cfg: TrainConfig, log: "RunLog", step: int,

@@ -163,7 +163,26 @@ def check_sharded(model: torch.nn.Module, world: int) -> None:
                          f"{world} processes after preparing; refusing to train unsharded copies")
 
 
+KEPT_UNTIL_EXIT: list = []
+"""The prepared models (DDP wrappers) and accelerators of multi-process runs, kept until exit.
+Freeing a DDP module right after the run's last collective deadlocked: its reducer destroyed
+gloo's process group holding the GIL and joined a gloo thread that needed the GIL to free that
+collective's tensors (gdb's stacks of two-process test ranks hung so until their timeout).
+accelerate's `_models` holds the module it wrapped, not the DDP wrapper, so keeping the
+accelerator alone left the wrapper to the trainer's frame (the RM two-process test still hung 1
+run in 6). Kept here, they are freed at exit, long after, or never: `posttrain.cli.main` leaves
+such a process by os._exit."""
+
+
 def prepare(accelerator: Accelerator, cfg, model: torch.nn.Module, optimizer, scheduler):
+    """`_prepare` (below), with a multi-process run's prepared model kept in KEPT_UNTIL_EXIT."""
+    prepared = _prepare(accelerator, cfg, model, optimizer, scheduler)
+    if accelerator.num_processes > 1:
+        KEPT_UNTIL_EXIT.append(prepared[0])
+    return prepared
+
+
+def _prepare(accelerator: Accelerator, cfg, model: torch.nn.Module, optimizer, scheduler):
     """accelerator.prepare(model, optimizer, scheduler), sharded as `engine` decides.
 
     On the "torch" path the model is sharded here, the optimizer's parameters are swapped for the
