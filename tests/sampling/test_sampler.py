@@ -185,6 +185,22 @@ def test_lora_adapters_are_merged_into_the_inference_copy(tiny_model_and_tokeniz
     torch.testing.assert_close(fast.sample_logprobs, plain.sample_logprobs, atol=1e-5, rtol=1e-5)
 
 
+def test_an_untied_head_is_read_from_its_own_weight(tiny_model_and_tokenizer):
+    # The inference copy packs a tied head from the embedding's copy; an untied one must not be.
+    model, tokenizer = tiny_model_and_tokenizer
+    config = model.config.__class__.from_dict({**model.config.to_dict(), "tie_word_embeddings": False})
+    untied = type(model)(config).eval()
+    untied.load_state_dict(model.state_dict(), strict=False)
+    with torch.no_grad():
+        untied.lm_head.weight.copy_(torch.randn_like(untied.lm_head.weight))
+    assert untied.lm_head.weight.data_ptr() != untied.model.embed_tokens.weight.data_ptr()
+    prompts, params = prompts_for(tokenizer, TEXTS[:4]), SamplingParams(n=2, max_new_tokens=12)
+    fast = Sampler(untied, tokenizer, precision="fp32", backend="llama").generate(prompts, params)
+    plain = Sampler(untied, tokenizer, precision="fp32", backend="hf").generate(prompts, params)
+    assert per_sequence(fast) == per_sequence(plain)
+    torch.testing.assert_close(fast.sample_logprobs, plain.sample_logprobs, atol=1e-5, rtol=1e-5)
+
+
 def test_bad_settings_are_one_line_errors(tiny_model_and_tokenizer):
     model, tokenizer = tiny_model_and_tokenizer
     prompts = prompts_for(tokenizer, ["a"])
