@@ -78,17 +78,22 @@ def choose_tokens(logits: torch.Tensor, u: torch.Tensor, params: SamplingParams)
     if params.temperature == 0:
         tokens = logits.argmax(-1)
         return tokens, (logits.gather(-1, tokens[:, None]).squeeze(-1) - logits.logsumexp(-1))
-    scaled = logits / params.temperature
-    normalizer = scaled.logsumexp(-1, keepdim=True)
-    probs = (scaled - normalizer).exp_()
+    scaled = logits / params.temperature if params.temperature != 1 else logits
+    # Unnormalised: the CDF's last entry is the mass it is inverted against, so the only pass
+    # normalising needs is a sum for the log-prob (logsumexp would exponentiate twice).
+    peak = scaled.amax(-1, keepdim=True)
+    probs = (scaled - peak).exp_()
+    mass = probs.sum(-1, keepdim=True)
+    normalizer = peak + mass.log()
     if params.top_k:
         kth = probs.topk(min(params.top_k, probs.shape[-1]), dim=-1).values[:, -1:]
         probs = torch.where(probs >= kth, probs, 0.0)
     if params.top_p < 1:
         sorted_probs, order = probs.sort(dim=-1, descending=True)
-        # Keep a token while the mass before it is under top_p (the most likely always stays).
+        # Keep a token while the mass before it is under top_p of the whole (the most likely always stays).
         before = sorted_probs.cumsum(-1) - sorted_probs
-        probs = torch.zeros_like(probs).scatter(-1, order, torch.where(before < params.top_p, sorted_probs, 0.0))
+        kept = torch.where(before < params.top_p * mass, sorted_probs, 0.0)
+        probs = torch.zeros_like(probs).scatter(-1, order, kept)
     cdf = probs.cumsum_(-1)
     target = (u * cdf[:, -1].double()).float()[:, None]
     tokens = torch.searchsorted(cdf, target, right=True).squeeze(-1).clamp(max=logits.shape[-1] - 1)
