@@ -111,6 +111,25 @@ def micro_batches(items: list[int], *, rank: int, world_size: int, batch_size: i
     return chunks[rank::world_size]
 
 
+@contextmanager
+def weights_cast_once(accelerator: Accelerator, model: torch.nn.Module):
+    """Around the micro-batches of one optimizer step: their forwards cast the weights once.
+
+    Under bf16 autocast every forward casts every Linear weight to bf16 anew: autocast keeps a
+    cast only until its outermost autocast region ends (about 20 ms a SmolLM2 forward here).
+    This adds an outer region, disabled so that nothing outside the model's own (autocast)
+    forward changes, in which the later micro-batches reuse the first one's casts: the weights
+    do not change before the optimizer step, which comes after this region, where the casts are
+    dropped. Forwards and gradients are bit-identical (tests/trainers/test_common.py). Not taken
+    for a sharded model (its layers are gathered anew for each forward) or without autocast.
+    """
+    if accelerator.mixed_precision != "bf16" or sharding.is_sharded(model):
+        yield
+        return
+    with torch.autocast(device_type=accelerator.device.type, enabled=False):
+        yield
+
+
 def global_sum(accelerator: Accelerator, value: float | int) -> float:
     """Sum a number over all processes (the token counts that normalise the loss)."""
     t = torch.tensor(float(value), device=accelerator.device)

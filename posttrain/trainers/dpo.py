@@ -38,7 +38,7 @@ from posttrain.trainers.common import (RunLog, StopRequest, Throughput, build_op
                                        checkpoint_and_exit, finish_run, global_sum, make_accelerator,
                                        micro_batches, optimizer_step, prepare_output_dir, check_output_dir,
                                        resume_from_checkpoint, save_checkpoint, seed_everything, step_items,
-                                       total_steps)
+                                       total_steps, weights_cast_once)
 from posttrain.trainers.common import NonFiniteGuard, batch_records
 from posttrain.trainers.sharding import eval_batches, full_model, prepare, prepare_frozen
 
@@ -217,20 +217,21 @@ def train(cfg: DPOConfig) -> Path:
             #    count, over processes; DDP averages gradients over processes, hence / world.
             n_pairs = global_sum(accelerator, sum(b.pairs for b in batches))
             sums = dict.fromkeys(STATS, 0.0)
-            for i, batch in enumerate(batches):
-                last = i == len(batches) - 1
-                with nullcontext() if last else accelerator.no_sync(policy):
-                    # 3. π_ref log-probs, no gradient (None for reference-free losses).
-                    ref_logps = None if reference is None else reference.logps(batch)
-                    # 4. π_θ log-probs of chosen and rejected, one forward pass.
-                    policy_logps = sequence_logps(policy, batch, accelerator.device)
-                    # 5. Per-pair loss; Σ over pairs / global pair count.
-                    loss, stats = pair_losses(spec, cfg, batch, policy_logps, ref_logps)
-                    every_pair = torch.ones_like(loss, dtype=torch.bool)[:, None]
-                    accelerator.backward(aggregate(loss[:, None], every_pair, mode="token",
-                                                   normalizer=n_pairs / world))
-                add_to(sums, stats)
-                speed.add(batch.pairs)
+            with weights_cast_once(accelerator, policy):
+                for i, batch in enumerate(batches):
+                    last = i == len(batches) - 1
+                    with nullcontext() if last else accelerator.no_sync(policy):
+                        # 3. π_ref log-probs, no gradient (None for reference-free losses).
+                        ref_logps = None if reference is None else reference.logps(batch)
+                        # 4. π_θ log-probs of chosen and rejected, one forward pass.
+                        policy_logps = sequence_logps(policy, batch, accelerator.device)
+                        # 5. Per-pair loss; Σ over pairs / global pair count.
+                        loss, stats = pair_losses(spec, cfg, batch, policy_logps, ref_logps)
+                        every_pair = torch.ones_like(loss, dtype=torch.bool)[:, None]
+                        accelerator.backward(aggregate(loss[:, None], every_pair, mode="token",
+                                                       normalizer=n_pairs / world))
+                    add_to(sums, stats)
+                    speed.add(batch.pairs)
             # 6. Clip, step, schedule.
             grad_norm = optimizer_step(accelerator, policy, optimizer, scheduler, cfg.max_grad_norm, guard,
                                        step=step + 1, batch=batch_records(train_set.pairs, items, cfg.data))

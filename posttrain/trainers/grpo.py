@@ -42,7 +42,7 @@ from posttrain.scoring import load_scorer, score_generation
 from posttrain.trainers.common import (RunLog, StopRequest, build_optimizer, build_scheduler, checkpoint_and_exit,
                                        finish_run, global_sum, make_accelerator, prepare_output_dir, check_output_dir,
                                        resume_from_checkpoint, save_checkpoint, seed_everything, step_items)
-from posttrain.trainers.common import NonFiniteGuard, batch_records
+from posttrain.trainers.common import NonFiniteGuard, batch_records, weights_cast_once
 from posttrain.trainers.sharding import full_model, padded_share, prepare, refresh, prepare_frozen, whole_copy
 
 SAMPLES_PER_LOG = 8
@@ -219,28 +219,29 @@ def policy_epochs(model, optimizer, accelerator, gen: Generation, advantages, ol
                 count = len(rows_of_minibatch) * cfg.max_new_tokens
             normalizer = max(global_sum(accelerator, count), 1) / world
             micro = rows_of_minibatch.split(cfg.batch_size)
-            for i, rows in enumerate(micro):
-                part = gen.select(rows)
-                mask = part.response_mask.to(device)
-                with nullcontext() if i == len(micro) - 1 else accelerator.no_sync(model):
-                    logprobs = response_logprobs_of(model, part, cfg, device)
-                    old_rows = logprobs.detach() if old is None else old[rows].to(device)
-                    if shaping is None:
-                        rows_advantages = advantages[rows]
-                    else:
-                        rewards, kl, rows_advantages, flat = shaped_advantages(shaping.scores[rows], part,
-                                                                               old_rows.cpu(), ref[rows], cfg)
-                        shaping.rewards[rows], shaping.kl[rows], shaping.flat[rows] = rewards, kl, flat
-                    loss, stats = grpo_loss(logprobs, old_rows, rows_advantages.to(device), mask,
-                                            ref[rows].to(device) if kl_coef > 0 else None, clip_eps=cfg.clip_eps_low,
-                                            clip_eps_high=cfg.clip_eps_high, beta=kl_coef)
-                    accelerator.backward(aggregate(loss, mask, mode, normalizer=normalizer))
-                n = int(mask.sum())
-                sums["loss/policy"] += float(masked_sum(loss.detach(), mask))
-                # The loss's statistics are logged under their own names (token means, summed here).
-                for key, value in stats.items():
-                    sums[key] += float(value) * n
-                sums["tokens"] += n
+            with weights_cast_once(accelerator, model):
+                for i, rows in enumerate(micro):
+                    part = gen.select(rows)
+                    mask = part.response_mask.to(device)
+                    with nullcontext() if i == len(micro) - 1 else accelerator.no_sync(model):
+                        logprobs = response_logprobs_of(model, part, cfg, device)
+                        old_rows = logprobs.detach() if old is None else old[rows].to(device)
+                        if shaping is None:
+                            rows_advantages = advantages[rows]
+                        else:
+                            rewards, kl, rows_advantages, flat = shaped_advantages(shaping.scores[rows], part,
+                                                                                   old_rows.cpu(), ref[rows], cfg)
+                            shaping.rewards[rows], shaping.kl[rows], shaping.flat[rows] = rewards, kl, flat
+                        ref_rows = ref[rows].to(device) if kl_coef > 0 else None
+                        loss, stats = grpo_loss(logprobs, old_rows, rows_advantages.to(device), mask, ref_rows,
+                                                clip_eps=cfg.clip_eps_low, clip_eps_high=cfg.clip_eps_high, beta=kl_coef)
+                        accelerator.backward(aggregate(loss, mask, mode, normalizer=normalizer))
+                    n = int(mask.sum())
+                    sums["loss/policy"] += float(masked_sum(loss.detach(), mask))
+                    # The loss's statistics are logged under their own names (token means, summed here).
+                    for key, value in stats.items():
+                        sums[key] += float(value) * n
+                    sums["tokens"] += n
             grad_norm = guard.apply(accelerator, model, optimizer, cfg.max_grad_norm, step=step, batch=batch)
             if cfg.max_grad_norm > 0:
                 sums["optim/grad_norm"] += grad_norm

@@ -46,7 +46,7 @@ from posttrain.trainers.common import (RunLog, StopRequest, Throughput, build_op
                                        checkpoint_and_exit, finish_run, global_sum, make_accelerator,
                                        micro_batches, optimizer_step, prepare_output_dir, check_output_dir,
                                        resume_from_checkpoint, save_checkpoint, seed_everything, step_items,
-                                       total_steps)
+                                       total_steps, weights_cast_once)
 from posttrain.trainers.common import NonFiniteGuard, batch_records
 from posttrain.trainers.sharding import eval_batches, full_model, prepare, prepare_frozen
 
@@ -245,18 +245,19 @@ def train(cfg: KTOConfig) -> Path:
             z0 = kto_reference_point(torch.cat([kl for kl, _, _ in fixed]), torch.cat([kl for _, _, kl in fixed]),
                                      reduce_sum=all_reduce)
             sums: dict[str, float] = {}
-            for i, (batch, (_, ref_own, _)) in enumerate(zip(batches, fixed)):
-                last = i == len(batches) - 1
-                with nullcontext() if last else accelerator.no_sync(policy):
-                    # 5. π_θ log-probs of the own completions; loss per example; Σ / global count.
-                    policy_logps = completion_logps(policy, batch.own, device)
-                    labels = batch.labels.to(device)
-                    loss, stats = kto_loss(policy_logps, ref_own, labels, z0, **weights)
-                    every_example = torch.ones_like(loss, dtype=torch.bool)[:, None]
-                    accelerator.backward(aggregate(loss[:, None], every_example, mode="token",
-                                                   normalizer=n_examples / world))
-                add_to(sums, example_stats(loss, stats, policy_logps, labels))
-                speed.add(len(labels))
+            with weights_cast_once(accelerator, policy):
+                for i, (batch, (_, ref_own, _)) in enumerate(zip(batches, fixed)):
+                    last = i == len(batches) - 1
+                    with nullcontext() if last else accelerator.no_sync(policy):
+                        # 5. π_θ log-probs of the own completions; loss per example; Σ / global count.
+                        policy_logps = completion_logps(policy, batch.own, device)
+                        labels = batch.labels.to(device)
+                        loss, stats = kto_loss(policy_logps, ref_own, labels, z0, **weights)
+                        every_example = torch.ones_like(loss, dtype=torch.bool)[:, None]
+                        accelerator.backward(aggregate(loss[:, None], every_example, mode="token",
+                                                       normalizer=n_examples / world))
+                    add_to(sums, example_stats(loss, stats, policy_logps, labels))
+                    speed.add(len(labels))
             # 6. Clip, step, schedule.
             grad_norm = optimizer_step(accelerator, policy, optimizer, scheduler, cfg.max_grad_norm, guard,
                                        step=step + 1,

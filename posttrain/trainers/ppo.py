@@ -43,7 +43,7 @@ from posttrain.trainers.common import (RunLog, StopRequest, build_optimizer, bui
                                        checkpoint_and_exit, finish_run, global_sum, make_accelerator,
                                        prepare_output_dir, check_output_dir, resume_from_checkpoint, save_checkpoint,
                                        seed_everything, step_items)
-from posttrain.trainers.common import NonFiniteGuard, batch_records
+from posttrain.trainers.common import NonFiniteGuard, batch_records, weights_cast_once
 from posttrain.trainers.kl_control import AdaptiveKLController, FixedKLController
 from posttrain.trainers.sharding import full_model, padded_share, prepare, refresh, prepare_frozen, whole_copy
 
@@ -155,29 +155,30 @@ def ppo_epochs(model, optimizer, accelerator, rollout: Rollout, advantages, retu
             n_tokens = global_sum(accelerator, int(rollout.response_mask[minibatch].sum()))
             micro = minibatch.split(cfg.batch_size)
             kl_sum = 0.0
-            for i, rows in enumerate(micro):
-                part = rollout.select(rows)
-                mask = part.response_mask.to(device)
-                with nullcontext() if i == len(micro) - 1 else accelerator.no_sync(model):
-                    logprobs, _, values = model(*(t.to(device) for t in part.sequences()), mask)
-                    pg, pg_stats = ppo_policy_loss(logprobs, part.logprobs.to(device), advantages[rows].to(device),
-                                                   mask, clip_eps=cfg.clip_eps)
-                    vf, vf_stats = value_loss(values, part.values.to(device), returns[rows].to(device), mask,
-                                              clip_eps=cfg.value_clip_eps)
-                    # One normaliser for the minibatch across micro-batches and processes.
-                    loss = aggregate(pg + cfg.vf_coef * vf, mask, "token", normalizer=n_tokens / world)
-                    accelerator.backward(loss)
-                count = int(mask.sum())
-                error = (values.detach() - returns[rows].to(device)) ** 2
-                kl_sum += float(pg_stats["policy/approx_kl"]) * count
-                for key, value in (("loss/policy", masked_sum(pg.detach(), mask)),
-                                   ("loss/value", masked_sum(vf.detach(), mask)),
-                                   ("value/error", masked_sum(error, mask))):
-                    sums[key] += float(value)
-                # The losses' statistics are logged under their own names (token means, summed here).
-                for key, value in {**pg_stats, **vf_stats}.items():
-                    sums[key] += float(value) * count
-                sums["tokens"] += count
+            with weights_cast_once(accelerator, model):
+                for i, rows in enumerate(micro):
+                    part = rollout.select(rows)
+                    mask = part.response_mask.to(device)
+                    with nullcontext() if i == len(micro) - 1 else accelerator.no_sync(model):
+                        logprobs, _, values = model(*(t.to(device) for t in part.sequences()), mask)
+                        pg, pg_stats = ppo_policy_loss(logprobs, part.logprobs.to(device), advantages[rows].to(device),
+                                                       mask, clip_eps=cfg.clip_eps)
+                        vf, vf_stats = value_loss(values, part.values.to(device), returns[rows].to(device), mask,
+                                                  clip_eps=cfg.value_clip_eps)
+                        # One normaliser for the minibatch across micro-batches and processes.
+                        loss = aggregate(pg + cfg.vf_coef * vf, mask, "token", normalizer=n_tokens / world)
+                        accelerator.backward(loss)
+                    count = int(mask.sum())
+                    error = (values.detach() - returns[rows].to(device)) ** 2
+                    kl_sum += float(pg_stats["policy/approx_kl"]) * count
+                    for key, value in (("loss/policy", masked_sum(pg.detach(), mask)),
+                                       ("loss/value", masked_sum(vf.detach(), mask)),
+                                       ("value/error", masked_sum(error, mask))):
+                        sums[key] += float(value)
+                    # The losses' statistics are logged under their own names (token means, summed here).
+                    for key, value in {**pg_stats, **vf_stats}.items():
+                        sums[key] += float(value) * count
+                    sums["tokens"] += count
             grad_norm = guard.apply(accelerator, model, optimizer, cfg.max_grad_norm, step=step, batch=batch)
             if cfg.max_grad_norm > 0:
                 sums["optim/grad_norm"] += grad_norm

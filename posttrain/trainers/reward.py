@@ -31,7 +31,7 @@ from posttrain.trainers.common import (RunLog, StopRequest, Throughput, build_op
                                        checkpoint_and_exit, finish_run, global_sum, make_accelerator,
                                        micro_batches, optimizer_step, prepare_output_dir, check_output_dir,
                                        resume_from_checkpoint, save_checkpoint, seed_everything, step_items,
-                                       total_steps)
+                                       total_steps, weights_cast_once)
 from posttrain.trainers.common import NonFiniteGuard, batch_records
 from posttrain.trainers.sharding import eval_batches, full_model, prepare
 
@@ -154,21 +154,22 @@ def train(cfg: RMConfig) -> Path:
             #    `items` is the global batch, so its length is already the global pair count.
             n_pairs = len(items)
             sums = dict.fromkeys(("loss/train", *STATS), 0.0)
-            for i, mb in enumerate(mine):
-                batch = [pairs[j] for j in mb]
-                with nullcontext() if i == len(mine) - 1 else accelerator.no_sync(model):
-                    # 3. One forward over chosen + rejected; Σ BT loss / global pair count.
-                    r_w, r_l = pair_rewards(model, batch, pad_id, accelerator.device,
-                                            prefix_sharing=cfg.prefix_sharing)
-                    per_pair, stats = bradley_terry_loss(r_w, r_l, margin=margins(cfg, batch, accelerator.device),
-                                                         center_coef=cfg.center_coef)
-                    every_pair = torch.ones_like(per_pair, dtype=torch.bool)[:, None]
-                    loss = aggregate(per_pair[:, None], every_pair, mode="sequence", normalizer=n_pairs / world)
-                    accelerator.backward(loss)
-                sums["loss/train"] += per_pair.detach().sum().item()
-                for key in STATS:
-                    sums[key] += stats[key].item() * len(batch)
-                speed.add(len(batch))
+            with weights_cast_once(accelerator, model):
+                for i, mb in enumerate(mine):
+                    batch = [pairs[j] for j in mb]
+                    with nullcontext() if i == len(mine) - 1 else accelerator.no_sync(model):
+                        # 3. One forward over chosen + rejected; Σ BT loss / global pair count.
+                        r_w, r_l = pair_rewards(model, batch, pad_id, accelerator.device,
+                                                prefix_sharing=cfg.prefix_sharing)
+                        per_pair, stats = bradley_terry_loss(r_w, r_l, margin=margins(cfg, batch, accelerator.device),
+                                                             center_coef=cfg.center_coef)
+                        every_pair = torch.ones_like(per_pair, dtype=torch.bool)[:, None]
+                        loss = aggregate(per_pair[:, None], every_pair, mode="sequence", normalizer=n_pairs / world)
+                        accelerator.backward(loss)
+                    sums["loss/train"] += per_pair.detach().sum().item()
+                    for key in STATS:
+                        sums[key] += stats[key].item() * len(batch)
+                    speed.add(len(batch))
             # 4. Clip, step, schedule.
             grad_norm = optimizer_step(accelerator, model, optimizer, scheduler, cfg.max_grad_norm, guard,
                                        step=step + 1, batch=batch_records(pairs, items, cfg.data))

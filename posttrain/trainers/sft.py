@@ -24,7 +24,7 @@ from posttrain.trainers.common import (RunLog, StopRequest, Throughput, build_op
                                        checkpoint_and_exit, finish_run, global_sum, make_accelerator,
                                        micro_batches, optimizer_step, prepare_output_dir, check_output_dir,
                                        resume_from_checkpoint, save_checkpoint, seed_everything, step_items,
-                                       total_steps)
+                                       total_steps, weights_cast_once)
 from posttrain.trainers.common import NonFiniteGuard
 from posttrain.trainers.sharding import eval_batches, full_model, prepare
 
@@ -118,15 +118,16 @@ def train(cfg: SFTConfig) -> Path:
             #    the gradient of one big batch. DDP averages over processes, hence / world.
             n_loss = global_sum(accelerator, sum(int(b.loss_mask.sum()) for b in batches))
             nll_sum = 0.0
-            for i, batch in enumerate(batches):
-                last = i == len(batches) - 1
-                with nullcontext() if last else accelerator.no_sync(policy):
-                    # 3. Σ −log π over loss tokens / global count.
-                    per_token, mask = forward_nll(policy, batch, accelerator.device)
-                    loss = aggregate(per_token, mask, mode="token", normalizer=n_loss / world)
-                    accelerator.backward(loss)
-                nll_sum += masked_sum(per_token.detach(), mask).item()
-                speed.add(sum(len(ex.input_ids) for mb in mine[i] for ex in units[mb]))
+            with weights_cast_once(accelerator, policy):
+                for i, batch in enumerate(batches):
+                    last = i == len(batches) - 1
+                    with nullcontext() if last else accelerator.no_sync(policy):
+                        # 3. Σ −log π over loss tokens / global count.
+                        per_token, mask = forward_nll(policy, batch, accelerator.device)
+                        loss = aggregate(per_token, mask, mode="token", normalizer=n_loss / world)
+                        accelerator.backward(loss)
+                    nll_sum += masked_sum(per_token.detach(), mask).item()
+                    speed.add(sum(len(ex.input_ids) for mb in mine[i] for ex in units[mb]))
             # 4. Clip, step, schedule.
             grad_norm = optimizer_step(accelerator, policy, optimizer, scheduler, cfg.max_grad_norm, guard,
                                        step=step + 1, batch=f"rows {sorted(i + 1 for i in items)} of {cfg.data}")

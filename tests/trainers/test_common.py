@@ -1,0 +1,93 @@
+"""Helpers every trainer shares: weights_cast_once."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from posttrain.models.logprobs import TokenLogprobs
+from posttrain.trainers.common import weights_cast_once
+
+pytestmark = pytest.mark.usefixtures("one_thread", "fresh_accelerate_state")
+
+
+@pytest.fixture
+def fresh_accelerate_state():
+    """accelerate keeps one process-wide state; these tests pick their own mixed precision."""
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+class WeightCasts(TorchDispatchMode):
+    """Counts the casts of the Linear layers' weights (autocast's, to bf16)."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.weights = {m.weight.data_ptr() for m in model.modules() if isinstance(m, torch.nn.Linear)}
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.ops.aten._to_copy.default and args[0].data_ptr() in self.weights:
+            self.count += 1
+        return func(*args, **kwargs)
+
+
+def loss_of(policy, ids: torch.Tensor) -> torch.Tensor:
+    target = torch.ones_like(ids, dtype=torch.bool)
+    target[:, 0] = False
+    return -policy(ids, None, torch.arange(ids.shape[1]).expand_as(ids), target).sum()
+
+
+def run_step(accelerator, policy, batches, *, once: bool) -> tuple[list[torch.Tensor], list[int]]:
+    """One accumulated step's gradients, and the weight casts each micro-batch's forward made."""
+    casts = []
+    with weights_cast_once(accelerator, policy) if once else torch.enable_grad():
+        for ids in batches:
+            with WeightCasts(policy) as counter:
+                loss = loss_of(policy, ids)
+            casts.append(counter.count)
+            accelerator.backward(loss)
+    grads = [p.grad.clone() for p in policy.parameters()]
+    policy.zero_grad(set_to_none=True)
+    return grads, casts
+
+
+def test_later_micro_batches_reuse_the_first_ones_casts_with_the_same_gradients(tiny_model_and_tokenizer):
+    model, _ = tiny_model_and_tokenizer
+    accelerator = Accelerator(cpu=True, mixed_precision="bf16")
+    policy = accelerator.prepare(TokenLogprobs(model.train()))
+    # The decoder's Linear layers; the tied head (weight = the embedding) is cast by the chunked head itself.
+    layers = sum(isinstance(m, torch.nn.Linear) for m in model.model.modules())
+    generator = torch.Generator().manual_seed(0)
+    batches = [torch.randint(0, model.config.vocab_size, (2, 12), generator=generator) for _ in range(3)]
+    plain, plain_casts = run_step(accelerator, policy, batches, once=False)
+    once, once_casts = run_step(accelerator, policy, batches, once=True)
+    head_casts = plain_casts[0] - layers
+    assert head_casts in (1, 2) and plain_casts == [layers + head_casts] * 3
+    assert once_casts == [layers + head_casts, head_casts, head_casts]
+    assert all(torch.equal(a, b) for a, b in zip(plain, once))
+    # The casts end with the region: after an optimizer step the next one casts the new weights.
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.add_(0.01)
+    again, again_casts = run_step(accelerator, policy, batches, once=True)
+    reference, _ = run_step(accelerator, policy, batches, once=False)
+    assert again_casts == once_casts
+    assert all(torch.equal(a, b) for a, b in zip(again, reference))
+    assert not all(torch.equal(a, b) for a, b in zip(again, once))
+
+
+def test_without_autocast_nothing_changes(tiny_model_and_tokenizer):
+    model, _ = tiny_model_and_tokenizer
+    accelerator = Accelerator(cpu=True, mixed_precision="no")
+    policy = accelerator.prepare(TokenLogprobs(model.train()))
+    with weights_cast_once(accelerator, policy):
+        assert not torch.is_autocast_enabled("cpu")
+        with WeightCasts(policy) as counter:
+            loss_of(policy, torch.randint(0, 100, (1, 8)))
+    assert counter.count == 0
