@@ -68,6 +68,36 @@ def uniforms(seeds: list[int], steps: int) -> torch.Tensor:
                         for s in seeds])
 
 
+TOP_P_CANDIDATES = 256
+"""Tokens `nucleus` ranks first by a partial sort (topk): 1.5 ms for 16 rows of SmolLM2's 49k
+tokens here, against 29 ms to sort them whole."""
+
+
+def nucleus(probs: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
+    """probs [B, V] ≥ 0 (unnormalised) with the tokens outside the top-p nucleus set to 0: in
+    descending order, a token stays while the mass of the ones before it is under threshold [B, 1]
+    (top_p · the row's mass), so the most likely always stays (Holtzman et al. 2020, §3.1).
+
+    The TOP_P_CANDIDATES most likely tokens are ranked first; a row whose nucleus may reach past
+    them (their mass under its threshold) is sorted whole. Either way the kept tokens and their
+    probabilities are those of a full sort.
+    """
+    values, order = probs.topk(min(TOP_P_CANDIDATES, probs.shape[-1]), dim=-1)
+    wide = values.cumsum(-1)[:, -1] < threshold[:, 0]
+
+    def keep(values: torch.Tensor, order: torch.Tensor, threshold: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        before = values.cumsum(-1) - values
+        return torch.zeros_like(like).scatter(-1, order, torch.where(before < threshold, values, 0.0))
+
+    if not wide.any():
+        return keep(values, order, threshold, probs)
+    out = torch.empty_like(probs)
+    narrow = ~wide
+    out[narrow] = keep(values[narrow], order[narrow], threshold[narrow], probs[narrow])
+    out[wide] = keep(*probs[wide].sort(dim=-1, descending=True), threshold[wide], probs[wide])
+    return out
+
+
 def choose_tokens(logits: torch.Tensor, u: torch.Tensor, params: SamplingParams) -> tuple[torch.Tensor, torch.Tensor]:
     """(tokens [B] long, log-probs [B] float32) for logits [B, V] float32 and uniforms u [B].
 
@@ -89,11 +119,7 @@ def choose_tokens(logits: torch.Tensor, u: torch.Tensor, params: SamplingParams)
         kth = probs.topk(min(params.top_k, probs.shape[-1]), dim=-1).values[:, -1:]
         probs = torch.where(probs >= kth, probs, 0.0)
     if params.top_p < 1:
-        sorted_probs, order = probs.sort(dim=-1, descending=True)
-        # Keep a token while the mass before it is under top_p of the whole (the most likely always stays).
-        before = sorted_probs.cumsum(-1) - sorted_probs
-        kept = torch.where(before < params.top_p * mass, sorted_probs, 0.0)
-        probs = torch.zeros_like(probs).scatter(-1, order, kept)
+        probs = nucleus(probs, params.top_p * mass)
     cdf = probs.cumsum_(-1)
     target = (u * cdf[:, -1].double()).float()[:, None]
     tokens = torch.searchsorted(cdf, target, right=True).squeeze(-1).clamp(max=logits.shape[-1] - 1)

@@ -11,6 +11,7 @@ from posttrain.data import TokenizedPrompt, tokenize_prompt
 from posttrain.models.lora import apply_lora
 from posttrain.models.value import response_logprobs
 from posttrain.sampling import Sampler, SamplingParams, choose_tokens
+from posttrain.sampling.sampler import TOP_P_CANDIDATES, nucleus
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -134,6 +135,27 @@ def test_inverse_cdf_picks_the_token_whose_interval_holds_u():
     # top_p = 0.6 keeps tokens 0 and 1 (mass before token 1 is 0.5 < 0.6): renormalised 2/3, 1/3.
     u = torch.tensor([0.6, 0.66, 0.67, 0.9, 0.99], dtype=torch.float64)
     assert choose_tokens(logits, u, SamplingParams(top_p=0.6))[0].tolist() == [0, 0, 1, 1, 1]
+
+
+def test_the_nucleus_from_candidates_is_the_nucleus_of_a_full_sort():
+    # Peaked rows keep their nucleus inside the TOP_P_CANDIDATES most likely tokens; flat rows
+    # (every third) reach past them and are sorted whole. Both must match a plain full sort.
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(12, 5000, generator=generator) * 2
+    logits[:, :5] += 10
+    logits[::3] *= 0.01
+    probs = (logits - logits.amax(-1, keepdim=True)).exp()
+    mass = probs.sum(-1, keepdim=True)
+    for top_p in (0.3, 0.9, 0.99):
+        values, order = probs.sort(dim=-1, descending=True)
+        before = values.cumsum(-1) - values
+        expected = torch.zeros_like(probs).scatter(-1, order, torch.where(before < top_p * mass, values, 0.0))
+        kept = nucleus(probs, top_p * mass)
+        assert torch.equal(kept, expected)
+        kept_counts = (kept > 0).sum(-1)
+        assert kept_counts[::3].min() > TOP_P_CANDIDATES            # the flat rows did reach past
+        if top_p <= 0.9:                                            # and the peaked ones did not
+            assert kept_counts[1::3].max() <= TOP_P_CANDIDATES and kept_counts[2::3].max() <= TOP_P_CANDIDATES
 
 
 def test_evenly_spaced_uniforms_reproduce_the_distribution_at_temperature():
