@@ -742,7 +742,7 @@ NOTES = [
     "411–429 for the runs' 2048³ ceiling, and the trainer alone, old and new code alternating under glibc, took 2.82/3.35 s (old) against "
     "2.45/3.18 s (new) a step. Tried and dropped: clipping folded into fused AdamW's grad_scale (one pass fewer over "
     "the gradients) ran 0.094 s against 0.083 s for clip + step over SmolLM2's parameters.",
-    "Levers of R4 (GRPO and RLOO; TRL unchanged, eager attention): (1) prefix sharing (commit cdea84b, "
+    "Levers of results/2026-11-30-2331-full.json (posttrain 5f7e71f; GRPO and RLOO; TRL unchanged, eager attention): (1) prefix sharing (commit cdea84b, "
     "`prefix_sharing`, default on): the responses to one prompt in a micro-batch go through the model as one "
     "row, the prompt computed once, each response attending to the prompt and itself (DPO's pair layout for K "
     "replies); with one minibatch, micro-batches take whole groups. Paired in one process on 4 SmolLM2 groups "
@@ -752,12 +752,13 @@ NOTES = [
     "with (1) alone (results/2026-11-30-2307-full.json, cdea84b, 3 repeats) gave GRPO 1.87× (paired 1.86×, "
     "1.77–1.96), posttrain 5.76–5.95 s a step against 6.57 s in R2, and RLOO 2.30× (paired 2.18×, 2.08–2.47). "
     "(2) The no-grad forwards of stage 3 (reference, log π_old) take 4 micro-batches at once (commit 5f7e71f): "
-    "paired, the reference pass over the same 4 groups took 0.78–0.84 s against 0.97–1.03 s. In R4 (with both) "
+    "paired, the reference pass over the same 4 groups took 0.78–0.84 s against 0.97–1.03 s. In that run (with both) "
     "GRPO gave 1.92× (paired 1.90×, 1.74–2.25) and RLOO 2.17× (paired 2.10×, 1.95–2.30): within the spread of the "
     "2307 run, on a slower hour (TRL's GRPO step 12.1–12.7 s against 10.6–11.3 s at 23:07), so (2)'s gain does "
     "not show above the noise; posttrain's GRPO peaks were 4.85–5.50 GB against 4.74–4.99 GB. The profile of "
     "23:52 (1 repeat) puts generation at 28 % of posttrain's GRPO step (1.78 s of the 6.44 s in 'What is left'): "
-    "the sampler decodes at 25–30 % of its memory-bandwidth roofline (SAMPLING.md), the next place to look.",
+    "the sampler decodes at 25–30 % of its memory-bandwidth roofline (SAMPLING.md).",
+    "Levers of R4 (results/2026-12-01-0333-full.json, posttrain 686e32f; its note calls them 'R5 levers', counting the runs made, where the labels here count the runs shown), each measured paired in one process (SmolLM2, bf16, 2 threads, glibc settings as in the runs): (1) the sampler's sync casts each weight into its stacked inference copy (no fp32 concatenation), packs a tied head from the embedding's copy and drops the old copy first: 95 ms against 123 ms a sync (median of 8), five syncs raising the peak RSS by 4 MB against 162 MB; (2) choose_tokens inverts the unnormalised CDF (one exponentiation a step, no division at temperature 1): 1.0 ms against 1.55 ms a step for 16 rows; (3) one autocast cast of the Linear weights per optimizer step instead of one per micro-batch (weights_cast_once): the forwards of micro-batches 2–4 of a GRPO step took 0.835 s against 0.897 s (median of 30), gradients bit-identical (tested). Together about 0.1 s of a 6.4 s step, below the run-to-run spread: R4 gave GRPO 1.93× (paired 1.83×, 1.83–2.00) and RLOO 2.07× (paired 2.07×, 1.81–2.46), against 1.92× and 2.17× in the 23:31 run. (4) top-p by candidates (the 256 most likely tokens by topk, a row sorted whole only when its nucleus may reach past them) does not act here (top_p 1); at top_p 0.9, 16 SmolLM2 rows × 32 tokens took 1.65 s against 2.24 s at temperature 1. Looked at and left: the decode step at batch 16 takes 35–50 ms, 20–23 ms of it oneDNN's packed matmuls (40–58 % of the bf16 ceiling at M = 16) and the rest ~25 small ops a layer (attention's batched products alone 0.12 ms a layer); oneDNN's fused post-ops (residual add, SiLU·up) ran slower than the separate ops, and one thread for the small ops slower overall. The training micro-batches also pay a bf16 → fp32 cast and an add of every weight gradient (about 55 ms each); torch 2.13 has no CPU matmul writing fp32 from bf16 inputs (aten::mm.dtype is not registered for CPU), so that stays.",
     "PPO, steady state, unprofiled (2 threads, this machine; measured before the math backend and eager attention, so before the rows now shown): generation 1.25–1.43 s, old log-probs, values and "
     "reference 0.96–1.12 s, the 4 PPO epochs of policy + critic 9.85–9.94 s an iteration (minor page faults 10–1,027 "
     "an iteration after the first, whose 1.19 M cost 7 s of system time). TRL's step is 15.3 s, so 2× needs "
