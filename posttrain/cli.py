@@ -31,6 +31,43 @@ def _typed(kind: type, name: str):
     return parse
 
 
+class YesNoFlag(argparse.BooleanOptionalAction):
+    """--flag / --no-flag for a bool field, as argparse's BooleanOptionalAction, that also reads a
+    word written after --flag (true/false, yes/no, on/off, 1/0): `--flag maybe` is then an error
+    naming the flag, not argparse's "unrecognized arguments: maybe" naming nothing."""
+
+    WORDS = {"true": True, "yes": True, "on": True, "1": True, "false": False, "no": False, "off": False, "0": False}
+
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, dest, **kwargs)
+        self.nargs = "?"
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if values is None:
+            return super().__call__(parser, namespace, values, option_string)
+        yes, no = self.option_strings
+        word = self.WORDS.get(values.strip().lower())
+        if word is None or option_string == no:
+            raise argparse.ArgumentError(self, f"{values!r} is not a value this flag takes: write {yes} or {no} "
+                                               f"(or {yes} true|false)")
+        setattr(namespace, self.dest, word)
+
+
+class YesNoHelpFormatter(argparse.HelpFormatter):
+    """Help and usage show a YesNoFlag as the pair it is (--flag, --no-flag), as argparse shows
+    its own BooleanOptionalAction; the optional word after --flag is for scripts."""
+
+    def _format_action_invocation(self, action: argparse.Action) -> str:
+        if isinstance(action, YesNoFlag):
+            return ", ".join(action.option_strings)
+        return super()._format_action_invocation(action)
+
+    def _format_args(self, action: argparse.Action, default_metavar: str) -> str:
+        if isinstance(action, YesNoFlag):  # usage writes "<first option> <this>"
+            return "| " + action.option_strings[1]
+        return super()._format_args(action, default_metavar)
+
+
 class OneDefaultHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Adds "(default: …)" to a flag's help unless the help already says its default (a None
     that stands for "built in", "stdout", "all"), the flag is required, or its default is None
@@ -52,8 +89,7 @@ def add_config_flags(parser: argparse.ArgumentParser, cls: type) -> None:
         flag = "--" + f.name.replace("_", "-")
         help_text = f"{docs.get(f.name, '')} (default: {f.default!r})"
         if kinds[f.name] is bool:
-            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
-                                default=argparse.SUPPRESS, help=help_text)
+            parser.add_argument(flag, dest=f.name, action=YesNoFlag, default=argparse.SUPPRESS, help=help_text)
         else:
             parser.add_argument(flag, dest=f.name, type=_typed(kinds[f.name], f.name),
                                 default=argparse.SUPPRESS, metavar=kinds[f.name].__name__.upper(),
@@ -88,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="show the full traceback of an error (also POSTTRAIN_DEBUG=1); may follow the command")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, cls in CONFIGS.items():
-        p = sub.add_parser(name, help=(cls.__doc__ or "").strip().splitlines()[0])
+        p = sub.add_parser(name, help=(cls.__doc__ or "").strip().splitlines()[0], formatter_class=YesNoHelpFormatter)
         add_config_flags(p, cls)
 
     gen = sub.add_parser("generate", help="Chat-formatted replies from any model or output folder.",
@@ -197,6 +233,14 @@ EXPECTED_ERRORS = (ValueError, OSError, RecursionError)
 ValueErrors, FileNotFoundError and PermissionError OSErrors): reported as one line, exit 2."""
 
 
+def close_progress_bars() -> None:
+    """Close the progress bars a failed run left open, so its error starts a line of its own."""
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
+
+
 def error_line(err: BaseException) -> str:
     """`err` as one line: an OSError names its file and the system's reason, a RecursionError
     the nesting that caused it; any message is folded onto one line and cut at 600 characters."""
@@ -207,7 +251,8 @@ def error_line(err: BaseException) -> str:
         if err.filename2 is not None:
             text += f" (→ {err.filename2})"
     else:
-        text = " ".join(str(err).split()) or type(err).__name__
+        # Line breaks fold into one space; spaces inside a line stay (a quoted "   " is a value).
+        text = re.sub(r"\s*[\r\n]+\s*", " ", str(err)).strip() or type(err).__name__
     return text if len(text) <= 600 else text[:597] + "..."
 
 
@@ -300,11 +345,13 @@ def _main(argv: list[str] | None) -> int:
     except EXPECTED_ERRORS as err:
         if debug:
             raise
+        close_progress_bars()
         print(f"posttrain {command}: error: {error_line(err)}", file=sys.stderr)
         return 2
     except Exception as err:  # a bug, not a bad input: one line here, the traceback under --debug
         if debug:
             raise
+        close_progress_bars()
         if "No space left on device" in str(err):  # safetensors' SafetensorError wraps the OS's ENOSPC
             print(f"posttrain {command}: error: no space left on device ({error_line(err)})", file=sys.stderr)
             return 2

@@ -320,6 +320,8 @@ def train(cfg: GRPOConfig) -> Path:
     in_training = shaped_in_training(cfg)
     needs_old = (cfg.num_iterations > 1 or cfg.num_minibatches > 1 or cfg.kl_in_reward) and not in_training
     command = "rloo" if isinstance(cfg, RLOOConfig) else "grpo"
+    accelerator.print(f"advantage {cfg.advantage}, loss {cfg.loss_type}, beta {cfg.beta}, "
+                      f"prefix sharing: {cfg.prefix_sharing}")
     guard = NonFiniteGuard(cfg, command)
     log = RunLog(accelerator, cfg, iterations, start, command)
     samples_path = Path(cfg.output_dir) / "samples.jsonl"

@@ -4,6 +4,7 @@ never a traceback, a ~50 s wait on the Hub, or a line that points at the wrong c
 from __future__ import annotations
 
 import json
+import sys
 import time
 
 import numpy as np
@@ -117,6 +118,39 @@ def test_os_errors_and_recursion_read_as_one_line():
         "/runs/a/model.safetensors: No space left on device"
     assert "nested too deeply" in error_line(RecursionError("maximum recursion depth exceeded"))
     assert error_line(ValueError("a\n  b")) == "a b"
+    # Spaces inside a line are part of what it quotes: a blank value stays visibly blank.
+    assert error_line(ValueError("record 3: field 'prompt' is '   '")) == "record 3: field 'prompt' is '   '"
+
+
+def test_a_word_after_a_yes_no_flag_is_read_or_refused_by_name(capsys):
+    from posttrain.cli import build_parser
+
+    parse = build_parser().parse_args
+    assert parse(["grpo", "--prefix-sharing", "false"]).prefix_sharing is False
+    assert parse(["grpo", "--prefix-sharing", "YES"]).prefix_sharing is True
+    assert parse(["grpo", "--no-prefix-sharing"]).prefix_sharing is False
+    for argv in (["--prefix-sharing", "maybe"], ["--no-prefix-sharing", "false"]):
+        with pytest.raises(SystemExit):
+            parse(["grpo", *argv])
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert "argument --prefix-sharing/--no-prefix-sharing:" in err and repr(argv[1]) in err, err
+        assert "unrecognized" not in err
+
+
+def test_an_error_after_a_progress_bar_starts_its_own_line(capsys, monkeypatch):
+    from tqdm import tqdm
+
+    import posttrain.cli as cli
+
+    def failing_run(args):
+        bar = tqdm(total=3, desc="grpo", file=sys.stderr)
+        bar.update(1)
+        raise ValueError("fn:rewards:score: returned 'NaN' for record 2")
+
+    monkeypatch.setattr(cli, "run_generate", failing_run)
+    assert main(["generate", "--model", "tiny-random", "--prompt", "hi"]) == 2
+    err = capsys.readouterr().err
+    assert "\nposttrain generate: error: fn:rewards:score: returned 'NaN' for record 2" in err, repr(err)
 
 
 # ---------------------------------------------------------------- the CLI boundary
