@@ -237,7 +237,7 @@ def close_progress_bars() -> None:
     """Close the progress bars a failed run left open, so its error starts a line of its own."""
     from tqdm import tqdm
 
-    for bar in list(getattr(tqdm, "_instances", ())):
+    for bar in list(tqdm._instances):  # every bar not yet closed (tqdm keeps them for positioning)
         bar.close()
 
 
