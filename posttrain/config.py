@@ -264,7 +264,7 @@ class PPOConfig(TrainConfig):
     reward_model: str = ""
     """Reward model folder (posttrain rm output); exactly one of reward_model and reward_fn."""
     reward_fn: str = ""
-    """Programmatic reward `module:function`, called f(prompts, responses) -> list of floats."""
+    """Programmatic reward `module:function` (or `fn:module:function`), called f(prompts, responses) -> list of floats."""
     value_model: str = ""
     """Reward-model folder the critic starts from; empty: the reward model, or the policy with a zero head (reward_fn)."""
     value_head: bool = False

@@ -74,9 +74,10 @@ def call_reward_fn(fn: RewardFn, spec: str, prompts: list[str], responses: list[
     """N scores of N (prompt, response) texts from `fn`, passing `records` (N source records)
     when it has a parameter of that name.
 
-    Errors, one line each starting with `spec`: the function raised (its exception type and first
-    line), returned something other than a list (None, a number, a string, a dict) or another
-    count, or a non-number or non-finite value (ScoreError with the row).
+    Errors, one line each starting with `spec`: the function raised (its exception type and whole
+    message, line breaks folded into spaces), returned something other than a list (None, a
+    number, a string, a dict) or another count, or a non-number or non-finite value (ScoreError
+    with the row).
     """
     kwargs = {}
     if "records" in inspect.signature(fn).parameters:
@@ -90,8 +91,8 @@ def call_reward_fn(fn: RewardFn, spec: str, prompts: list[str], responses: list[
         listed = isinstance(result, Iterable) and not isinstance(result, (str, bytes, Mapping))
         out = list(result) if listed else None
     except Exception as err:  # any failure of user code becomes one line naming it
-        lines = str(err).strip().splitlines()
-        what = f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__
+        message = " ".join(line.strip() for line in str(err).strip().splitlines())
+        what = f"{type(err).__name__}: {message}" if message else type(err).__name__
         raise ValueError(f"{spec}: raised {what}") from err
     if out is None:
         what = "None" if result is None else f"a {type(result).__name__} ({str(result)[:40]})"

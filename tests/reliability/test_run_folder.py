@@ -157,6 +157,8 @@ def test_a_run_that_fails_before_training_leaves_its_folder_as_it_was(tmp_path, 
 
 @pytest.mark.parametrize("change, message", [
     ({"reward_fn": "no_such_module_here:score"}, "no_such_module_here"),
+    # --judges' spelling is read too, not doubled into "fn:fn:..." (a fresh user's finding).
+    ({"reward_fn": "fn:no_such_module_here:score"}, r"^fn:no_such_module_here:score: cannot import 'no_such_module_here'"),
     ({"data": "missing.jsonl"}, "missing.jsonl"),
 ])
 def test_ppo_with_a_bad_judge_or_data_leaves_its_folder_as_it_was(tmp_path, change, message):

@@ -68,6 +68,10 @@ def test_a_generation_is_scored_on_its_texts_with_its_prompts_records():
     assert scores.tolist() == [2.0, 4.0]
 
 
+def multiline(prompts, responses):
+    raise RuntimeError("line one\nline two\n  line three")
+
+
 def test_bad_reward_functions_fail_in_one_line_naming_the_spec():
     with pytest.raises(ValueError, match=r"^fn:t: returned 1 scores for 2 responses$"):
         call_reward_fn(short, "fn:t", ["a", "b"], ["c", "d"])
@@ -78,6 +82,8 @@ def test_bad_reward_functions_fail_in_one_line_naming_the_spec():
         call_reward_fn(boom, "fn:t", ["a"], ["c"])
     with pytest.raises(ValueError, match=r"^fn:t: raised ZeroDivisionError: division by zero$"):
         call_reward_fn(generated, "fn:t", ["a"], ["c"])     # failing while its result is read: still raised
+    with pytest.raises(ValueError, match=r"^fn:t: raised RuntimeError: line one line two line three$"):
+        call_reward_fn(multiline, "fn:t", ["a"], ["c"])      # every line of the message, folded
     with pytest.raises(ValueError, match="takes `records`, but this caller has no source records"):
         call_reward_fn(with_records, "fn:t", ["a"], ["c"])
     with pytest.raises(ValueError, match=r"fn:no_such_module_xyz:f: cannot import"):
