@@ -216,7 +216,7 @@ def run_generate(args) -> None:
     params.validate()
     for i, prompt in enumerate(args.prompt, start=1):
         if not prompt.strip():
-            raise ValueError(f"--prompt {i}: empty")
+            raise ValueError(f"--prompt {i}: expected a non-empty message, got {prompt!r}")
         try:
             prompt.encode("utf-8")
         except UnicodeEncodeError as err:

@@ -322,3 +322,8 @@ def test_full_disk_while_writing_is_one_line(capsys, monkeypatch):
         OSError(28, "No space left on device", "/runs/a/model.safetensors")))
     err = one_line_error(capsys, ["score", "--judge", "fn:m:f", "--data", "x.jsonl"])
     assert err == "posttrain score: error: /runs/a/model.safetensors: No space left on device"
+
+
+def test_a_blank_generate_prompt_is_shown_as_given(capsys):
+    err = one_line_error(capsys, ["generate", "--model", "tiny-random", "--prompt", "hi", "--prompt", "   "])
+    assert err == "posttrain generate: error: --prompt 2: expected a non-empty message, got '   '"
