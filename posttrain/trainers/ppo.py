@@ -88,8 +88,7 @@ def build_scorer(cfg: PPOConfig, tokenizer, accelerator):
     rm:REWARD_MODEL or fn:REWARD_FN. A reward model is frozen, so it is stored in the compute
     precision (half the memory under bf16)."""
     # reward_fn is module:function; the fn:module:function of --judges specs is read as the same.
-    reward_fn = cfg.reward_fn if cfg.reward_fn.startswith("fn:") else f"fn:{cfg.reward_fn}"
-    spec = reward_fn if cfg.reward_fn else f"rm:{cfg.reward_model}"
+    spec = f"fn:{cfg.reward_fn.removeprefix('fn:')}" if cfg.reward_fn else f"rm:{cfg.reward_model}"
     scorer = load_scorer(spec, batch_size=cfg.batch_size, precision=cfg.precision, device=accelerator.device)
     if isinstance(scorer, RewardModelScorer):
         reuse = same_tokenization(scorer.model.tokenizer, tokenizer)

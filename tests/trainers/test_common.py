@@ -57,8 +57,12 @@ def run_step(accelerator, policy, batches, *, once: bool) -> tuple[list[torch.Te
     return grads, casts
 
 
-def test_later_micro_batches_reuse_the_first_ones_casts_with_the_same_gradients(tiny_model_and_tokenizer):
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_later_micro_batches_reuse_the_first_ones_casts_with_the_same_gradients(tiny_model_and_tokenizer,
+                                                                                checkpointing):
     model, _ = tiny_model_and_tokenizer
+    if checkpointing:  # the backward recomputes each layer's forward, under the region too
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     accelerator = Accelerator(cpu=True, mixed_precision="bf16")
     policy = accelerator.prepare(TokenLogprobs(model.train()))
     # The decoder's Linear layers; the tied head (weight = the embedding) is cast by the chunked head itself.
