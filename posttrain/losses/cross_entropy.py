@@ -77,9 +77,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
         cdt, size = ctx.compute_dtype, ctx.chunk_size
         acc_dtype = loss.dtype
         grad_hidden = torch.empty_like(hidden)
-        # A frozen head (LoRA, a reference) needs no [V, H] gradient: skip its matmuls.
-        grad_weight = (torch.zeros(weight.shape, dtype=acc_dtype, device=weight.device)
-                       if ctx.needs_input_grad[1] else None)
+        # A frozen head (LoRA, a reference) needs no [V, H] gradient: skip its matmuls. The first
+        # chunk's product is cast into the [V, H] gradient rather than added to a zero-filled one
+        # (the same values): a write and a read of 113 MB fewer a backward on SmolLM2.
+        grad_weight = None
         with torch.autocast(hidden.device.type, enabled=False):
             for chunk, start in enumerate(range(0, hidden.shape[0], size)):
                 h, y = hidden[start : start + size].to(cdt), labels[start : start + size]
@@ -91,8 +92,14 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 d_logits.scatter_add_(-1, y[:, None], torch.full_like(lse[:, None], -1.0))
                 d_logits = d_logits.mul_(grad_loss[start : start + size, None]).to(cdt)
                 grad_hidden[start : start + size] = d_logits @ w
-                if grad_weight is not None:
+                if not ctx.needs_input_grad[1]:
+                    continue
+                if grad_weight is None:
+                    grad_weight = (d_logits.T @ h).to(acc_dtype)
+                else:
                     _accumulate_matmul(grad_weight, d_logits.T, h)
+        if ctx.needs_input_grad[1] and grad_weight is None:  # no selected rows: a zero gradient
+            grad_weight = torch.zeros(weight.shape, dtype=acc_dtype, device=weight.device)
         grad_weight = None if grad_weight is None else grad_weight.to(weight.dtype)
         return grad_hidden, grad_weight, None, None, None, None, None
 
