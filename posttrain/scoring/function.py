@@ -59,7 +59,8 @@ def load_reward_fn(target: str) -> RewardFn:
             module = importlib.import_module(module_name)
     except ImportError as err:
         raise ValueError(f"fn:{target}: cannot import {module_name!r} ({err})") from None
-    except Exception as err:  # the module's own code failed (SyntaxError, NameError, ...): one line naming it
+    # The module's own code failed (SyntaxError, NameError, sys.exit, ...): one line naming it.
+    except (Exception, SystemExit) as err:
         lines = str(err).strip().splitlines()
         raise ValueError(f"fn:{target}: importing {module_name!r} failed with {type(err).__name__}"
                          f"{': ' + lines[0] if lines else ''}") from None
@@ -90,7 +91,9 @@ def call_reward_fn(fn: RewardFn, spec: str, prompts: list[str], responses: list[
         # list() inside the try: a generator's own failure is the function raising.
         listed = isinstance(result, Iterable) and not isinstance(result, (str, bytes, Mapping))
         out = list(result) if listed else None
-    except Exception as err:  # any failure of user code becomes one line naming it
+    # Any failure of user code becomes one line naming it; a sys.exit() in it too, which would
+    # otherwise end the whole run silently with the function's exit code.
+    except (Exception, SystemExit) as err:
         message = " ".join(line.strip() for line in str(err).strip().splitlines())
         what = f"{type(err).__name__}: {message}" if message else type(err).__name__
         raise ValueError(f"{spec}: raised {what}") from err

@@ -273,6 +273,10 @@ def test_reward_function_numpy_scores_and_broken_module(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match=r"^fn:broken_reward_mod:f: importing 'broken_reward_mod' failed with "
                                          r"NameError: name 'undefined_name' is not defined$"):
         load_reward_fn("broken_reward_mod:f")
+    (tmp_path / "exiting_reward_mod.py").write_text("import sys\nsys.exit(2)\n")
+    with pytest.raises(ValueError, match=r"^fn:exiting_reward_mod:f: importing 'exiting_reward_mod' failed with "
+                                         r"SystemExit: 2$"):
+        load_reward_fn("exiting_reward_mod:f")
 
 
 def test_reward_function_bad_returns_and_signature(tmp_path, monkeypatch):

@@ -72,6 +72,10 @@ def multiline(prompts, responses):
     raise RuntimeError("line one\nline two\n  line three")
 
 
+def exits(prompts, responses):
+    raise SystemExit(3)
+
+
 def test_bad_reward_functions_fail_in_one_line_naming_the_spec():
     with pytest.raises(ValueError, match=r"^fn:t: returned 1 scores for 2 responses$"):
         call_reward_fn(short, "fn:t", ["a", "b"], ["c", "d"])
@@ -84,6 +88,8 @@ def test_bad_reward_functions_fail_in_one_line_naming_the_spec():
         call_reward_fn(generated, "fn:t", ["a"], ["c"])     # failing while its result is read: still raised
     with pytest.raises(ValueError, match=r"^fn:t: raised RuntimeError: line one line two line three$"):
         call_reward_fn(multiline, "fn:t", ["a"], ["c"])      # every line of the message, folded
+    with pytest.raises(ValueError, match=r"^fn:t: raised SystemExit: 3$"):
+        call_reward_fn(exits, "fn:t", ["a"], ["c"])          # not the end of the whole run, silently
     with pytest.raises(ValueError, match="takes `records`, but this caller has no source records"):
         call_reward_fn(with_records, "fn:t", ["a"], ["c"])
     with pytest.raises(ValueError, match=r"fn:no_such_module_xyz:f: cannot import"):
