@@ -58,14 +58,19 @@ class YesNoHelpFormatter(argparse.HelpFormatter):
     its own BooleanOptionalAction; the optional word after --flag is for scripts."""
 
     def _format_action_invocation(self, action: argparse.Action) -> str:
-        if isinstance(action, YesNoFlag):
-            return ", ".join(action.option_strings)
+        if isinstance(action, YesNoFlag):  # help lists "--flag [true|false], --no-flag"
+            yes, no = action.option_strings
+            return f"{yes} [true|false], {no}"
         return super()._format_action_invocation(action)
 
     def _format_args(self, action: argparse.Action, default_metavar: str) -> str:
         if isinstance(action, YesNoFlag):  # usage writes "<first option> <this>"
             return "| " + action.option_strings[1]
         return super()._format_args(action, default_metavar)
+
+
+class YesNoDefaultsHelpFormatter(YesNoHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """YesNoHelpFormatter that also adds "(default: …)" to each flag's help."""
 
 
 class OneDefaultHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -135,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_sampling_flags(gen, temperature=0.0)
 
     sample = sub.add_parser("sample", help="K sampled responses per prompt record, appended to a JSONL file.",
-                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                            formatter_class=YesNoDefaultsHelpFormatter)
     sample.add_argument("--model", default="smollm2-135m-instruct", help="built-in name, HF id or folder")
     sample.add_argument("--data", required=True, help="prompt records {prompt} or {messages} ending in a user turn")
     sample.add_argument("--output", required=True, help="samples JSONL; an existing one of the same settings is continued")
@@ -143,7 +148,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_sampling_flags(sample, temperature=1.0)
     sample.add_argument("--batch-size", type=int, default=8, help="sequences decoded together")
     sample.add_argument("--max-prompt-length", type=int, default=1024, help="longer prompts are left out and counted")
-    sample.add_argument("--skip-invalid", action="store_true", help="drop invalid records (counted) instead of stopping")
+    # Read as the trainers' --skip-invalid is (a word after it too).
+    sample.add_argument("--skip-invalid", action=YesNoFlag, default=False,
+                        help="drop invalid records (counted) instead of stopping")
 
     specs = "rm:PATH (reward model folder) | fn:module:function (reward function) | llm:MODEL (LLM judge, pairs)"
     score = sub.add_parser("score", help="One score per (prompt, response) record (rm: or fn: judge).",
@@ -290,6 +297,23 @@ def main(argv: list[str] | None = None) -> int:
     return status
 
 
+def parse_command_line(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """parser.parse_args(argv), but arguments no command takes are reported by the (sub)command
+    they were given to, with its usage: "posttrain sft: error: unrecognized arguments: …", where
+    argparse names only the top-level program."""
+    args, extras = parser.parse_known_args(argv)
+    if extras:
+        command = parser
+        while True:  # down the chain of subcommands the namespace chose (annotate add, data …)
+            choice = next((action.choices.get(getattr(args, action.dest, None)) for action in command._actions
+                           if isinstance(action, argparse._SubParsersAction)), None)
+            if choice is None:
+                break
+            command = choice
+        command.error(f"unrecognized arguments: {' '.join(extras)}")
+    return args
+
+
 def _main(argv: list[str] | None) -> int:
     # transformers' "Loading weights" and datasets' map bars say nothing a user needs next to our
     # own progress bars; set either variable to 0 to see them. Read when those libraries import.
@@ -300,7 +324,7 @@ def _main(argv: list[str] | None) -> int:
     end = argv.index("--") if "--" in argv else len(argv)
     debug = "--debug" in argv[:end] or os.environ.get("POSTTRAIN_DEBUG", "") not in ("", "0")
     argv = [a for i, a in enumerate(argv) if a != "--debug" or i >= end]
-    args = build_parser().parse_args(_join_negative_numbers(argv))
+    args = parse_command_line(build_parser(), _join_negative_numbers(argv))
     command = " ".join(x for x in (args.command, getattr(args, "data_command", None),
                                    getattr(args, "annotate_command", None)) if x)
     try:

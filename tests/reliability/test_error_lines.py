@@ -137,6 +137,33 @@ def test_a_word_after_a_yes_no_flag_is_read_or_refused_by_name(capsys):
         assert "unrecognized" not in err
 
 
+def test_sample_reads_skip_invalid_as_the_trainers_do_and_help_shows_the_word(capsys):
+    from posttrain.cli import build_parser
+
+    parser = build_parser()
+    base = ["sample", "--data", "d.jsonl", "--output", "o.jsonl"]
+    assert parser.parse_args(base).skip_invalid is False
+    assert parser.parse_args([*base, "--skip-invalid"]).skip_invalid is True
+    assert parser.parse_args([*base, "--skip-invalid", "yes"]).skip_invalid is True
+    assert parser.parse_args([*base, "--skip-invalid", "off"]).skip_invalid is False
+    with pytest.raises(SystemExit):
+        parser.parse_args(["grpo", "--help"])
+    assert "--prefix-sharing [true|false], --no-prefix-sharing" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, prog", [(["sft", "--bogus", "1"], "posttrain sft"),
+                                        (["sample", "--data", "d", "--output", "o", "extra"], "posttrain sample"),
+                                        (["annotate", "status", "--db", "x", "--bogus"], "posttrain annotate status")])
+def test_unrecognized_arguments_are_reported_by_their_subcommand(argv, prog, capsys):
+    from posttrain.cli import main
+
+    with pytest.raises(SystemExit) as stop:
+        main(argv)
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert stop.value.code == 2
+    assert lines[0].startswith(f"usage: {prog} ") and lines[-1].startswith(f"{prog}: error: unrecognized arguments: ")
+
+
 def test_an_error_after_a_progress_bar_starts_its_own_line(capsys, monkeypatch):
     from tqdm import tqdm
 
