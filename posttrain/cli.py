@@ -216,13 +216,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_generate(args) -> None:
+    from posttrain.data.errors import is_blank
     from posttrain.models import load_causal_lm, load_tokenizer
     from posttrain.sampling import chat_replies
 
     params = sampling_params(args)
     params.validate()
     for i, prompt in enumerate(args.prompt, start=1):
-        if not prompt.strip():
+        if is_blank(prompt):
             raise ValueError(f"--prompt {i}: expected a non-empty message, got {prompt!r}")
         try:
             prompt.encode("utf-8")

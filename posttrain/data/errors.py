@@ -11,9 +11,17 @@ Two kinds:
 
 from __future__ import annotations
 
+import unicodedata
 from typing import Any
 
 MAX_VALUE_CHARS = 60
+
+
+def is_blank(text: str) -> bool:
+    """True when `text` shows nothing: only whitespace and invisible format characters (Unicode
+    category Cf: zero-width space U+200B, joiners, a byte-order mark U+FEFF), which str.strip()
+    keeps, so "\u200b" would otherwise pass for a message."""
+    return all(c.isspace() or unicodedata.category(c) == "Cf" for c in text)
 
 
 class DataError(ValueError):

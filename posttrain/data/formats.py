@@ -50,7 +50,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from posttrain.data.errors import RecordError, short_repr, type_name
+from posttrain.data.errors import RecordError, is_blank, short_repr, type_name
 
 ROLES = ("system", "user", "assistant")
 MESSAGE_KEYS = {"role", "content"}
@@ -156,7 +156,7 @@ def _text(rec: _Record, value: Any, field: str) -> str:
     if not isinstance(value, str):
         raise rec.fail(field, f"expected a string, got {type_name(value)} {short_repr(value)}",
                        reason=f"non-string {name}")
-    if not value.strip():
+    if is_blank(value):
         raise rec.fail(field, f"expected a non-empty string, got {short_repr(value)}", reason=f"empty {name}")
     return _unicode(rec, value, field)
 
@@ -535,7 +535,7 @@ def scoring_conversation(record: Any, *, source: str, index: int) -> tuple[list[
                            f"{present})", reason=f"missing field '{field}'")
     prompt = prompt_messages({"prompt": record["prompt"]}, source=source, index=index)
     response = record["response"]
-    if not isinstance(response, str) or not response.strip():
+    if not isinstance(response, str) or is_blank(response):
         raise rec.fail("response", f"expected a non-empty string, got {type_name(response)} {short_repr(response)}",
                        reason="bad response")
     return prompt, [{"role": "assistant", "content": _unicode(rec, response, "response")}]

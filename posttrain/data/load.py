@@ -52,8 +52,8 @@ class LoadReport:
     """Valid records or pairs left out, by reason (too long, no loss token after truncation, ...)."""
 
     def summary(self) -> str:
-        """One line, e.g. "loaded 98 records from f.jsonl; skipped 2 invalid (1 missing field
-        'completion', 1 empty completion); truncated 3 longer than 512 tokens"."""
+        """One line, e.g. "loaded 98 records from f.jsonl; skipped 3 invalid (empty completion:
+        2, missing field 'completion': 1); truncated 3 longer than 512 tokens"."""
         parts = [f"loaded {self.loaded} {self.unit} from {self.source}"]
         if self.unit != "records":
             parts[0] += f" ({self.records} records)"
@@ -67,7 +67,9 @@ class LoadReport:
 
 
 def _counts(counter: Counter) -> str:
-    return ", ".join(f"{n} {reason}" for reason, n in counter.most_common())
+    """"empty completion: 2, missing field 'completion': 1": a reason names one case, so a
+    count written after it reads right for any number."""
+    return ", ".join(f"{reason}: {n}" for reason, n in counter.most_common())
 
 
 def _check_options(max_length: int, overlong: str) -> None:
@@ -92,8 +94,8 @@ def _validate_all(
                 raise
             report.invalid[error.reason] += 1
     if not valid:
-        raise DataError(f"{report.source}: no valid records (skipped {report.records} invalid: "
-                        f"{_counts(report.invalid)})")
+        raise DataError(f"{report.source}: no valid records; skipped {report.records} invalid "
+                        f"({_counts(report.invalid)})")
     return valid
 
 
@@ -165,7 +167,7 @@ def load_preference_pairs(
     tokenized = []
     for _, _, pairs in _validate_all(source, report, skip_invalid, parse):
         if not pairs:
-            report.dropped[f"records with no score gap > {min_score_gap:g}"] += 1
+            report.dropped[f"no pair with a score gap > {min_score_gap:g}"] += 1
         for pair in pairs:
             full = tokenize_pair(pair, tokenizer)
             if full.chosen_ids == full.rejected_ids:
@@ -217,7 +219,7 @@ def load_labelled_completions(
     tokenized = []
     for _, _, examples in _validate_all(source, report, skip_invalid, parse):
         if not examples:
-            report.dropped[f"records with no score gap > {min_score_gap:g}"] += 1
+            report.dropped[f"no pair with a score gap > {min_score_gap:g}"] += 1
         for example in examples:
             full = tokenize_completion(example, tokenizer)
             if full.length <= max_length:

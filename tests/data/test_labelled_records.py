@@ -120,8 +120,8 @@ def test_loader_counts_examples_and_length_limits(tmp_path, tiny_tokenizer):
 
     examples, report = load_labelled_completions(path, tiny_tokenizer, max_length=32, overlong="drop",
                                                  min_score_gap=1)
-    assert report.summary() == (f"loaded 3 examples from {path} (4 records); dropped 2 (1 longer than 32 tokens, "
-                                "1 records with no score gap > 1)")
+    assert report.summary() == (f"loaded 3 examples from {path} (4 records); dropped 2 (longer than 32 tokens: 1, "
+                                "no pair with a score gap > 1: 1)")
     with pytest.raises(DataError, match="no examples left after length limits"):
         load_labelled_completions(write(tmp_path / "g.jsonl", rows[2:3]), tiny_tokenizer, max_length=32,
                                   overlong="drop")

@@ -26,8 +26,8 @@ def test_report_summary_counts_everything(tmp_path, tiny_tokenizer):
     examples, report = load_sft_examples(path, tiny_tokenizer, max_length=32, skip_invalid=True)
     assert len(examples) == 8 and all(len(e.input_ids) <= 32 and any(e.loss_mask) for e in examples)
     assert report.summary() == (
-        f"loaded 8 records from {path}; skipped 3 invalid (2 empty completion, 1 missing field 'completion'); "
-        "truncated 3 longer than 32 tokens; dropped 1 (1 no loss token in the first 32 tokens)"
+        f"loaded 8 records from {path}; skipped 3 invalid (empty completion: 2, missing field 'completion': 1); "
+        "truncated 3 longer than 32 tokens; dropped 1 (no loss token in the first 32 tokens: 1)"
     )
     kept = examples[5]
     assert kept.input_ids[:32] == kept.input_ids and tiny_tokenizer.decode(kept.input_ids).startswith("<|im_start|>user")
@@ -47,8 +47,8 @@ def test_every_record_is_validated_before_any_is_tokenized(tmp_path, tiny_tokeni
 
 def test_no_valid_records(tmp_path, tiny_tokenizer):
     path = write(tmp_path / "f.jsonl", [{"prompt": "p"}, {"text": "t"}])
-    with pytest.raises(DataError, match=r"f\.jsonl: no valid records \(skipped 2 invalid: 1 missing field "
-                                        r"'completion', 1 unknown record shape\)"):
+    with pytest.raises(DataError, match=r"f\.jsonl: no valid records; skipped 2 invalid \(missing field "
+                                            r"'completion': 1, unknown record shape: 1\)"):
         load_sft_examples(path, tiny_tokenizer, max_length=64, skip_invalid=True)
 
 
@@ -81,8 +81,8 @@ def test_preference_loader(tmp_path, tiny_tokenizer):
     assert decoded == [("c<|im_end|>", "a<|im_end|>"), ("c<|im_end|>", "b<|im_end|>"), ("y<|im_end|>", "n<|im_end|>")]
     assert [p.margin for p in pairs] == [None, None, 0.5] and [p.source_index for p in pairs] == [0, 0, 2]
     assert report.summary() == (
-        f"loaded 3 pairs from {path} (5 records); skipped 1 invalid (1 chosen identical to rejected); "
-        "dropped 2 (1 records with no score gap > 1, 1 identical in the first 40 tokens)"
+        f"loaded 3 pairs from {path} (5 records); skipped 1 invalid (chosen identical to rejected: 1); "
+        "dropped 2 (no pair with a score gap > 1: 1, identical in the first 40 tokens: 1)"
     )
 
 

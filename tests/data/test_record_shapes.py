@@ -128,6 +128,8 @@ PAIR_ERRORS = [
 PROMPT_ERRORS = [
     ({"question": "Q"}, "prompt", "['question']", "unknown record shape"),
     ({"prompt": "   "}, "prompt", "'   '", "empty prompt"),
+    # A zero-width space and a byte-order mark show nothing: as blank as spaces.
+    ({"prompt": "\u200b \ufeff"}, "prompt", "'\\u200b \\ufeff'", "empty prompt"),
     ({"messages": [U("a"), A("b")]}, "messages[1].role", "'assistant'", "prompt does not end with a user turn"),
     ({"messages": [S("only")]}, "messages", "only a system message", "no user turn"),
 ]
@@ -164,7 +166,7 @@ def test_bad_record(tmp_path, tiny_tokenizer, kind, record, field, value, reason
 
     examples, report = load(kind, path, tiny_tokenizer, skip_invalid=True)
     assert len(examples) == 1 and report.invalid == {reason: 1}
-    assert f"skipped 1 invalid (1 {reason})" in report.summary()
+    assert f"skipped 1 invalid ({reason}: 1)" in report.summary()
 
 
 def test_long_values_are_shortened():

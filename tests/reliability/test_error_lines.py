@@ -90,7 +90,7 @@ def test_identically_tokenised_pair_is_dropped_and_counted(tmp_path):
                                                   {"prompt": "q", "chosen": "yes", "rejected": "no"}])
     pairs, report = load_preference_pairs(data, build_tiny_tokenizer(), max_length=64)
     assert len(pairs) == 1 and report.dropped["chosen and rejected tokenise identically"] == 1
-    assert "dropped 1 (1 chosen and rejected tokenise identically)" in report.summary()
+    assert "dropped 1 (chosen and rejected tokenise identically: 1)" in report.summary()
 
 
 # ---------------------------------------------------------------- config and flags
@@ -358,3 +358,5 @@ def test_full_disk_while_writing_is_one_line(capsys, monkeypatch):
 def test_a_blank_generate_prompt_is_shown_as_given(capsys):
     err = one_line_error(capsys, ["generate", "--model", "tiny-random", "--prompt", "hi", "--prompt", "   "])
     assert err == "posttrain generate: error: --prompt 2: expected a non-empty message, got '   '"
+    err = one_line_error(capsys, ["generate", "--model", "tiny-random", "--prompt", "\u200b"])
+    assert err == "posttrain generate: error: --prompt 1: expected a non-empty message, got '\\u200b'"

@@ -235,6 +235,6 @@ def test_bad_record_stops_before_training_or_is_skipped_and_counted(tmp_path, ca
     out = reward.train(config(tmp_path, "ok", data, eval_data=str(scored), max_steps=1, skip_invalid=True,
                               pairing="best_vs_rest"))
     printed = capsys.readouterr().out
-    assert "loaded 4 pairs from" in printed and "skipped 1 invalid (1 chosen identical to rejected)" in printed
+    assert "loaded 4 pairs from" in printed and "skipped 1 invalid (chosen identical to rejected: 1)" in printed
     assert "loaded 2 pairs from" in printed  # best vs rest: (a, b), (a, c)
     assert metrics(out)[-1]["eval/pairs"] == 2
