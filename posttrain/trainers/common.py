@@ -82,8 +82,15 @@ def build_scheduler(optimizer, cfg: TrainConfig, total_steps: int):
                          num_training_steps=total_steps)
 
 
-def total_steps(cfg: TrainConfig, n_items: int, world_size: int) -> int:
-    """max_steps if set, else enough global batches to cover `epochs` passes."""
+def total_steps(cfg: TrainConfig, n_items: int, world_size: int, print_fn=None, unit: str = "records") -> int:
+    """max_steps if set, else enough global batches to cover `epochs` passes. A global batch
+    larger than the data is allowed (a step then repeats items, see step_items), but said
+    through print_fn: the run is not the one epoch a user may think it is."""
+    batch = cfg.global_batch(world_size)
+    if print_fn is not None and batch > n_items:
+        print_fn(f"note: a step takes {batch} {unit} (batch_size {cfg.batch_size} × grad_accum {cfg.grad_accum} "
+                 f"× {world_size} process{'es' if world_size > 1 else ''}), more than the {n_items} loaded: "
+                 f"each step repeats some of them")
     if cfg.max_steps > 0:
         return cfg.max_steps
     return max(1, math.ceil(cfg.epochs * n_items / cfg.global_batch(world_size)))

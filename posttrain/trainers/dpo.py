@@ -192,7 +192,7 @@ def train(cfg: DPOConfig) -> Path:
     disable_dropout(model)
     policy = TokenLogprobs(model).train()
     world = accelerator.num_processes
-    steps = total_steps(cfg, len(train_set.pairs), world)
+    steps = total_steps(cfg, len(train_set.pairs), world, accelerator.print, "pairs")
     optimizer = build_optimizer(policy, cfg)
     scheduler = build_scheduler(optimizer, cfg, steps)
     policy, optimizer, scheduler = prepare(accelerator, cfg, policy, optimizer, scheduler)

@@ -214,7 +214,7 @@ def train(cfg: KTOConfig) -> Path:
     # Policy and reference log-probs are compared: the policy's passes must not drop out either.
     disable_dropout(model)
     policy = TokenLogprobs(model).train()
-    steps = total_steps(cfg, len(train_set.examples), world)
+    steps = total_steps(cfg, len(train_set.examples), world, accelerator.print, "examples")
     optimizer = build_optimizer(policy, cfg)
     scheduler = build_scheduler(optimizer, cfg, steps)
     policy, optimizer, scheduler = prepare(accelerator, cfg, policy, optimizer, scheduler)

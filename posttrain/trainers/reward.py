@@ -131,7 +131,7 @@ def train(cfg: RMConfig) -> Path:
     model = build_model(cfg)
 
     world = accelerator.num_processes
-    steps = total_steps(cfg, len(pairs), world)
+    steps = total_steps(cfg, len(pairs), world, accelerator.print, "pairs")
     optimizer = build_optimizer(model, cfg)
     scheduler = build_scheduler(optimizer, cfg, steps)
     model, optimizer, scheduler = prepare(accelerator, cfg, model, optimizer, scheduler)

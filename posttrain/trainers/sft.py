@@ -95,7 +95,7 @@ def train(cfg: SFTConfig) -> Path:
     # from_pretrained returns eval mode; layers checkpoint, and LoRA drops out, only in training mode.
     policy = TokenLogprobs(model).train()
     world = accelerator.num_processes
-    steps = total_steps(cfg, len(units), world)
+    steps = total_steps(cfg, len(units), world, accelerator.print, "packed rows" if cfg.packing else "examples")
     optimizer = build_optimizer(policy, cfg)
     scheduler = build_scheduler(optimizer, cfg, steps)
     policy, optimizer, scheduler = prepare(accelerator, cfg, policy, optimizer, scheduler)

@@ -95,3 +95,18 @@ def test_without_autocast_nothing_changes(tiny_model_and_tokenizer):
         with WeightCasts(policy) as counter:
             loss_of(policy, torch.randint(0, 100, (1, 8)))
     assert counter.count == 0
+
+
+def test_a_global_batch_larger_than_the_data_is_said_not_hidden():
+    from posttrain.config import SFTConfig
+    from posttrain.trainers.common import total_steps
+
+    said = []
+    cfg = SFTConfig(data="d.jsonl", output_dir="o", batch_size=1, grad_accum=8)
+    assert total_steps(cfg, 3, 1, said.append, "examples") == 1
+    assert said == ["note: a step takes 8 examples (batch_size 1 × grad_accum 8 × 1 process), more than the 3 "
+                    "loaded: each step repeats some of them"]
+    said.clear()
+    assert total_steps(cfg, 8, 1, said.append, "examples") == 1 and said == []
+    assert total_steps(cfg, 20, 2, said.append, "examples") == 2 and said == []  # 16 a step over 2 processes
+    assert total_steps(cfg, 15, 2, said.append, "examples") == 1 and "× 2 processes), more than the 15" in said[0]
