@@ -14,7 +14,7 @@ import re
 import sys
 from importlib import import_module
 
-from posttrain.config import CONFIGS, build_config, field_docs, field_types
+from posttrain.config import BOOL_WORDS, CONFIGS, build_config, field_docs, field_types
 
 TRAINERS = {"sft": "posttrain.trainers.sft", "rm": "posttrain.trainers.reward", "dpo": "posttrain.trainers.dpo",
             "ppo": "posttrain.trainers.ppo", "grpo": "posttrain.trainers.grpo", "rloo": "posttrain.trainers.grpo",
@@ -36,7 +36,7 @@ class YesNoFlag(argparse.BooleanOptionalAction):
     word written after --flag (true/false, yes/no, on/off, 1/0): `--flag maybe` is then an error
     naming the flag, not argparse's "unrecognized arguments: maybe" naming nothing."""
 
-    WORDS = {"true": True, "yes": True, "on": True, "1": True, "false": False, "no": False, "off": False, "0": False}
+    WORDS = BOOL_WORDS
 
     def __init__(self, option_strings, dest, **kwargs):
         super().__init__(option_strings, dest, **kwargs)

@@ -544,8 +544,13 @@ def field_types(cls: type) -> dict[str, type]:
 YAML12_FLOAT = re.compile(r"[-+]?(\.[0-9]+|[0-9]+(\.[0-9]*)?)([eE][-+]?[0-9]+)?")
 
 
+BOOL_WORDS = {"true": True, "yes": True, "on": True, "1": True, "false": False, "no": False, "off": False, "0": False}
+"""What a bool field reads from a word: a flag's word (--flag false) or a quoted YAML value ("false")."""
+
+
 def coerce(cls: type, key: str, value, where: str):
-    """Check one value from YAML against the field's type; ints are accepted for floats."""
+    """Check one value from YAML against the field's type; ints are accepted for floats, and a
+    bool field takes the BOOL_WORDS a flag takes too (a quoted "false" is meant as false)."""
     kinds = field_types(cls)
     if key not in kinds:
         raise ConfigError(f"{where}: unknown key {key!r} for {cls.__name__}")
@@ -554,6 +559,8 @@ def coerce(cls: type, key: str, value, where: str):
         return float(value)
     if kind is float and isinstance(value, str) and YAML12_FLOAT.fullmatch(value.strip()):
         return float(value)
+    if kind is bool and isinstance(value, str) and value.strip().lower() in BOOL_WORDS:
+        return BOOL_WORDS[value.strip().lower()]
     if kind is not bool and isinstance(value, bool) or not isinstance(value, kind):
         raise ConfigError(f"{where}: {key}={value!r} should be of type {kind.__name__}")
     return value

@@ -105,6 +105,19 @@ def test_yaml_scientific_floats(tmp_path):
         build_config(SFTConfig, str(config))
 
 
+def test_yaml_bools_take_the_words_flags_take(tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text('data: x.jsonl\npacking: "yes"\ntrain_on_prompt: "False"\ngradient_checkpointing: true\n')
+    cfg = build_config(SFTConfig, str(config))
+    assert (cfg.packing, cfg.train_on_prompt, cfg.gradient_checkpointing) == (True, False, True)
+    config.write_text('data: x.jsonl\npacking: "maybe"\n')
+    with pytest.raises(ValueError, match="packing='maybe' should be of type bool"):
+        build_config(SFTConfig, str(config))
+    config.write_text('data: x.jsonl\npacking: 1.5\n')
+    with pytest.raises(ValueError, match="packing=1.5 should be of type bool"):
+        build_config(SFTConfig, str(config))
+
+
 def test_negative_scientific_flag_reaches_the_config(capsys):
     assert _join_negative_numbers(["--lr", "-1e-5", "--seed", "-3"]) == ["--lr=-1e-5", "--seed=-3"]
     assert _join_negative_numbers(["--resume", "--data", "x"]) == ["--resume", "--data", "x"]
