@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import math
 import os
 import random
@@ -156,6 +157,13 @@ def checkpoints(output_dir: str | Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
 
 
+def _not_the_tied_head_notice(record: logging.LogRecord) -> bool:
+    """False for accelerate's "Removed shared tensor {...} while saving" (the LM head tied to the
+    embedding is stored once). --resume loads into the same model, whose weights are still tied,
+    and resumes bit for bit (tests/trainers); the notice only broke the progress bar's line."""
+    return "Removed shared tensor" not in record.getMessage()  # after accelerate's "[RANK 0] "
+
+
 def save_checkpoint(accelerator: Accelerator, cfg: TrainConfig, step: int, extra: dict | None = None) -> Path:
     """Model, optimizer, scheduler and RNG states via accelerate (sharded runs: a distributed
     checkpoint, see sharding.save_state), plus our own step counter, the run's config, its data
@@ -174,7 +182,12 @@ def save_checkpoint(accelerator: Accelerator, cfg: TrainConfig, step: int, extra
     if cfg.sharding == "fsdp":
         sharding.save_state(accelerator, tmp)
     else:
-        accelerator.save_state(str(tmp))
+        notices = logging.getLogger("accelerate.utils.other")
+        notices.addFilter(_not_the_tied_head_notice)
+        try:
+            accelerator.save_state(str(tmp))
+        finally:
+            notices.removeFilter(_not_the_tied_head_notice)
     accelerator.wait_for_everyone()   # every process's part is written before the folder is renamed
     if accelerator.is_main_process:
         fingerprint = json.loads((Path(cfg.output_dir) / FINGERPRINT).read_text())

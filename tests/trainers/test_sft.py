@@ -118,6 +118,16 @@ def test_fresh_run_refuses_a_folder_with_checkpoints(tmp_path):
         sft.train(config(tmp_path, "run", data, max_steps=2, batch_size=4))
 
 
+def test_a_checkpoint_of_a_tied_head_prints_no_removed_tensor_notice(tmp_path, capsys, caplog):
+    # accelerate warns "Removed shared tensor {...} while saving" for the tied head, on the
+    # progress bar's line; resuming is exact (above), so the notice is dropped.
+    data = write_jsonl(tmp_path / "d.jsonl", toy_records(8))
+    sft.train(config(tmp_path, "run", data, max_steps=2, batch_size=4, save_steps=1))
+    assert list((tmp_path / "run" / "checkpoints").iterdir())
+    assert "Removed shared tensor" not in capsys.readouterr().err
+    assert not [r for r in caplog.records if "Removed shared tensor" in r.getMessage()]
+
+
 def test_two_processes_match_one_process(tmp_path):
     # Same global batch (2 processes × 2 records vs 1 process × 4 records): weights after
     # 3 steps agree, since the loss is normalised by the global token count.
