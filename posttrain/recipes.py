@@ -46,11 +46,13 @@ import warnings
 from dataclasses import dataclass
 from importlib import import_module
 from pathlib import Path
+import types
+import typing
 from typing import Any, Callable
 
 import yaml
 
-from posttrain.config import CONFIGS, ConfigError, coerce
+from posttrain.config import BOOL_WORDS, CONFIGS, YAML12_FLOAT, ConfigError, coerce
 
 REFERENCE = re.compile(r"\$\{([A-Za-z0-9_.-]+)\}")
 FUNCTION_SPEC = re.compile(r"\bfn:([A-Za-z0-9_.]+:[A-Za-z0-9_]+)")
@@ -319,6 +321,63 @@ def trainer_config(where: str, stage: Stage, values: dict, *, resume: bool):
     return cfg
 
 
+def conform(value: Any, hint: Any) -> Any:
+    """`value` read from YAML as the type `hint` of a stage function's parameter says, converted
+    as a trainer's config converts it (config.coerce): a bool takes BOOL_WORDS ("false" is
+    false), a float an int or a YAML 1.2 number string, X | None a None. TypeError otherwise."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        for option in args:
+            try:
+                return conform(value, option)
+            except TypeError:
+                pass
+        raise TypeError
+    if hint is type(None) and value is None:
+        return None
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in BOOL_WORDS:
+            return BOOL_WORDS[value.strip().lower()]
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str) and YAML12_FLOAT.fullmatch(value.strip()):
+            return float(value)
+    elif hint is str:
+        if isinstance(value, str):
+            return value
+    elif list in (hint, origin):
+        if isinstance(value, list):
+            return [conform(v, args[0]) for v in value] if args else value
+    elif dict in (hint, origin):
+        if isinstance(value, dict):
+            return value
+    elif hint is Any or hint is typing.Any:
+        return value
+    raise TypeError
+
+
+def function_stage_values(where: str, stage: Stage, values: dict) -> dict:
+    """A function stage's keys checked against its function's annotations and converted
+    (`conform`); RecipeError naming the stage, the key and its value for one that does not fit."""
+    hints = typing.get_type_hints(STAGE_KINDS[stage.kind].function())
+    out = {}
+    for key, value in values.items():
+        hint = hints.get(key, Any)
+        try:
+            out[key] = conform(value, hint)
+        except TypeError:
+            kind = hint.__name__ if isinstance(hint, type) else str(hint).replace("typing.", "")
+            raise RecipeError(f"{where}: stage {stage.name!r} ({stage.kind}): {key}={value!r} should be of type "
+                              f"{kind}") from None
+    return out
+
+
 # ---------------------------------------------------------------- running
 
 
@@ -338,7 +397,9 @@ def run_recipe(source: str | Path | dict, *, from_stage: str | None = None, dry_
         values = substitute(stage.keys, outputs)
         if stage.kind in TRAINER_MODULES:
             trainer_config(where, stage, values, resume=False)
-        elif STAGE_KINDS[stage.kind].check:
+            continue
+        values = function_stage_values(where, stage, values)
+        if STAGE_KINDS[stage.kind].check:
             check = import_module(STAGE_KINDS[stage.kind].check.partition(":")[0])
             try:
                 getattr(check, STAGE_KINDS[stage.kind].check.partition(":")[2])(**values)
@@ -458,6 +519,7 @@ def run_stage(where: str, stage: Stage, values: dict) -> None:
             import_module(TRAINER_MODULES[stage.kind]).train(cfg)
             return
         spec = STAGE_KINDS[stage.kind]
+        values = function_stage_values(where, stage, values)
         stopped_by = spec.function()(**values, **{spec.output_param: str(stage.output)})
     if spec.resumable and stopped_by is not None:   # SIGINT/SIGTERM: its file is whole, a re-run continues
         print(f"stage {stage.name!r} stopped by signal {stopped_by}; run the recipe again to continue it",

@@ -111,6 +111,17 @@ def test_a_changed_input_file_changes_the_hash(tmp_path):
     ({"stages": [{"name": "a", "kind": "sft", "model": "m", "data": "d", "max_steps": "ten"}]}, "max_steps='ten'"),
     ({"stages": [{"name": "a", "kind": "judge", "data": "d", "judge": "fn:x:y", "pairs": "all"}]},
      "unknown key 'pairs' for kind judge (did you mean 'pairing'?)"),
+    # Function stages' keys are checked against the function's parameter types, as trainers' are.
+    ({"stages": [{"name": "s", "kind": "sample", "model": "m", "data": "d", "n": "2"}]},
+     "stage 's' (sample): n='2' should be of type int"),
+    ({"stages": [{"name": "s", "kind": "sample", "model": "m", "data": "d", "skip_invalid": "maybe"}]},
+     "stage 's' (sample): skip_invalid='maybe' should be of type bool"),
+    ({"stages": [{"name": "m", "kind": "mix", "specs": "sft.jsonl", "n": 2}], "defaults": {}},
+     "stage 'm' (mix): specs='sft.jsonl' should be of type list[str]"),
+    ({"stages": [{"name": "m", "kind": "mix", "specs": ["a.jsonl"], "n": 2.5}], "defaults": {}}, "n=2.5 should be of type int"),
+    ({"stages": [{"name": "m", "kind": "mix", "specs": ["a.jsonl"], "n": True}], "defaults": {}}, "n=True should be of type int"),
+    ({"stages": [{"name": "m", "kind": "mix", "specs": ["a.jsonl"], "n": 2, "cap": "x"}], "defaults": {}},
+     "cap='x' should be of type int | None"),
     ({"stages": []}, "'stages' must be a non-empty list"),
     ({"output": "x"}, "unknown top-level key 'output'"),
 ])
@@ -121,6 +132,27 @@ def test_bad_recipes_fail_before_anything_runs(tmp_path, change, message):
     assert message in str(err.value), str(err.value)
     assert "\n" not in str(err.value)
     assert not (tmp_path / "out").exists()
+
+
+def test_function_stage_values_are_converted_as_trainer_keys_are():
+    from posttrain.recipes import Stage, function_stage_values
+
+    stage = Stage(index=0, name="s", kind="sample", keys={}, needs=[])
+    values = function_stage_values("r.yaml", stage, {"model": "m", "data": "d", "skip_invalid": "false",
+                                                     "temperature": "1e-1", "top_p": 1, "stop_strings": None})
+    assert values == {"model": "m", "data": "d", "skip_invalid": False, "temperature": 0.1, "top_p": 1.0,
+                      "stop_strings": None}
+    assert type(values["top_p"]) is float
+
+
+def test_a_quoted_false_stops_a_sample_stage_at_a_bad_record(tmp_path):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "hi"}\n{"prompt": 5}\n')
+    raw = {"output_dir": str(tmp_path / "out"), "stages": [
+        {"name": "s", "kind": "sample", "model": "tiny-random", "data": str(prompts), "n": 1, "max_new_tokens": 2,
+         "skip_invalid": "false"}]}
+    with pytest.raises(RecipeError, match=r"^stage 's' \(sample\): .*p\.jsonl: record 2: field 'prompt'"):
+        run_recipe(raw, echo=lambda line: None)
 
 
 EVAL = {"name": "eval", "kind": "eval", "models": {"dpo": "${dpo}"}, "baseline": "${sft}", "data": "d",
@@ -138,7 +170,7 @@ REPORT = {"name": "report", "kind": "report", "evals": {"x": "${eval}/eval.json"
     ({"models": {"sft": "${sft}"}, "baseline": None, "baselines": {"sft": "${sft}"}}, [],
      "baseline 'sft' has no model to judge against it"),
     ({"kl_samples": -1}, [], "--kl-samples=-1: expected at least 0"),
-    ({"confidence": "high"}, [], "'confidence' must be a number, got 'high'"),
+    ({"confidence": "high"}, [], "stage 'eval' (eval): confidence='high' should be of type float"),
     ({"n_samples": 3}, [], "greedy decoding gives 3 identical answers"),
     ({"baseline": None, "baselines": {"a": "tiny-random", "b": "${sft}"}}, [REPORT],
      "stage 'report' refers to ${eval}/eval.json, which stage 'eval' does not write; it writes a/eval.json"),
