@@ -222,14 +222,16 @@ def run_generate(args) -> None:
 
     params = sampling_params(args)
     params.validate()
-    for i, prompt in enumerate(args.prompt, start=1):
-        if is_blank(prompt):
-            raise ValueError(f"--prompt {i}: expected a non-empty message, got {prompt!r}")
+    # The system message is checked as a prompt is (a blank one would be sent as a turn).
+    messages = [(f"--prompt {i}", prompt) for i, prompt in enumerate(args.prompt, start=1)]
+    for flag, text in messages + ([("--system", args.system)] if args.system is not None else []):
+        if is_blank(text):
+            raise ValueError(f"{flag}: expected a non-empty message, got {text!r}")
         try:
-            prompt.encode("utf-8")
+            text.encode("utf-8")
         except UnicodeEncodeError as err:
-            raise ValueError(f"--prompt {i}: character {err.start} is not valid Unicode text "
-                             f"({prompt[err.start]!r}, an undecodable byte?)") from None
+            raise ValueError(f"{flag}: character {err.start} is not valid Unicode text "
+                             f"({text[err.start]!r}, an undecodable byte?)") from None
     replies = chat_replies(load_causal_lm(args.model), load_tokenizer(args.model), args.prompt, params,
                            system=args.system, precision=args.precision)
     for prompt, reply in zip(args.prompt, replies):

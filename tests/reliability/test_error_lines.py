@@ -373,3 +373,8 @@ def test_a_blank_generate_prompt_is_shown_as_given(capsys):
     assert err == "posttrain generate: error: --prompt 2: expected a non-empty message, got '   '"
     err = one_line_error(capsys, ["generate", "--model", "tiny-random", "--prompt", "\u200b"])
     assert err == "posttrain generate: error: --prompt 1: expected a non-empty message, got '\\u200b'"
+    err = one_line_error(capsys, ["generate", "--model", "tiny-random", "--prompt", "hi", "--system", " \u200b"])
+    assert err == "posttrain generate: error: --system: expected a non-empty message, got ' \\u200b'"
+    err = one_line_error(capsys, ["generate", "--model", "tiny-random", "--prompt", "hi", "--system", "ab\udcffcd"])
+    assert err == ("posttrain generate: error: --system: character 2 is not valid Unicode text ('\\udcff', "
+                   "an undecodable byte?)")
