@@ -307,7 +307,7 @@ def check_output_dir(cfg: TrainConfig, world_size: int) -> dict[str, str]:
     fingerprint for prepare_output_dir.
 
     A fresh run refuses a folder holding checkpoints, a finished run or any model, or the start of
-    a different run, unless cfg.overwrite. A resumed run needs a checkpoint written by the same run:
+    a different run that logged a step, unless cfg.overwrite. A resumed run needs a checkpoint written by the same run:
     the same config except SAFE_TO_CHANGE, the same data, the same process count, and max_steps
     not below the checkpoint's step. A sharded checkpoint (sharding=fsdp) reshards, so it may
     resume on another process count, with batch_size and grad_accum changed to keep its global
@@ -362,7 +362,9 @@ def check_output_dir(cfg: TrainConfig, world_size: int) -> dict[str, str]:
         saved_fingerprint = (json.loads((out / FINGERPRINT).read_text()) if (out / FINGERPRINT).is_file()
                              else None)
         differences = config_differences(saved, current, saved_fingerprint, fingerprint)
-        if differences:
+        # A start that logged no step (it failed or was killed before its first one: a reward
+        # function's error, say) holds nothing to keep; it must not block the corrected run.
+        if differences and steps_logged(out) > 0:
             raise ValueError(f"{out}: holds the start of another run (it differs in {', '.join(differences)}); "
                              "pass --overwrite to replace it or choose another --output-dir")
     return fingerprint
@@ -393,6 +395,21 @@ def clear_run(out: Path) -> None:
             shutil.rmtree(path)
         else:
             path.unlink(missing_ok=True)
+
+
+def steps_logged(out: Path) -> int:
+    """The highest "step" in the run folder's metrics.jsonl and samples.jsonl (0: none, or only
+    the evaluation before the first step); lines that are not JSON objects are passed over."""
+    highest = 0
+    for path in (out / "metrics.jsonl", out / "samples.jsonl"):
+        for line in path.read_text().splitlines() if path.is_file() else []:
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(row, dict) and isinstance(row.get("step"), int):
+                highest = max(highest, row["step"])
+    return highest
 
 
 def trim_rows(path: Path, step: int) -> int:

@@ -96,12 +96,21 @@ def test_a_folder_holding_any_model_or_the_start_of_another_run_is_refused(tmp_p
     started = tmp_path / "started"        # killed before its first checkpoint: config and a few rows
     started.mkdir()
     (started / "config.yaml").write_text(to_yaml(run_config(sft_config(tmp_path, "started", data=data, lr=5e-4))))
+    write_jsonl(started / "metrics.jsonl", [{"step": 0, "eval/loss": 9.0}, {"step": 1, "loss/train": 9.0}])
     with pytest.raises(ValueError, match=r"holds the start of another run \(it differs in lr \(0.0005 → 0.001\)\)"):
         sft.train(sft_config(tmp_path, "started", data=data))
     # The same run started again (no checkpoint to resume) is simply restarted.
     (started / "config.yaml").write_text(to_yaml(run_config(sft_config(tmp_path, "started", data=data))))
     write_jsonl(started / "metrics.jsonl", [{"step": 1, "loss/train": 9.0}, {"step": 2, "loss/train": 9.0}])
     assert [r["step"] for r in metrics(sft.train(sft_config(tmp_path, "started", data=data)))] == [1, 2, 3]
+    # One that failed before its first step (a reward function's error, say) holds nothing to keep:
+    # the corrected run replaces it.
+    failed = tmp_path / "failed"
+    failed.mkdir()
+    (failed / "config.yaml").write_text(to_yaml(run_config(sft_config(tmp_path, "failed", data=data, lr=5e-4))))
+    write_jsonl(failed / "metrics.jsonl", [{"step": 0, "eval/loss": 9.0}])
+    assert [r["step"] for r in metrics(sft.train(sft_config(tmp_path, "failed", data=data)))] == [1, 2, 3]
+    assert yaml.safe_load((failed / "config.yaml").read_text())["lr"] == 1e-3
 
 
 def test_an_output_dir_that_is_a_file_is_one_line(tmp_path):
