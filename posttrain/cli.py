@@ -375,6 +375,12 @@ def _main(argv: list[str] | None) -> int:
         close_progress_bars()
         print(f"posttrain {command}: error: {error_line(err)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C where no signal handler of ours caught it (a scoring pass, say)
+        if debug:
+            raise
+        close_progress_bars()
+        print(f"posttrain {command}: interrupted", file=sys.stderr)
+        return 130
     except Exception as err:  # a bug, not a bad input: one line here, the traceback under --debug
         if debug:
             raise

@@ -350,6 +350,16 @@ def test_score_refuses_responses_beyond_the_models_positions(tmp_path, tiny_path
     assert not (tmp_path / "out.jsonl").exists()
 
 
+def test_ctrl_c_outside_a_trainers_signal_handler_is_one_line(capsys, monkeypatch):
+    import posttrain.scoring.files as files
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(files, "score_file", interrupted)
+    err = one_line_error(capsys, ["score", "--judge", "fn:m:f", "--data", "x.jsonl"], code=130)
+    assert err == "posttrain score: interrupted"
+
+
 def test_full_disk_while_writing_is_one_line(capsys, monkeypatch):
     import safetensors
 
