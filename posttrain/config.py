@@ -126,9 +126,10 @@ class TrainConfig:
         _check(self, "max_grad_norm", self.max_grad_norm >= 0, "must be ≥ 0")
         _check(self, "lora_alpha", self.lora_alpha > 0, "must be > 0")
         _check(self, "lora_dropout", 0 <= self.lora_dropout < 1, "must be in [0, 1)")
-        _check(self, "model", bool(self.model), "must name a model")
-        _check(self, "data", bool(self.data), "must name a data file (--data)")
-        _check(self, "output_dir", bool(self.output_dir), "must name a folder")
+        # Blank counts as empty: " " would be a folder named by a space.
+        _check(self, "model", bool(self.model.strip()), "must name a model")
+        _check(self, "data", bool(self.data.strip()), "must name a data file (--data)")
+        _check(self, "output_dir", bool(self.output_dir.strip()), "must name a folder")
 
     def global_batch(self, world_size: int) -> int:
         """Records (or rows) per optimizer step across all processes and micro-batches."""
@@ -559,8 +560,8 @@ def coerce(cls: type, key: str, value, where: str):
         return float(value)
     if kind is float and isinstance(value, str) and YAML12_FLOAT.fullmatch(value.strip()):
         return float(value)
-    if kind is bool and isinstance(value, str) and value.strip().lower() in BOOL_WORDS:
-        return BOOL_WORDS[value.strip().lower()]
+    if kind is bool and isinstance(value, (str, int)) and str(value).strip().lower() in BOOL_WORDS:
+        return BOOL_WORDS[str(value).strip().lower()]  # "false", and 0/1 as YAML reads them unquoted
     if kind is not bool and isinstance(value, bool) or not isinstance(value, kind):
         raise ConfigError(f"{where}: {key}={value!r} should be of type {kind.__name__}")
     return value

@@ -338,8 +338,8 @@ def conform(value: Any, hint: Any) -> Any:
     if hint is bool:
         if isinstance(value, bool):
             return value
-        if isinstance(value, str) and value.strip().lower() in BOOL_WORDS:
-            return BOOL_WORDS[value.strip().lower()]
+        if isinstance(value, (str, int)) and str(value).strip().lower() in BOOL_WORDS:
+            return BOOL_WORDS[str(value).strip().lower()]
     elif hint is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value

@@ -107,9 +107,13 @@ def test_yaml_scientific_floats(tmp_path):
 
 def test_yaml_bools_take_the_words_flags_take(tmp_path):
     config = tmp_path / "c.yaml"
-    config.write_text('data: x.jsonl\npacking: "yes"\ntrain_on_prompt: "False"\ngradient_checkpointing: true\n')
+    config.write_text('data: x.jsonl\npacking: "yes"\ntrain_on_prompt: "False"\ngradient_checkpointing: true\n'
+                      'skip_invalid: 1\n')
     cfg = build_config(SFTConfig, str(config))
-    assert (cfg.packing, cfg.train_on_prompt, cfg.gradient_checkpointing) == (True, False, True)
+    assert (cfg.packing, cfg.train_on_prompt, cfg.gradient_checkpointing, cfg.skip_invalid) == (True, False, True, True)
+    config.write_text('data: x.jsonl\nskip_invalid: 2\n')
+    with pytest.raises(ValueError, match="skip_invalid=2 should be of type bool"):
+        build_config(SFTConfig, str(config))
     config.write_text('data: x.jsonl\npacking: "maybe"\n')
     with pytest.raises(ValueError, match="packing='maybe' should be of type bool"):
         build_config(SFTConfig, str(config))
