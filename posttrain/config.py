@@ -571,7 +571,7 @@ def load_yaml(cls: type, path: str | Path) -> dict:
     """Read a YAML mapping of field values for `cls`, checking keys and types."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"{path}: config file not found")
+        raise ConfigError(f"{path}: {'a folder, not a YAML file' if path.is_dir() else 'config file not found'}")
     try:
         raw = yaml.safe_load(path.read_bytes())  # bytes: PyYAML names the offset of a non-UTF-8 byte
     except yaml.YAMLError as err:

@@ -210,5 +210,8 @@ def _read_with_datasets(name: str) -> list[dict[str, Any]]:
         loaded = datasets.load_dataset(dataset_name, split=split)
     except Exception as e:  # datasets raises many unrelated types; all mean "cannot load this"
         message = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if path.is_dir():  # what a folder must hold, which datasets' message does not say
+            raise DataError(f"{name}: a folder, but neither a saved dataset (save_to_disk) nor data files "
+                            f"datasets.load_dataset can read ({message})") from e
         raise DataError(f"{name}: cannot load with datasets.load_dataset ({message})") from e
     return loaded.to_list()

@@ -19,6 +19,7 @@ from collections.abc import Iterable, Mapping
 from contextlib import contextmanager
 from typing import Callable, Iterator
 
+from posttrain.data.errors import short_repr
 from posttrain.data.formats import FLOAT32_MAX
 
 RewardFn = Callable[..., list[float]]
@@ -64,9 +65,11 @@ def load_reward_fn(target: str) -> RewardFn:
         lines = str(err).strip().splitlines()
         raise ValueError(f"fn:{target}: importing {module_name!r} failed with {type(err).__name__}"
                          f"{': ' + lines[0] if lines else ''}") from None
-    fn = getattr(module, name, None)
-    if not callable(fn):
+    fn = vars(module).get(name)
+    if fn is None:
         raise ValueError(f"fn:{target}: module {module_name} has no function {name!r}")
+    if not callable(fn):
+        raise ValueError(f"fn:{target}: {module_name}.{name} is a {type(fn).__name__}, not a function")
     return fn
 
 
@@ -109,7 +112,8 @@ def call_reward_fn(fn: RewardFn, spec: str, prompts: list[str], responses: list[
                 or not math.isfinite(value)):
             numeric = isinstance(value, numbers.Real) and not isinstance(value, bool) and value == value
             beyond = " within float32's ±3.4e38" if numeric else ""
-            raise ScoreError(f"{spec}: score {row} is {value!r}, expected a finite number{beyond}", row=row)
+            shown = short_repr(value)  # 10**400 has 401 digits
+            raise ScoreError(f"{spec}: score {row} is {shown}, expected a finite number{beyond}", row=row)
     return [float(value) for value in out]
 
 

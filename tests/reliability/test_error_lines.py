@@ -122,6 +122,18 @@ def test_yaml_bools_take_the_words_flags_take(tmp_path):
         build_config(SFTConfig, str(config))
 
 
+def test_a_folder_given_for_a_config_or_data_file_is_named_as_one(tmp_path):
+    from posttrain.data import DataError
+    from posttrain.data.records import read_records
+
+    with pytest.raises(ValueError, match=f"^{tmp_path}: a folder, not a YAML file$"):
+        build_config(SFTConfig, str(tmp_path))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match=f"^{tmp_path / 'empty'}: a folder, but neither a saved dataset "
+                                        r"\(save_to_disk\) nor data files datasets.load_dataset can read"):
+        read_records(tmp_path / "empty")
+
+
 def test_negative_scientific_flag_reaches_the_config(capsys):
     assert _join_negative_numbers(["--lr", "-1e-5", "--seed", "-3"]) == ["--lr=-1e-5", "--seed=-3"]
     assert _join_negative_numbers(["--resume", "--data", "x"]) == ["--resume", "--data", "x"]
