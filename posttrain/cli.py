@@ -73,7 +73,7 @@ class YesNoDefaultsHelpFormatter(YesNoHelpFormatter, argparse.ArgumentDefaultsHe
     """YesNoHelpFormatter that also adds "(default: …)" to each flag's help."""
 
 
-class OneDefaultHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+class OneDefaultHelpFormatter(YesNoHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
     """Adds "(default: …)" to a flag's help unless the help already says its default (a None
     that stands for "built in", "stdout", "all"), the flag is required, or its default is None
     (unset): each flag shows one true default or none."""
@@ -178,14 +178,14 @@ def build_parser() -> argparse.ArgumentParser:
                        help="llm: drop pairs whose preference is within this of 0.5 (default: 0)")
     judge.add_argument("--tie-margin", type=float, default=None,
                        help="llm: a tie when the two orders' preferences differ by more (default: 0.5)")
-    judge.add_argument("--keep-all", action="store_true",
+    judge.add_argument("--keep-all", action=YesNoFlag, default=False,
                        help="rm/fn: also write records whose scores form no pair (one reply, all equal), for "
                             "`posttrain best-of-n`; `posttrain rm` / `dpo` refuse them")
     judge.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass")
     judge.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"), help="compute precision")
 
     best = sub.add_parser("best-of-n", help="SFT records from scored lists: the best reply per prompt, or every "
-                          "reply above a threshold.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                          "reply above a threshold.", formatter_class=YesNoDefaultsHelpFormatter)
     best.add_argument("--data", required=True,
                       help="scored lists {prompt, responses, scores, finish_reasons?} (posttrain judge --keep-all)")
     best.add_argument("--output", required=True, help="JSONL of {prompt, completion} records for `posttrain sft`")
@@ -193,7 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="keep every distinct reply scoring ≥ this instead of the best one per prompt")
     best.add_argument("--min-gap", type=float, default=0.0,
                       help="leave out prompts whose highest and lowest scores differ by less")
-    best.add_argument("--keep-cut-off", action="store_true",
+    best.add_argument("--keep-cut-off", action=YesNoFlag, default=False,
                       help="also select replies cut off at max_new_tokens (finish_reason 'length')")
 
     run = sub.add_parser("run", help="A recipe: stages from data to report, each cached by the hash of its inputs.",

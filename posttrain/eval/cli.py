@@ -11,7 +11,7 @@ from importlib import import_module
 
 def add_eval_parser(sub) -> None:
     """`posttrain eval`: models against a baseline on held-out prompts."""
-    from posttrain.cli import OneDefaultHelpFormatter, add_sampling_flags
+    from posttrain.cli import OneDefaultHelpFormatter, YesNoFlag, add_sampling_flags
 
     p = sub.add_parser("eval", help="Win rates (with intervals), length-controlled win rates, KL and lengths of "
                        "models against a baseline, judged pairwise.", formatter_class=OneDefaultHelpFormatter)
@@ -25,7 +25,7 @@ def add_eval_parser(sub) -> None:
                    help="rm:PATH | fn:module:function (higher score wins) | llm:MODEL (pairwise, both orders)")
     p.add_argument("--output-dir", required=True, help="folder for eval.json and eval.md (created)")
     p.add_argument("--n-samples", type=int, default=1, help="answers per prompt and model (> 1 needs a --temperature)")
-    p.add_argument("--judge-used-in-training", action="store_true",
+    p.add_argument("--judge-used-in-training", action=YesNoFlag, default=False,
                    help="record that this judge built the training data or rewards of an evaluated model")
     p.add_argument("--kl-samples", type=int, default=1,
                    help="temperature-1 samples per prompt for KL(model‖baseline) when the answers are not such "

@@ -175,6 +175,13 @@ def test_sample_reads_skip_invalid_as_the_trainers_do_and_help_shows_the_word(ca
     assert parser.parse_args([*base, "--skip-invalid"]).skip_invalid is True
     assert parser.parse_args([*base, "--skip-invalid", "yes"]).skip_invalid is True
     assert parser.parse_args([*base, "--skip-invalid", "off"]).skip_invalid is False
+    # The other commands' yes/no settings read a word the same way.
+    judge = ["judge", "--data", "s.jsonl", "--judge", "fn:m:f", "--output", "o.jsonl"]
+    assert parser.parse_args([*judge, "--keep-all", "no"]).keep_all is False
+    assert parser.parse_args([*judge, "--keep-all"]).keep_all is True
+    assert parser.parse_args(["best-of-n", "--data", "s", "--output", "o", "--keep-cut-off", "yes"]).keep_cut_off is True
+    evaluate = ["eval", "--model", "m", "--baseline", "b", "--data", "d", "--judge", "fn:m:f", "--output-dir", "o"]
+    assert parser.parse_args([*evaluate, "--judge-used-in-training", "false"]).judge_used_in_training is False
     with pytest.raises(SystemExit):
         parser.parse_args(["grpo", "--help"])
     assert "--prefix-sharing [true|false], --no-prefix-sharing" in capsys.readouterr().out
