@@ -95,5 +95,5 @@ def test_missing_file(tmp_path):
 def test_unloadable_dataset_names_the_source(tmp_path):
     folder = tmp_path / "no_data_files"
     folder.mkdir()
-    with pytest.raises(DataError, match=rf"^{folder}:test: cannot load with datasets.load_dataset"):
+    with pytest.raises(DataError, match=rf"^{folder}:test: a folder, but neither a saved dataset .* nor data files"):
         read_records(f"{folder}:test")
