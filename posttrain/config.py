@@ -592,10 +592,19 @@ def load_yaml(cls: type, path: str | Path) -> dict:
 def build_config(cls: type, yaml_path: str | None = None, overrides: dict | None = None):
     """defaults → YAML → flags, then validate."""
     values = load_yaml(cls, yaml_path) if yaml_path else {}
+    from_yaml = set(values) - set(overrides or {})
     for key, value in (overrides or {}).items():
         values[key] = coerce(cls, key, value, "flag")
     cfg = cls(**values)
-    cfg.validate()
+    try:
+        cfg.validate()
+    except ConfigError as err:
+        # A value the YAML file gave is named by that file, as its type errors are.
+        message = str(err)
+        key = message.removeprefix("config: ").split("=", 1)[0]
+        if message.startswith("config: ") and key in from_yaml:
+            raise ConfigError(f"{yaml_path}: {message.removeprefix('config: ')}") from None
+        raise
     return cfg
 
 

@@ -15,9 +15,11 @@ def add_eval_parser(sub) -> None:
 
     p = sub.add_parser("eval", help="Win rates (with intervals), length-controlled win rates, KL and lengths of "
                        "models against a baseline, judged pairwise.", formatter_class=OneDefaultHelpFormatter)
-    p.add_argument("--model", action="append", required=True, metavar="[LABEL=]MODEL",
-                   help="a model to evaluate: built-in name, HF id or folder, optionally labelled (repeat for more)")
-    p.add_argument("--baseline", action="append", required=True, metavar="[LABEL=]MODEL",
+    # "MODEL", not "[LABEL=]MODEL": argparse cannot wrap a usage line whose metavars hold brackets.
+    p.add_argument("--model", action="append", required=True, metavar="MODEL",
+                   help="a model to evaluate: built-in name, HF id or folder, optionally labelled LABEL=MODEL "
+                        "(repeat for more)")
+    p.add_argument("--baseline", action="append", required=True, metavar="MODEL",
                    help="the model every answer is judged against; repeat to judge against several in one run "
                         "(each model's answers sampled once; then each baseline's eval goes to OUTPUT_DIR/LABEL/)")
     p.add_argument("--data", required=True, help="prompt records {prompt} or {messages} ending in a user turn")

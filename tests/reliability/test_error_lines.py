@@ -105,6 +105,15 @@ def test_yaml_scientific_floats(tmp_path):
         build_config(SFTConfig, str(config))
 
 
+def test_a_bad_value_from_yaml_is_named_by_its_file(tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text("data: x.jsonl\nlr: .nan\n")
+    with pytest.raises(ValueError, match=f"^{config}: lr=nan must be a finite number$"):
+        build_config(SFTConfig, str(config))
+    with pytest.raises(ValueError, match="^config: lr=-1.0 must be > 0$"):   # a flag's value
+        build_config(SFTConfig, str(config), {"lr": -1.0})
+
+
 def test_yaml_bools_take_the_words_flags_take(tmp_path):
     config = tmp_path / "c.yaml"
     config.write_text('data: x.jsonl\npacking: "yes"\ntrain_on_prompt: "False"\ngradient_checkpointing: true\n'
