@@ -120,15 +120,11 @@ def test_yaml_bools_take_the_words_flags_take(tmp_path):
                       'skip_invalid: 1\n')
     cfg = build_config(SFTConfig, str(config))
     assert (cfg.packing, cfg.train_on_prompt, cfg.gradient_checkpointing, cfg.skip_invalid) == (True, False, True, True)
-    config.write_text('data: x.jsonl\nskip_invalid: 2\n')
-    with pytest.raises(ValueError, match="skip_invalid=2 should be of type bool"):
-        build_config(SFTConfig, str(config))
-    config.write_text('data: x.jsonl\npacking: "maybe"\n')
-    with pytest.raises(ValueError, match="packing='maybe' should be of type bool"):
-        build_config(SFTConfig, str(config))
-    config.write_text('data: x.jsonl\npacking: 1.5\n')
-    with pytest.raises(ValueError, match="packing=1.5 should be of type bool"):
-        build_config(SFTConfig, str(config))
+    for line, shown in (("skip_invalid: 2", "skip_invalid=2"), ('packing: "maybe"', "packing='maybe'"),
+                        ("packing: 1.5", "packing=1.5")):
+        config.write_text(f"data: x.jsonl\n{line}\n")
+        with pytest.raises(ValueError, match=f"{shown} should be of type bool"):
+            build_config(SFTConfig, str(config))
 
 
 def test_a_folder_given_for_a_config_or_data_file_is_named_as_one(tmp_path):
