@@ -69,7 +69,7 @@ def load_reward_fn(target: str) -> RewardFn:
     if fn is None:
         raise ValueError(f"fn:{target}: module {module_name} has no function {name!r}")
     if not callable(fn):
-        raise ValueError(f"fn:{target}: {module_name}.{name} is a {type(fn).__name__}, not a function")
+        raise ValueError(f"fn:{target}: {module_name}.{name} is not a function (type {type(fn).__name__})")
     return fn
 
 
@@ -112,7 +112,9 @@ def call_reward_fn(fn: RewardFn, spec: str, prompts: list[str], responses: list[
                 or not math.isfinite(value)):
             numeric = isinstance(value, numbers.Real) and not isinstance(value, bool) and value == value
             beyond = " within float32's ±3.4e38" if numeric else ""
-            shown = short_repr(value)  # 10**400 has 401 digits
+            # 10**400 has 401 digits; past 4300 digits repr() itself refuses (int_max_str_digits).
+            shown = f"an int of {value.bit_length()} bits" if isinstance(value, int) and value.bit_length() > 14000 \
+                else short_repr(value)
             raise ScoreError(f"{spec}: score {row} is {shown}, expected a finite number{beyond}", row=row)
     return [float(value) for value in out]
 

@@ -99,11 +99,13 @@ def test_bad_reward_functions_fail_in_one_line_naming_the_spec():
         load_reward_fn("no_such_module_xyz:f")
     with pytest.raises(ValueError, match=f"fn:{HERE}:missing: module {HERE} has no function 'missing'"):
         load_scorer(f"fn:{HERE}:missing")
-    with pytest.raises(ValueError, match=f"^fn:{HERE}:NOT_A_FUNCTION: {HERE}.NOT_A_FUNCTION is a int, not a function$"):
+    with pytest.raises(ValueError, match=f"^fn:{HERE}:NOT_A_FUNCTION: {HERE}.NOT_A_FUNCTION is not a function \\(type int\\)$"):
         load_scorer(f"fn:{HERE}:NOT_A_FUNCTION")
     with pytest.raises(ScoreError, match=r"^fn:t: score 0 is 10{56}\.\.\., "
                                          r"expected a finite number within float32's ±3\.4e38$"):
         call_reward_fn(lambda p, r: [10 ** 400], "fn:t", ["a"], ["c"])   # not all 401 digits
+    with pytest.raises(ScoreError, match=r"^fn:t: score 0 is an int of 16610 bits, expected a finite number"):
+        call_reward_fn(lambda p, r: [10 ** 5000], "fn:t", ["a"], ["c"])  # beyond what repr() converts
 
 
 @pytest.mark.parametrize("fn, returned", [(none, "None"), (scalar, "a float (0.5)"), (text, "a str (1.0)")])
