@@ -357,7 +357,7 @@ def conform(value: Any, hint: Any) -> Any:
     elif dict in (hint, origin):
         if isinstance(value, dict):
             return value
-    elif hint is Any or hint is typing.Any:
+    elif hint is Any:
         return value
     raise TypeError
 
