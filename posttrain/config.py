@@ -72,6 +72,8 @@ class TrainConfig:
     """auto (bf16 where the hardware supports it, else fp32), bf16 (autocast) or fp32."""
     gradient_checkpointing: bool = False
     """Recompute activations in backward to save memory."""
+    compile: bool = False
+    """torch.compile each decoder layer (needs g++): 0.86× the eager step time (SmolLM2 DPO, 2 CPU cores, bf16), after a first step of 20–55 s."""
     lora_r: int = 0
     """LoRA rank; 0 trains all weights."""
     lora_alpha: float = 16.0
@@ -114,6 +116,8 @@ class TrainConfig:
         _check_choice(self, "overlong", OVERLONG)
         _check_choice(self, "report_to", ("none", "tensorboard"))
         _check_choice(self, "sharding", SHARDING)
+        _check(self, "compile", not (self.compile and self.sharding == "fsdp"),
+               "cannot be combined with sharding=fsdp yet (compile the layers or shard them, not both)")
         for name in ("batch_size", "grad_accum", "max_length", "logging_steps", "save_total_limit"):
             _check(self, name, getattr(self, name) >= 1, "must be ≥ 1")
         for name in ("max_steps", "eval_steps", "save_steps", "lora_r"):

@@ -234,8 +234,9 @@ MODEL_FILES = ("config.json", "adapter_config.json", "model.safetensors", "adapt
                "model.safetensors.index.json", "pytorch_model.bin")
 """Files that make a folder a model folder: a run must not write its model over one unasked."""
 SAFE_TO_CHANGE = ("max_steps", "logging_steps", "eval_steps", "save_steps", "save_total_limit", "samples_steps",
-                  "report_to", "resume", "overwrite", "output_dir")
-"""Keys a resumed run may change: they decide how long it runs and what it reports, not the updates.
+                  "report_to", "resume", "overwrite", "output_dir", "compile")
+"""Keys a resumed run may change: they decide how long it runs, what it reports and how a step is
+computed, not the updates (compile changes them by float rounding only, models.compile).
 max_steps may change only between two step counts (not to or from 0, "derive from epochs")."""
 
 

@@ -37,6 +37,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from posttrain.models.compile import compile_layers
+from posttrain.models.compile import decoder_layers as _decoder_layers
 from posttrain.models.load import cast_linear_weights
 
 if TYPE_CHECKING:  # accelerate is imported where it is used: config validation reads SHARDING
@@ -93,18 +95,10 @@ def engine(cfg, accelerator: Accelerator) -> str:
 
 
 def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """The modules that become one FSDP unit each: every submodule whose class a transformers
-    model inside `model` names in `_no_split_modules` (its decoder layer: LlamaDecoderLayer).
+    """The modules that become one FSDP unit each: the decoder layers (models.compile.decoder_layers).
     ValueError when there is none: the whole model would be one unit, gathered whole in every
     forward, which shards nothing that matters."""
-    names: set[str] = set()
-    for module in model.modules():
-        names.update(getattr(module, "_no_split_modules", None) or ())
-    layers = [m for m in model.modules() if type(m).__name__ in names]
-    if not layers:
-        raise ValueError(f"sharding=fsdp: {type(model).__name__} has no layers to shard (its transformers "
-                         f"models' _no_split_modules name {sorted(names) or 'nothing'}, no submodule matches)")
-    return layers
+    return _decoder_layers(model, "sharding=fsdp")
 
 
 def meta_copy(model: torch.nn.Module) -> torch.nn.Module:
@@ -175,7 +169,14 @@ such a process by os._exit."""
 
 
 def prepare(accelerator: Accelerator, cfg, model: torch.nn.Module, optimizer, scheduler):
-    """`_prepare` (below), with a multi-process run's prepared model kept in KEPT_UNTIL_EXIT."""
+    """`_prepare` (below), with a multi-process run's prepared model kept in KEPT_UNTIL_EXIT, and
+    with cfg.compile its decoder layers compiled first (models.compile)."""
+    if getattr(cfg, "compile", False):
+        # Compiled before any wrapper, as accelerate's own dynamo_backend does: DDP's hooks sit on
+        # the parameters, which compiling leaves as they are.
+        layers = compile_layers(model)
+        accelerator.print(f"compile: {layers} decoder layers compiled at their first call (torch.compile, "
+                          f"kernels cached in {os.environ['TORCHINDUCTOR_CACHE_DIR']})")
     prepared = _prepare(accelerator, cfg, model, optimizer, scheduler)
     if accelerator.num_processes > 1:
         KEPT_UNTIL_EXIT.append(prepared[0])

@@ -214,7 +214,7 @@ def test_ppo_with_lora_in_bf16_under_fsdp_trains_as_ddp_does(tmp_path, tiny_path
 def test_a_model_without_layers_to_shard_is_refused(tmp_path, monkeypatch):
     data = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "a", "completion": "b"}] * 4)
     monkeypatch.setattr(LlamaPreTrainedModel, "_no_split_modules", [])
-    with pytest.raises(ValueError, match=r"sharding=fsdp: TokenLogprobs has no layers to shard"):
+    with pytest.raises(ValueError, match=r"sharding=fsdp: TokenLogprobs has no decoder layers"):
         sft.train(sft_config(tmp_path / "run", data=str(data), max_steps=1, sharding="fsdp"))
     assert not (tmp_path / "run").exists()  # refused before the run folder was written
 

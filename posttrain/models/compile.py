@@ -1,0 +1,72 @@
+"""Regional compilation: each decoder layer of a model compiled in place by torch.compile.
+
+Why layers and not the whole model: the decoder layers hold nearly all the work and are one
+piece of code, so one traced graph serves all of them (SmolLM2: 30), and with dynamic shapes one
+graph serves every sequence length too; posttrain's passes around them (packing, the chunked
+LM head, gathers) stay eager and readable. PyTorch's "regional compilation" recipe does the same.
+
+Measured on 2 EPYC cores (SmolLM2-135M, bf16 autocast, the benchmark's DPO pairs, fused AdamW):
+a step took 1.95 s compiled against 2.26 s eager (−14 %); the first step took 53.8 s with an
+empty inductor cache and 18.6 s with a warm one (dynamo traces again in every process). So it
+pays from a few hundred steps on, and stays off by default.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import torch
+from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+from posttrain.models.cache import cache_root
+
+INDUCTOR_CACHE = "inductor"
+"""Folder under posttrain's cache root where inductor keeps its compiled kernels, unless
+TORCHINDUCTOR_CACHE_DIR names another: its default, /tmp/torchinductor_<user>, is wiped with /tmp,
+and the cold compile it saves is most of the first step's cost."""
+
+
+def decoder_layers(model: torch.nn.Module, purpose: str) -> list[torch.nn.Module]:
+    """Every submodule whose class a transformers model inside `model` names in
+    `_no_split_modules` (its decoder layer: LlamaDecoderLayer), in module order.
+
+    ValueError naming `purpose` (the setting that needs them) when there is none."""
+    names: set[str] = set()
+    for module in model.modules():
+        names.update(getattr(module, "_no_split_modules", None) or ())
+    layers = [m for m in model.modules() if type(m).__name__ in names]
+    if not layers:
+        raise ValueError(f"{purpose}: {type(model).__name__} has no decoder layers (its transformers "
+                         f"models' _no_split_modules name {sorted(names) or 'nothing'}, no submodule matches)")
+    return layers
+
+
+def compile_layers(model: torch.nn.Module) -> int:
+    """Compile every decoder layer of `model` in place (`nn.Module.compile(dynamic=True)`) and
+    return how many. Parameters, state_dict keys and checkpoints are unchanged; the compile
+    itself happens at each layer's first call. Call it after LoRA adapters and gradient
+    checkpointing are set up (a checkpointed layer recomputes through the compiled forward).
+
+    Compiled layers compute the same function as eager ones up to float rounding: inductor fuses
+    elementwise ops and keeps their intermediates in fp32 under bf16 autocast.
+
+    ValueError: the model has no decoder layers, or there is no C++ compiler on PATH (inductor's
+    CPU code is C++, built at the first call).
+    """
+    layers = decoder_layers(model, "compile")
+    compiler = os.environ.get("CXX", "g++")
+    if shutil.which(compiler) is None:
+        raise ValueError(f"compile: no C++ compiler {compiler!r} on PATH; torch.compile builds C++ kernels on "
+                         "CPU (apt install g++, or run without --compile)")
+    # Importing transformers' trainers already set the variable to inductor's default (its
+    # cache_dir() writes the default back): only a value other than that one is the user's.
+    if os.path.abspath(os.environ.get("TORCHINDUCTOR_CACHE_DIR", default_cache_dir())) == \
+            os.path.abspath(default_cache_dir()):
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache_root() / INDUCTOR_CACHE)
+    for layer in layers:
+        layer.compile(dynamic=True)
+    return len(layers)
+
+
+__all__ = ["INDUCTOR_CACHE", "compile_layers", "decoder_layers"]
