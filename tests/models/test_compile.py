@@ -80,3 +80,14 @@ def test_a_compiled_run_matches_the_eager_one(tmp_path):
         torch.testing.assert_close(compiled[key], eager[key], atol=1e-5, rtol=1e-4)
     checkpoints = [sorted(p.name for p in Path(runs[c], "checkpoints").rglob("*")) for c in (False, True)]
     assert checkpoints[0] == checkpoints[1] and checkpoints[0]
+
+
+def test_a_run_may_resume_with_compile_switched():
+    # compile changes how a step is computed, not what it learns: a checkpoint resumes either way,
+    # and one written before the key existed too.
+    from posttrain.trainers.common import config_differences
+
+    fingerprint = {"data": "x", "eval_data": ""}
+    assert config_differences({"lr": 1.0, "compile": False}, {"lr": 1.0, "compile": True}, None, fingerprint) == []
+    assert config_differences({"lr": 1.0}, {"lr": 1.0, "compile": True}, None, fingerprint) == []
+    assert config_differences({"lr": 1.0}, {"lr": 2.0, "compile": True}, None, fingerprint) == ["lr (1.0 → 2.0)"]
