@@ -97,6 +97,16 @@ def total_steps(cfg: TrainConfig, n_items: int, world_size: int, print_fn=None, 
     return max(1, math.ceil(cfg.epochs * n_items / cfg.global_batch(world_size)))
 
 
+def rollout_iterations(cfg, n_prompts: int, print_fn=None) -> int:
+    """PPO/GRPO/RLOO iterations: max_steps if set, else enough rollout batches of
+    cfg.rollout_batch_size prompts to cover `epochs` passes. A rollout batch larger than the
+    prompts repeats some of them (step_items), said through print_fn as total_steps says it."""
+    if print_fn is not None and cfg.rollout_batch_size > n_prompts:
+        print_fn(f"note: an iteration takes {cfg.rollout_batch_size} prompts (rollout_batch_size), more than the "
+                 f"{n_prompts} loaded: each iteration repeats some of them")
+    return cfg.max_steps or max(1, -(-int(cfg.epochs * n_prompts) // cfg.rollout_batch_size))
+
+
 def step_items(step: int, n_items: int, global_batch: int, seed: int) -> list[int]:
     """Indices of the records that optimizer step `step` (0-based) trains on.
 

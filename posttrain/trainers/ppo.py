@@ -43,7 +43,7 @@ from posttrain.trainers.common import (RunLog, StopRequest, build_optimizer, bui
                                        checkpoint_and_exit, finish_run, global_sum, make_accelerator,
                                        prepare_output_dir, check_output_dir, resume_from_checkpoint, save_checkpoint,
                                        seed_everything, step_items)
-from posttrain.trainers.common import NonFiniteGuard, batch_records, weights_cast_once
+from posttrain.trainers.common import NonFiniteGuard, batch_records, rollout_iterations, weights_cast_once
 from posttrain.trainers.kl_control import AdaptiveKLController, FixedKLController
 from posttrain.trainers.sharding import full_model, padded_share, prepare, refresh, prepare_frozen, whole_copy
 
@@ -281,7 +281,7 @@ def train(cfg: PPOConfig) -> Path:
         # Its log-probs come from a forward of its own, where a sharded model gathers its weights.
         reference = PolicyAndValue(reference, temperature=cfg.temperature).to(accelerator.device)
         prepare_frozen(accelerator, cfg, reference)
-    iterations = cfg.max_steps or max(1, -(-int(cfg.epochs * len(prompts)) // cfg.rollout_batch_size))
+    iterations = rollout_iterations(cfg, len(prompts), accelerator.print)
     optimizer = build_optimizer(net, cfg)
     scheduler = build_scheduler(optimizer, cfg, iterations)
     model, optimizer, scheduler = prepare(accelerator, cfg, net, optimizer, scheduler)

@@ -110,3 +110,19 @@ def test_a_global_batch_larger_than_the_data_is_said_not_hidden():
     assert total_steps(cfg, 8, 1, said.append, "examples") == 1 and said == []
     assert total_steps(cfg, 20, 2, said.append, "examples") == 2 and said == []  # 16 a step over 2 processes
     assert total_steps(cfg, 15, 2, said.append, "examples") == 1 and "× 2 processes), more than the 15" in said[0]
+
+
+@pytest.mark.parametrize("config_name", ["GRPOConfig", "RLOOConfig", "PPOConfig"])
+def test_a_rollout_batch_larger_than_the_prompts_is_said_not_hidden(config_name):
+    import posttrain.config as config
+    from posttrain.trainers.common import rollout_iterations
+
+    said = []
+    cfg = getattr(config, config_name)(data="p.jsonl", output_dir="o", rollout_batch_size=8, epochs=2)
+    assert rollout_iterations(cfg, 3, said.append) == 1  # ⌈2 · 3 / 8⌉
+    assert said == ["note: an iteration takes 8 prompts (rollout_batch_size), more than the 3 loaded: "
+                    "each iteration repeats some of them"]
+    said.clear()
+    assert rollout_iterations(cfg, 8, said.append) == 2 and said == []
+    cfg.max_steps = 5
+    assert rollout_iterations(cfg, 20, said.append) == 5 and said == []
