@@ -126,3 +126,20 @@ def sample_stage(model: str, data: str, output: str, *, n: int = 4, max_new_toke
                             stop_strings=tuple(stop_strings or ()), seed=seed)
     return sample_file(model, data, output, params, batch_size=batch_size, precision=precision,
                        max_prompt_length=max_prompt_length, skip_invalid=skip_invalid)
+
+
+def check_sample_stage(model: str, data: str, output: str = "", *, n: int = 4, max_new_tokens: int = 128,
+                       temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, stop_strings: list | None = None,
+                       seed: int = 0, batch_size: int = 8, precision: str = "auto", max_prompt_length: int = 1024,
+                       skip_invalid: bool = False) -> None:
+    """ValueError for a sample stage's setting out of range (n: 0, temperature: -1, batch_size: 0, an
+    unknown precision), found before any stage runs rather than when this one's turn comes."""
+    from posttrain.models.precision import PRECISIONS
+    from posttrain.sampling import SamplingParams
+    from posttrain.sampling.files import check_sample_settings
+
+    params = SamplingParams(n=n, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                            stop_strings=tuple(stop_strings or ()), seed=seed)
+    check_sample_settings(params, batch_size=batch_size, max_prompt_length=max_prompt_length)
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision={precision!r} is not one of {', '.join(PRECISIONS)}")

@@ -91,7 +91,8 @@ class FunctionStage:
 STAGE_KINDS: dict[str, FunctionStage] = {
     "python": FunctionStage("posttrain.recipe_stages:python_stage", "output", "data.jsonl"),
     "concat": FunctionStage("posttrain.recipe_stages:concat_files", "output", "data.jsonl"),
-    "sample": FunctionStage("posttrain.recipe_stages:sample_stage", "output", "samples.jsonl", resumable=True),
+    "sample": FunctionStage("posttrain.recipe_stages:sample_stage", "output", "samples.jsonl", resumable=True,
+                            check="posttrain.recipe_stages:check_sample_stage"),
     "judge": FunctionStage("posttrain.scoring.files:judge_file", "output", "judged.jsonl"),
     "best_of_n": FunctionStage("posttrain.datagen.best_of_n:best_of_n_file", "output", "sft.jsonl"),
     "template": FunctionStage("posttrain.datagen.templates:template_file", "output", "instructions.jsonl"),

@@ -122,6 +122,13 @@ def test_a_changed_input_file_changes_the_hash(tmp_path):
     ({"stages": [{"name": "m", "kind": "mix", "specs": ["a.jsonl"], "n": True}], "defaults": {}}, "n=True should be of type int"),
     ({"stages": [{"name": "m", "kind": "mix", "specs": ["a.jsonl"], "n": 2, "cap": "x"}], "defaults": {}},
      "cap='x' should be of type int | None"),
+    # A sample stage's ranges too, though it comes after a stage that would have run first.
+    *[({"stages": [{"name": "a", "kind": "sft", "model": "m", "data": "d"},
+                   {"name": "s", "kind": "sample", "model": "${a}", "data": "d", **keys}]},
+       f"stage 's' (sample): {why}") for keys, why in [
+        ({"n": 0}, "sampling: n=0 must be ≥ 1"), ({"temperature": "-0.5"}, "sampling: temperature=-0.5 must be finite and ≥ 0"),
+        ({"batch_size": 0}, "--batch-size=0 must be ≥ 1"),
+        ({"precision": "fp16"}, "precision='fp16' is not one of auto, bf16, fp32")]],
     ({"stages": []}, "'stages' must be a non-empty list"),
     ({"output": "x"}, "unknown top-level key 'output'"),
 ])

@@ -83,6 +83,16 @@ def stop_on_signal():
             signal.signal(s, handler)
 
 
+def check_sample_settings(params: SamplingParams, *, batch_size: int, max_prompt_length: int) -> None:
+    """ValueError for a setting of `sample_file` that no model or data could make usable (a
+    recipe checks its sample stages so, before any stage runs)."""
+    params.validate()
+    if batch_size < 1:
+        raise ValueError(f"--batch-size={batch_size} must be ≥ 1")
+    if max_prompt_length < 1:
+        raise ValueError(f"--max-prompt-length={max_prompt_length} must be ≥ 1")
+
+
 def sample_file(model: str, data: str, output: str, params: SamplingParams, *, batch_size: int = 8,
                 precision: str = "auto", max_prompt_length: int = 1024, skip_invalid: bool = False) -> int | None:
     """Write params.n responses per prompt record of `data` to the JSONL file `output`.
@@ -92,11 +102,7 @@ def sample_file(model: str, data: str, output: str, params: SamplingParams, *, b
     is complete; re-run to continue), None when every prompt is in the file.
     Errors: ValueError for a bad record, setting or existing output of other settings.
     """
-    params.validate()
-    if batch_size < 1:
-        raise ValueError(f"--batch-size={batch_size} must be ≥ 1")
-    if max_prompt_length < 1:
-        raise ValueError(f"--max-prompt-length={max_prompt_length} must be ≥ 1")
+    check_sample_settings(params, batch_size=batch_size, max_prompt_length=max_prompt_length)
     positions = getattr(AutoConfig.from_pretrained(resolve_model_path(model)), "max_position_embeddings", None)
     if positions is not None and max_prompt_length + params.max_new_tokens > positions:
         raise ValueError(f"--max-prompt-length={max_prompt_length} + --max-new-tokens={params.max_new_tokens} "
