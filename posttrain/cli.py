@@ -127,7 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--debug", action="store_true",
                         help="show the full traceback of an error (also POSTTRAIN_DEBUG=1); may follow the command")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    # Not required here: parse_command_line asks for it after naming any unrecognized argument.
+    sub = parser.add_subparsers(dest="command", required=False, metavar="COMMAND")
     for name, cls in CONFIGS.items():
         p = sub.add_parser(name, help=(cls.__doc__ or "").strip().splitlines()[0], formatter_class=YesNoHelpFormatter)
         add_config_flags(p, cls)
@@ -300,20 +301,41 @@ def main(argv: list[str] | None = None) -> int:
     return status
 
 
+PATH_ARGUMENTS = ("data", "eval_data", "output", "output_dir", "db", "model", "baseline", "reward_model", "recipe",
+                  "rubric", "config", "sources", "runs", "source", "templates", "guidelines", "seed_tasks",
+                  "blocklist")
+"""Destinations of every command's file, folder and model arguments: a blank one (only spaces or
+invisible characters) is refused as it is parsed, before anything is read or written: `--output " "`
+would write a file named by a space."""
+
+
 def parse_command_line(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
-    """parser.parse_args(argv), but arguments no command takes are reported by the (sub)command
-    they were given to, with its usage: "posttrain sft: error: unrecognized arguments: …", where
-    argparse names only the top-level program."""
+    """parser.parse_args(argv), but arguments no command takes, and blank PATH_ARGUMENTS, are
+    reported by the (sub)command they were given to, with its usage: "posttrain sft: error:
+    unrecognized arguments: …", where argparse names only the top-level program."""
+    from posttrain.data.errors import is_blank
+
     args, extras = parser.parse_known_args(argv)
+    command = parser
+    while True:  # down the chain of subcommands the namespace chose (annotate add, data …)
+        choice = next((action.choices.get(getattr(args, action.dest, None)) for action in command._actions
+                       if isinstance(action, argparse._SubParsersAction)), None)
+        if choice is None:
+            break
+        command = choice
     if extras:
-        command = parser
-        while True:  # down the chain of subcommands the namespace chose (annotate add, data …)
-            choice = next((action.choices.get(getattr(args, action.dest, None)) for action in command._actions
-                           if isinstance(action, argparse._SubParsersAction)), None)
-            if choice is None:
-                break
-            command = choice
         command.error(f"unrecognized arguments: {' '.join(extras)}")
+    # Subcommands are optional to argparse, so that `posttrain annotate --bogus` names --bogus
+    # above rather than the missing subcommand; a group command given none stops here.
+    missing = next((action for action in command._actions if isinstance(action, argparse._SubParsersAction)), None)
+    if missing is not None:
+        command.error(f"the following arguments are required: {missing.metavar} (one of {', '.join(missing.choices)})")
+    for action in command._actions:
+        given = getattr(args, action.dest, None) if action.dest in PATH_ARGUMENTS else None
+        for value in given if isinstance(given, list) else [given]:
+            if isinstance(value, str) and is_blank(value):
+                name = "/".join(action.option_strings) or action.metavar or action.dest
+                command.error(f"argument {name}: {value!r} is blank; it must name a file, folder or model")
     return args
 
 

@@ -105,6 +105,7 @@ class TrainConfig:
         """Raise ConfigError for the first value no run could use."""
         # Choice lists are the keys of the modules that act on them, imported here so that
         # reading a config (and the CLI's --help) does not import torch.
+        from posttrain.data.errors import is_blank
         from posttrain.data.load import OVERLONG
         from posttrain.models.precision import PRECISIONS
         from posttrain.trainers.sharding import SHARDING
@@ -130,10 +131,10 @@ class TrainConfig:
         _check(self, "max_grad_norm", self.max_grad_norm >= 0, "must be ≥ 0")
         _check(self, "lora_alpha", self.lora_alpha > 0, "must be > 0")
         _check(self, "lora_dropout", 0 <= self.lora_dropout < 1, "must be in [0, 1)")
-        # Blank counts as empty: " " would be a folder named by a space.
-        _check(self, "model", bool(self.model.strip()), "must name a model")
-        _check(self, "data", bool(self.data.strip()), "must name a data file (--data)")
-        _check(self, "output_dir", bool(self.output_dir.strip()), "must name a folder")
+        # Blank counts as empty: " " or a zero-width space would be a folder named by it.
+        _check(self, "model", not is_blank(self.model), "must name a model")
+        _check(self, "data", not is_blank(self.data), "must name a data file (--data)")
+        _check(self, "output_dir", not is_blank(self.output_dir), "must name a folder")
 
     def global_batch(self, world_size: int) -> int:
         """Records (or rows) per optimizer step across all processes and micro-batches."""

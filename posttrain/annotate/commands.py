@@ -30,7 +30,8 @@ def add_annotate_parser(sub) -> None:
 
     parser = sub.add_parser("annotate", help="Human preference annotation: a web app, annotators, status, export.",
                             formatter_class=fmt)
-    actions = parser.add_subparsers(dest="annotate_command", required=True, metavar="ACTION")
+    # Not required here: parse_command_line asks for it after naming any unrecognized argument.
+    actions = parser.add_subparsers(dest="annotate_command", required=False, metavar="ACTION")
 
     serve = actions.add_parser("serve", help="Load a data file (idempotently) and serve the annotation page.",
                                formatter_class=fmt)

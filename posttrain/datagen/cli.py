@@ -31,7 +31,8 @@ DATA_COMMANDS: dict[str, tuple[str, str, str]] = {
 def add_data_parser(sub: argparse._SubParsersAction) -> None:
     """The `data` command and one subcommand per DATA_COMMANDS entry."""
     data = sub.add_parser("data", help="Build instruction data: " + ", ".join(DATA_COMMANDS) + ".")
-    data_sub = data.add_subparsers(dest="data_command", required=True, metavar="DATA_COMMAND")
+    # Not required here: parse_command_line asks for it after naming any unrecognized argument.
+    data_sub = data.add_subparsers(dest="data_command", required=False, metavar="DATA_COMMAND")
     for name, (module, add_parser, _) in DATA_COMMANDS.items():
         getattr(import_module(module), add_parser)(data_sub, name)
 

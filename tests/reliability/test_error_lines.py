@@ -194,7 +194,10 @@ def test_sample_reads_skip_invalid_as_the_trainers_do_and_help_shows_the_word(ca
 
 @pytest.mark.parametrize("argv, prog", [(["sft", "--bogus", "1"], "posttrain sft"),
                                         (["sample", "--data", "d", "--output", "o", "extra"], "posttrain sample"),
-                                        (["annotate", "status", "--db", "x", "--bogus"], "posttrain annotate status")])
+                                        (["annotate", "status", "--db", "x", "--bogus"], "posttrain annotate status"),
+                                        # Named before the subcommand a group command lacks.
+                                        (["annotate", "--bogus"], "posttrain annotate"),
+                                        (["data", "--bogus"], "posttrain data"), (["--bogus"], "posttrain")])
 def test_unrecognized_arguments_are_reported_by_their_subcommand(argv, prog, capsys):
     from posttrain.cli import main
 
@@ -416,3 +419,40 @@ def test_a_blank_generate_prompt_is_shown_as_given(capsys):
     err = one_line_error(capsys, ["generate", "--model", "tiny-random", "--prompt", "hi", "--system", "ab\udcffcd"])
     assert err == ("posttrain generate: error: --system: character 2 is not valid Unicode text ('\\udcff', "
                    "an undecodable byte?)")
+
+
+@pytest.mark.parametrize("argv, prog, message", [
+    (["annotate"], "posttrain annotate", "the following arguments are required: ACTION (one of serve, add"),
+    (["data"], "posttrain data", "the following arguments are required: DATA_COMMAND (one of "),
+    ([], "posttrain", "the following arguments are required: COMMAND (one of sft, "),
+])
+def test_a_group_command_without_its_subcommand_lists_them(argv, prog, message, capsys):
+    from posttrain.cli import main
+
+    with pytest.raises(SystemExit) as stop:
+        main(argv)
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert stop.value.code == 2 and lines[-1].startswith(f"{prog}: error: {message}"), lines
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["sample", "--data", "d.jsonl", "--output", " "], "--output"),
+    (["score", "--data", "\u200b", "--judge", "fn:m:f"], "--data"),
+    (["judge", "--data", "s.jsonl", "--judge", "fn:m:f", "--output", "\t"], "--output"),
+    (["best-of-n", "--data", "s.jsonl", "--output", "\ufeff"], "--output"),
+    (["eval", "--model", "m", "--baseline", " ", "--data", "d", "--judge", "fn:m:f", "--output-dir", "o"], "--baseline"),
+    (["data", "mix", "a.jsonl", " ", "--n", "2", "--output", "o.jsonl"], "SOURCE[:WEIGHT]"),
+    (["sft", "--data", "d.jsonl", "--output-dir", "\u200b"], "--output-dir"),
+    (["run", " "], "recipe"),
+])
+def test_a_blank_file_argument_is_refused_as_it_is_parsed(argv, flag, capsys, tmp_path, monkeypatch):
+    from posttrain.cli import main
+    from posttrain.data.errors import is_blank
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as stop:
+        main(argv)
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    blank = next(a for a in argv if is_blank(a))
+    assert stop.value.code == 2 and f"error: argument {flag}: {blank!r} is blank; it must name" in err, err
+    assert list(tmp_path.iterdir()) == []
