@@ -168,6 +168,7 @@ def test_evenly_spaced_uniforms_reproduce_the_distribution_at_temperature():
     assert logprobs[0].item() == pytest.approx(math.log(36 / 46), abs=1e-6)
 
 
+@pytest.mark.needs_bf16
 def test_bf16_copy_follows_the_weights_after_an_optimizer_step(tiny_model_and_tokenizer):
     model, tokenizer = tiny_model_and_tokenizer
     sampler = Sampler(model, tokenizer, precision="bf16", backend="llama")

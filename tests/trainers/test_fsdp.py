@@ -165,6 +165,7 @@ def lowercase_fraction(prompts, responses):
     return [sum(c.islower() for c in r) / max(len(r), 1) for r in responses]
 
 
+@pytest.mark.needs_bf16
 def test_bf16_sft_under_fsdp_gathers_bf16_weights_and_computes_what_autocast_does(tmp_path):
     # Under bf16 FSDP gathers each layer's Linear weights already cast (MixedPrecisionPolicy) and
     # keeps its RMSNorm weights fp32; DDP runs autocast over whole fp32 weights. Autocast casts the
@@ -182,6 +183,7 @@ def test_bf16_sft_under_fsdp_gathers_bf16_weights_and_computes_what_autocast_doe
     assert_same_run(tmp_path / "ddp", tmp_path / "fsdp", loss=dict(abs=1e-5), weights=dict(atol=5e-5, rtol=0))
 
 
+@pytest.mark.needs_bf16
 def test_ppo_with_lora_in_bf16_under_fsdp_trains_as_ddp_does(tmp_path, tiny_path):
     # PPO's processes shuffle their own minibatches, so 2 processes are compared with 2 (DDP), not
     # with 1. LoRA on policy and critic: adapters (trainable) and frozen base weights share FSDP
