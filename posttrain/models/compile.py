@@ -5,10 +5,14 @@ piece of code, so one traced graph serves all of them (SmolLM2: 30), and with dy
 graph serves every sequence length too; posttrain's passes around them (packing, the chunked
 LM head, gathers) stay eager and readable. PyTorch's "regional compilation" recipe does the same.
 
-Measured on 2 EPYC cores (SmolLM2-135M, bf16 autocast, the benchmark's DPO pairs, fused AdamW):
-a step took 1.95 s compiled against 2.26 s eager (−14 %); the first step took 53.8 s with an
-empty inductor cache and 18.6 s with a warm one (dynamo traces again in every process). So it
-pays from a few hundred steps on, and stays off by default.
+Measured on 2 EPYC cores (SmolLM2-135M DPO, 4 pairs a step, fused AdamW):
+- bf16 autocast (Zen 4, avx512_bf16; the benchmark's pairs): a step took 1.95 s compiled against
+  2.26 s eager (−14 %); the first step 53.8 s with an empty inductor cache, 18.6 s with a warm one
+  (dynamo traces again in every process).
+- fp32 (Zen 3, no bf16; examples/data/preferences.jsonl, steps 3–10): median 4.62 s compiled
+  against 4.61 and 4.97 s eager (no gain: the fp32 matrix products dominate); first step 45.3 s
+  cold, 24.2 s warm, against 10.6 s eager; loss after 10 steps equal to 5 digits.
+So it pays only on long bf16 runs, and stays off by default.
 """
 
 from __future__ import annotations
