@@ -89,7 +89,7 @@ class TrainConfig:
     eval_steps: int = 0
     """Evaluate every this many steps (0: only at the end)."""
     save_steps: int = 0
-    """Write a checkpoint every this many steps (0: only on interruption)."""
+    """Write a checkpoint every this many steps (0: only on interruption, or of the last step before an error)."""
     save_total_limit: int = 2
     """Checkpoints to keep; older ones are deleted."""
     resume: bool = False

@@ -525,28 +525,79 @@ class RunLog:
 
 
 class StopRequest:
-    """Turns SIGINT/SIGTERM into a flag the loop checks between steps.
+    """Turns SIGINT/SIGTERM into a flag the loop checks between steps, and keeps the last
+    completed step for an error.
 
-    The loop then writes a checkpoint and exits with 128+signal, so a preempted job never
-    loses more than the step in flight and a shell pipeline does not treat it as success.
+    On a signal the loop writes a checkpoint and exits with 128+signal, so a preempted job never
+    loses more than the step in flight and a shell pipeline does not treat it as success. On an
+    exception inside `installed()` (a reward function that raises at iteration 500, a record the
+    collator cannot take), the state of the last step passed to `step_done` is saved as a checkpoint
+    before the error goes on, so --resume continues from it once the cause is fixed; when
+    save_steps already wrote it, it is named instead. Not when the optimizer has stepped since
+    (an error between PPO's or GRPO's minibatch updates): the weights are then of no step. Nor on
+    several processes: one process's error leaves the others inside a collective, where saving
+    would hang.
     """
 
-    def __init__(self):
+    def __init__(self, accelerator: Accelerator | None = None, cfg: TrainConfig | None = None, command: str = "",
+                 optimizer=None):
         self.signum: int | None = None
+        self.accelerator, self.cfg, self.command, self.optimizer = accelerator, cfg, command, optimizer
+        self.done: tuple[int, float | None, dict | None] | None = None
 
     def _handler(self, signum, frame):
         if self.signum is not None:  # a second Ctrl-C stops at once
             raise KeyboardInterrupt
         self.signum = signum
 
+    def step_done(self, step: int, extra: dict | None = None) -> None:
+        """Step `step` (1-based) has made its last update of the weights (`extra`: the trainer's
+        own state a checkpoint of it keeps, as save_checkpoint takes it)."""
+        self.done = (step, self._updates(), extra)
+        # The random states as the step left them: a checkpoint written after a failure must
+        # hold these, not what the failed step's draws (dropout) advanced them to.
+        self.rng = (random.getstate(), np.random.get_state(), torch.get_rng_state())
+
+    def _updates(self) -> float | None:
+        """The optimizer's update count (AdamW's `step` of its first parameter): every parameter
+        it steps advances together, skipped non-finite updates (NonFiniteGuard) not at all."""
+        state = next(iter(self.optimizer.state.values()), {}) if self.optimizer is not None else {}
+        return float(state["step"]) if "step" in state else None
+
     @contextmanager
     def installed(self):
         previous = {s: signal.signal(s, self._handler) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
             yield self
+        except Exception:
+            self._keep_after_failure()
+            raise
         finally:
             for s, handler in previous.items():
                 signal.signal(s, handler)
+
+    def _keep_after_failure(self) -> None:
+        if self.accelerator is None or self.done is None or self.accelerator.num_processes > 1:
+            return
+        step, updates, extra = self.done
+        out = Path(self.cfg.output_dir)
+        if self._updates() != updates:
+            tqdm.write(f"the run failed while updating the weights after step {step}: no checkpoint of it is "
+                       "written", file=sys.stderr)
+            return
+        final = out / "checkpoints" / f"{CHECKPOINT_PREFIX}{step:07d}"
+        if not final.is_dir():
+            random.setstate(self.rng[0])
+            np.random.set_state(self.rng[1])
+            torch.set_rng_state(self.rng[2])
+            try:
+                save_checkpoint(self.accelerator, self.cfg, step, extra)
+            except Exception as err:  # the error that stopped the run is the one to report
+                tqdm.write(f"the run failed after step {step}, and its checkpoint could not be written "
+                           f"({type(err).__name__}: {err})", file=sys.stderr)
+                return
+        tqdm.write(f"the run failed after step {step}; its state is in {final}. Once the cause is fixed, "
+                   f"resume with: posttrain {self.command} --config {out / 'config.yaml'} --resume", file=sys.stderr)
 
 
 def stop_message(cfg: TrainConfig, step: int, command: str) -> str:

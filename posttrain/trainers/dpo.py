@@ -205,7 +205,7 @@ def train(cfg: DPOConfig) -> Path:
     guard = NonFiniteGuard(cfg, "dpo")
     log = RunLog(accelerator, cfg, steps, start, "dpo")
     speed = Throughput()
-    stop = StopRequest()
+    stop = StopRequest(accelerator, cfg, "dpo", optimizer)
     with stop.installed():
         for step in range(start, steps):
             # 1. This step's pairs, and this process's micro-batches of them.
@@ -237,6 +237,7 @@ def train(cfg: DPOConfig) -> Path:
                                        step=step + 1, batch=batch_records(train_set.pairs, items, cfg.data))
 
             done = step + 1
+            stop.step_done(done)
             if done % cfg.logging_steps == 0 or done == steps:
                 means = global_means(accelerator, sums, n_pairs)
                 train_loss = means.pop("loss")

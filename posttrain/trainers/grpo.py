@@ -328,7 +328,7 @@ def train(cfg: GRPOConfig) -> Path:
     evaluate_now = partial(evaluate, net, reference, sampler, eval_prompts, reward, cfg, accelerator)
     if eval_prompts and start == 0:
         log.log(0, evaluate_now())
-    stop = StopRequest()
+    stop = StopRequest(accelerator, cfg, command, optimizer)
     with stop.installed():
         for it in range(start, iterations):
             began = time.perf_counter()
@@ -358,6 +358,7 @@ def train(cfg: GRPOConfig) -> Path:
             refresh(whole, model)
             sampler.sync()
             done, now = it + 1, time.perf_counter()
+            stop.step_done(done)
             n = global_sum(accelerator, len(gen.responses))
             metrics = {"objective/scores": global_sum(accelerator, float(scores.sum())) / n,
                        "objective/rewards": global_sum(accelerator, float(rewards.sum())) / n,

@@ -229,7 +229,7 @@ def train(cfg: KTOConfig) -> Path:
     guard = NonFiniteGuard(cfg, "kto")
     log = RunLog(accelerator, cfg, steps, start, "kto")
     speed = Throughput()
-    stop = StopRequest()
+    stop = StopRequest(accelerator, cfg, "kto", optimizer)
     with stop.installed():
         for step in range(start, steps):
             # 1. This step's examples, each with its mismatched partner, and this process's micro-batches.
@@ -264,6 +264,7 @@ def train(cfg: KTOConfig) -> Path:
                                        batch=batch_records(train_set.examples, [i for i, _ in items], cfg.data))
 
             done = step + 1
+            stop.step_done(done)
             if done % cfg.logging_steps == 0 or done == steps:
                 means = global_means(accelerator, sums)
                 train_loss = means.pop("loss")

@@ -307,7 +307,7 @@ def train(cfg: PPOConfig) -> Path:
     evaluate_now = partial(evaluate, net, reference, sampler, eval_prompts, score, cfg, accelerator)
     if eval_prompts and start == 0:
         log.log(0, evaluate_now())
-    stop = StopRequest()
+    stop = StopRequest(accelerator, cfg, "ppo", optimizer)
     with stop.installed():
         for it in range(start, iterations):
             began = time.perf_counter()
@@ -338,6 +338,8 @@ def train(cfg: PPOConfig) -> Path:
             metrics = rollout_metrics(rollout, returns, kl, kl_coef, accelerator)
             kl_ctl.update(metrics["objective/kl"], cfg.rollout_batch_size)
             done, now = it + 1, time.perf_counter()
+            extra = {"kl_ctl": kl_ctl.state_dict(), "moments": moments.state_dict() if moments else None}
+            stop.step_done(done, extra)
             metrics.update(stats)
             metrics.update({"time/rollout": rolled - began, "time/update": now - rolled,
                             "perf/episodes_per_s": cfg.rollout_batch_size / (now - began),
@@ -349,7 +351,6 @@ def train(cfg: PPOConfig) -> Path:
                 write_samples(samples_path, done, rollout)
             if eval_prompts and cfg.eval_steps and done % cfg.eval_steps == 0 and done < iterations:
                 log.log(done, evaluate_now())
-            extra = {"kl_ctl": kl_ctl.state_dict(), "moments": moments.state_dict() if moments else None}
             if cfg.save_steps and done % cfg.save_steps == 0 and done < iterations:
                 save_checkpoint(accelerator, cfg, done, extra)
             if stop.signum is not None:

@@ -142,7 +142,7 @@ def train(cfg: RMConfig) -> Path:
     guard = NonFiniteGuard(cfg, "rm")
     log = RunLog(accelerator, cfg, steps, start, "rm")
     speed = Throughput()
-    stop = StopRequest()
+    stop = StopRequest(accelerator, cfg, "rm", optimizer)
     with stop.installed():
         for step in range(start, steps):
             # 1. This step's pairs, and this process's micro-batches of them.
@@ -175,6 +175,7 @@ def train(cfg: RMConfig) -> Path:
                                        step=step + 1, batch=batch_records(pairs, items, cfg.data))
 
             done = step + 1
+            stop.step_done(done)
             if done % cfg.logging_steps == 0 or done == steps:
                 train_metrics = dict(zip(sums, (v / n_pairs for v in global_sums(accelerator, list(sums.values())))))
                 rate = global_sum(accelerator, speed.rate())

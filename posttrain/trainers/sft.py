@@ -106,7 +106,7 @@ def train(cfg: SFTConfig) -> Path:
     guard = NonFiniteGuard(cfg, "sft")
     log = RunLog(accelerator, cfg, steps, start, "sft")
     speed = Throughput()
-    stop = StopRequest()
+    stop = StopRequest(accelerator, cfg, "sft", optimizer)
     with stop.installed():
         for step in range(start, steps):
             # 1. This step's rows, and this process's micro-batches of them.
@@ -133,6 +133,7 @@ def train(cfg: SFTConfig) -> Path:
                                        step=step + 1, batch=f"rows {sorted(i + 1 for i in items)} of {cfg.data}")
 
             done = step + 1
+            stop.step_done(done)
             train_loss = global_sum(accelerator, nll_sum) / max(n_loss, 1)
             if done % cfg.logging_steps == 0 or done == steps:
                 rate = global_sum(accelerator, speed.rate())

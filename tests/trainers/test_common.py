@@ -126,3 +126,36 @@ def test_a_rollout_batch_larger_than_the_prompts_is_said_not_hidden(config_name)
     assert rollout_iterations(cfg, 8, said.append) == 2 and said == []
     cfg.max_steps = 5
     assert rollout_iterations(cfg, 20, said.append) == 5 and said == []
+
+
+def test_an_error_after_the_next_update_began_writes_no_checkpoint(tmp_path, capsys):
+    # Between GRPO's or PPO's minibatch updates the weights are of no step: saving them under the
+    # last completed step would make --resume train part of a step twice.
+    from accelerate import Accelerator
+
+    from posttrain.config import SFTConfig
+    from posttrain.trainers.common import StopRequest
+
+    model = torch.nn.Linear(2, 1)
+    optimizer = torch.optim.AdamW(model.parameters())
+    cfg = SFTConfig(data="d.jsonl", output_dir=str(tmp_path / "run"))
+
+    def update():
+        model(torch.ones(1, 2)).sum().backward()
+        optimizer.step()
+
+    stop = StopRequest(Accelerator(cpu=True), cfg, "grpo", optimizer)
+    with pytest.raises(RuntimeError, match="minibatch 2"):
+        with stop.installed():
+            update()
+            stop.step_done(1)
+            update()                              # the next step's first minibatch
+            raise RuntimeError("minibatch 2 failed")
+    assert "the run failed while updating the weights after step 1: no checkpoint of it is written" in \
+        capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+    # With no step done since the start, there is nothing to keep either.
+    with pytest.raises(RuntimeError):
+        with StopRequest(Accelerator(cpu=True), cfg, "grpo", optimizer).installed():
+            raise RuntimeError("at once")
+    assert capsys.readouterr().err == "" and not (tmp_path / "run").exists()

@@ -234,3 +234,33 @@ def test_checkpoints_keep_the_newest_and_tensorboard_logs(tmp_path):
     state = json.loads((out / "checkpoints" / kept[-1] / "trainer_state.json").read_text())
     assert state["step"] == 4
     assert list(out.rglob("events.out.tfevents.*")), "no TensorBoard event file"
+
+
+def test_an_error_mid_run_keeps_the_last_step_and_resume_continues_exactly(tmp_path, monkeypatch, capsys):
+    # Step 4's batch fails (a collator error standing for a reward function that raises): the state
+    # of step 3 is saved though save_steps is 0, and resuming once the cause is gone reproduces the
+    # uninterrupted run.
+    data = write_jsonl(tmp_path / "d.jsonl", toy_records(12))
+    whole = sft.train(config(tmp_path, "whole", data, max_steps=6, batch_size=2))
+    calls, collate = [], sft.collate
+
+    def failing(*args):
+        calls.append(1)
+        if len(calls) == 4:
+            raise RuntimeError("collator failed")
+        return collate(*args)
+
+    monkeypatch.setattr(sft, "collate", failing)
+    cfg = config(tmp_path, "cut", data, max_steps=6, batch_size=2)
+    with pytest.raises(RuntimeError, match="collator failed"):
+        sft.train(cfg)
+    err = capsys.readouterr().err
+    assert f"the run failed after step 3; its state is in {tmp_path / 'cut' / 'checkpoints'}" in err
+    assert "resume with: posttrain sft --config" in err
+    assert [p.name for p in (tmp_path / "cut" / "checkpoints").iterdir()] == ["checkpoint-0000003"]
+    monkeypatch.setattr(sft, "collate", collate)
+    resumed = sft.train(build_config(SFTConfig, str(tmp_path / "cut" / "config.yaml"), {"resume": True}))
+    a, b = metrics(whole), metrics(resumed)
+    assert [r["step"] for r in b] == [1, 2, 3, 4, 5, 6]
+    for x, y in zip(a, b):
+        assert y["loss/train"] == pytest.approx(x["loss/train"], abs=1e-6), x["step"]
