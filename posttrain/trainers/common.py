@@ -514,8 +514,13 @@ class RunLog:
         self.accelerator.log(metrics, step=step)
 
     def progress(self, n: int, shown: dict[str, str]) -> None:
-        self.bar.update(n)
-        self.bar.set_postfix(shown, refresh=False)
+        """Advance the bar by n steps; `shown` (when not empty) replaces the figures beside it. The
+        figures are set first and an n of 0 draws nothing: a redraw of the bar's old count would be
+        a line of its own in a log that is not a terminal."""
+        if shown:
+            self.bar.set_postfix(shown, refresh=False)
+        if n:
+            self.bar.update(n)
 
     def close(self) -> None:
         self.bar.close()

@@ -159,3 +159,20 @@ def test_an_error_after_the_next_update_began_writes_no_checkpoint(tmp_path, cap
         with StopRequest(Accelerator(cpu=True), cfg, "grpo", optimizer).installed():
             raise RuntimeError("at once")
     assert capsys.readouterr().err == "" and not (tmp_path / "run").exists()
+
+
+def test_the_progress_bar_keeps_the_logged_figures_and_draws_once_a_step(tmp_path, capsys):
+    from accelerate import Accelerator
+
+    from posttrain.config import SFTConfig
+    from posttrain.trainers.common import RunLog
+
+    log = RunLog(Accelerator(cpu=True), SFTConfig(data="d", output_dir=str(tmp_path)), 4, 0, "sft")
+    log.bar.mininterval = 0   # draw at every call that may draw
+    log.progress(0, {"loss": "0.5000"})
+    log.progress(1, {})
+    log.progress(1, {})
+    log.close()
+    drawn = [line for line in capsys.readouterr().err.replace("\r", "\n").splitlines() if line.strip()]
+    assert log.bar.n == 2 and "loss=0.5000" in log.bar.postfix
+    assert [line.split("|")[2].split()[0] for line in drawn] == ["0/4", "1/4", "2/4", "2/4"], drawn  # and close's
