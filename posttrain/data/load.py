@@ -18,7 +18,7 @@ from transformers import PreTrainedTokenizerBase
 from posttrain.data.errors import DataError, RecordError
 from posttrain.data.formats import (LabelledCompletion, PreferencePair, labelled_completions, preference_pairs,
                                      prompt_messages, sft_messages)
-from posttrain.data.records import read_records
+from posttrain.data.records import BadLine, read_records
 from posttrain.data.tokenize import (
     TokenizedCompletion,
     TokenizedExample,
@@ -82,11 +82,15 @@ def _check_options(max_length: int, overlong: str) -> None:
 def _validate_all(
     source: str | os.PathLike, report: LoadReport, skip_invalid: bool, parse: Callable[[Any, int], Any]
 ) -> list[tuple[int, dict, Any]]:
-    """(index, record, parse(record, index)) for every valid record; RecordError or count."""
-    records = read_records(source)
+    """(index, record, parse(record, index)) for every valid record; RecordError or count.
+    With skip_invalid a JSONL line that holds no record is counted too (BadLine)."""
+    records = read_records(source, bad_lines=skip_invalid)
     report.records = len(records)
     valid = []
     for index, record in enumerate(records):
+        if isinstance(record, BadLine):
+            report.invalid[record.reason] += 1
+            continue
         try:
             valid.append((index, record, parse(record, index)))
         except RecordError as error:

@@ -5,7 +5,8 @@ Sources, picked by what `source` is:
 Text files are read as UTF-8; a leading byte-order mark (as Excel writes) is ignored.
 
 * `*.jsonl` — one JSON object per line; blank lines are skipped (record numbers count records,
-  so they equal line numbers only in a file without blank lines).
+  so they equal line numbers only in a file without blank lines). A line that is no JSON object
+  is an error, or, with `bad_lines=True`, a `BadLine` in its place (the loaders' skip_invalid).
 * `*.json` — a list of objects, or an object with exactly one field, whose value is that list
   (`{"data": [...]}`, as some exporters write it). Anything else is an error, not a guess.
 * `*.csv` — a header row then one record per row. Every cell is text, as CSV has no types,
@@ -30,6 +31,7 @@ import json
 import math
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -44,18 +46,34 @@ LOCAL_FILE_SUFFIX = re.compile(r"\.(txt|tsv|jsonl?|csv|parquet|xlsx?|ya?ml|gz|zi
 _SPLIT_SUFFIX = re.compile(r"^(?P<name>.+):(?P<split>[A-Za-z_][\w.-]*(\[[^\]]*\])?)$")
 
 
-def read_records(source: str | os.PathLike) -> list[dict[str, Any]]:
+@dataclass(frozen=True)
+class BadLine:
+    """A JSONL line that holds no record, kept in its place by read_records(bad_lines=True) so
+    that the records after it keep their numbers."""
+
+    error: DataError
+    """What read_records raises for the line otherwise (it names the file and the line)."""
+    reason: str
+    """The cause in a few words, as a LoadReport counts invalid records ("invalid JSON")."""
+
+
+def read_records(source: str | os.PathLike, *, bad_lines: bool = False) -> list[dict[str, Any]]:
     """Every record of `source` (see the module docstring for formats), in file order.
 
     Raises DataError naming `source` if it is missing or unreadable, is not a list of JSON
-    objects, or holds no records.
+    objects, or holds no records. With bad_lines, a JSONL line that is not UTF-8, not JSON or
+    not an object is returned as a BadLine instead of raising (a whole-file format has no lines
+    to skip, so it still raises).
     """
     name = str(source)
     path = Path(source)
     if path.suffix.lower() in FILE_SUFFIXES:
         if not path.is_file():
             raise DataError(f"{name}: {'not a file' if path.exists() else 'no such file'}")
-        records = _READERS[path.suffix.lower()](path, name)
+        if path.suffix.lower() == ".jsonl":
+            records = _read_jsonl(path, name, bad_lines)
+        else:
+            records = _READERS[path.suffix.lower()](path, name)
     elif path.is_dir() and _is_saved_dataset(path):
         records = _read_saved_dataset(path, name)
     else:
@@ -65,29 +83,44 @@ def read_records(source: str | os.PathLike) -> list[dict[str, Any]]:
     return records
 
 
-def _read_jsonl(path: Path, name: str) -> list[dict[str, Any]]:
-    records = []
+def _read_jsonl(path: Path, name: str, bad_lines: bool = False) -> list[dict[str, Any] | BadLine]:
+    records: list[dict[str, Any] | BadLine] = []
     with path.open("rb") as f:
         for line_number, raw in enumerate(f, start=1):
-            line = _decode(raw[3:] if line_number == 1 and raw.startswith(codecs.BOM_UTF8) else raw, name,
-                           line_number)
-            if not line.strip():
-                continue
             try:
-                value = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(
-                    f"{name}: not valid JSON lines (line {line_number}: {e.msg} at column {e.colno})"
-                ) from e
-            except RecursionError:
-                raise DataError(f"{name}: line {line_number}: JSON nested too deeply to read") from None
-            if not isinstance(value, dict):
-                raise DataError(
-                    f"{name}: not valid JSON lines (line {line_number}: expected a JSON object, "
-                    f"got {type_name(value)} {short_repr(value)})"
-                )
-            records.append(value)
+                records.extend(_jsonl_record(raw, name, line_number))
+            except _LineError as bad:
+                if not bad_lines:
+                    raise bad.error from None
+                records.append(BadLine(bad.error, bad.reason))
     return records
+
+
+class _LineError(Exception):
+    def __init__(self, message: str, reason: str):
+        self.error, self.reason = DataError(message), reason
+
+
+def _jsonl_record(raw: bytes, name: str, line_number: int) -> list[dict[str, Any]]:
+    """The record of one JSONL line ([] for a blank line); _LineError for a line that has none."""
+    try:
+        line = _decode(raw[3:] if line_number == 1 and raw.startswith(codecs.BOM_UTF8) else raw, name, line_number)
+    except DataError as e:
+        raise _LineError(str(e), "not UTF-8") from None
+    if not line.strip():
+        return []
+    try:
+        value = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise _LineError(f"{name}: not valid JSON lines (line {line_number}: {e.msg} at column {e.colno})",
+                         "invalid JSON") from None
+    except RecursionError:
+        raise _LineError(f"{name}: line {line_number}: JSON nested too deeply to read", "JSON nested too deeply") \
+            from None
+    if not isinstance(value, dict):
+        raise _LineError(f"{name}: not valid JSON lines (line {line_number}: expected a JSON object, "
+                         f"got {type_name(value)} {short_repr(value)})", "not a JSON object")
+    return [value]
 
 
 def _decode(raw: bytes, name: str, line_number: int) -> str:

@@ -93,3 +93,22 @@ def test_prompt_loader_keeps_the_record_and_drops_long_prompts(tmp_path, tiny_to
     assert tiny_tokenizer.decode(prompt.input_ids).endswith("2+2?<|im_end|>\n<|im_start|>assistant\n")
     assert (prompt.record["answer"], prompt.source_index) == ("4", 0)
     assert report.dropped == {"longer than 40 tokens": 1}
+
+
+def test_skip_invalid_skips_lines_that_hold_no_record_and_keeps_the_others_numbers(tmp_path, tiny_tokenizer):
+    path = tmp_path / "f.jsonl"
+    lines = [b'{"prompt": "p", "completion": "c"}', b'{"prompt": "p", "completion": ', b"[1, 2]",
+             b'{"prompt": "\xff"}', b"", b'{"prompt": "p"}', b'{"prompt": "q", "completion": "d"}']
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    with pytest.raises(DataError, match=r"f\.jsonl: not valid JSON lines \(line 2: Expecting value at column \d+\)$"):
+        load_sft_examples(path, tiny_tokenizer, max_length=64)
+    examples, report = load_sft_examples(path, tiny_tokenizer, max_length=64, skip_invalid=True)
+    assert report.summary() == (f"loaded 2 records from {path}; skipped 4 invalid (invalid JSON: 1, not a JSON "
+                                "object: 1, not UTF-8: 1, missing field 'completion': 1)")
+    assert len(examples) == 2
+    prompts, _ = load_prompts(path, tiny_tokenizer, max_prompt_length=64, skip_invalid=True)
+    # Records count as before (blank lines not): the last is record 6, its index 5.
+    assert [p.source_index for p in prompts] == [0, 4, 5]
+    with pytest.raises(DataError, match="no valid records; skipped 2 invalid"):
+        (tmp_path / "bad.jsonl").write_text("{\n[]\n")
+        load_sft_examples(tmp_path / "bad.jsonl", tiny_tokenizer, max_length=64, skip_invalid=True)
