@@ -513,7 +513,7 @@ def run_stage(where: str, stage: Stage, values: dict) -> None:
         {"name": stage.name, "kind": stage.kind, **values}, sort_keys=False))
     with (stage.folder / "log.txt").open("a") as log, quiet_libraries(log):
         if stage.kind in TRAINER_MODULES:
-            # A complete checkpoint, not the `.tmp` of a write cut short (trainers.common.checkpoints).
+            # A complete checkpoint, not the `.tmp` of a write cut short (trainers.run_folder.checkpoints).
             resume = (stage.folder / "checkpoints").is_dir() and any(
                 not p.name.endswith(".tmp") for p in (stage.folder / "checkpoints").iterdir())
             cfg = trainer_config(where, stage, values, resume=resume)

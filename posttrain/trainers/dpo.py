@@ -34,12 +34,11 @@ from posttrain.models.pairs import PairBatch, collate_pairs, sequence_logps
 from posttrain.models.reference import (AdaptersOff, FrozenCopy, Precomputed, load_cached_logps, reference_cache_key,
                                         reference_mode, save_cached_logps)
 from posttrain.ops import aggregate
-from posttrain.trainers.common import (RunLog, StopRequest, Throughput, build_optimizer, build_scheduler,
-                                       checkpoint_and_exit, finish_run, global_sum, make_accelerator,
-                                       micro_batches, optimizer_step, prepare_output_dir, check_output_dir,
-                                       resume_from_checkpoint, save_checkpoint, seed_everything, step_items,
-                                       total_steps, weights_cast_once)
-from posttrain.trainers.common import NonFiniteGuard, batch_records
+from posttrain.trainers.common import (NonFiniteGuard, RunLog, Throughput, batch_records, build_optimizer,
+                                       build_scheduler, global_sum, make_accelerator, micro_batches, optimizer_step,
+                                       seed_everything, step_items, total_steps, weights_cast_once)
+from posttrain.trainers.run_folder import check_output_dir, prepare_output_dir, resume_from_checkpoint, save_checkpoint
+from posttrain.trainers.stopping import StopRequest, checkpoint_and_exit, finish_run
 from posttrain.trainers.sharding import eval_batches, full_model, prepare, prepare_frozen
 
 

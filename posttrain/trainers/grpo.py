@@ -39,10 +39,11 @@ from posttrain.models.value import PolicyAndValue, disable_dropout
 from posttrain.ops import LOSS_TYPES, aggregate, aggregate_count, masked_sum
 from posttrain.sampling import Generation, Sampler, SamplingParams
 from posttrain.scoring import load_scorer, score_generation
-from posttrain.trainers.common import (RunLog, StopRequest, build_optimizer, build_scheduler, checkpoint_and_exit,
-                                       finish_run, global_sum, make_accelerator, prepare_output_dir, check_output_dir,
-                                       resume_from_checkpoint, save_checkpoint, seed_everything, step_items)
-from posttrain.trainers.common import NonFiniteGuard, batch_records, rollout_iterations, weights_cast_once
+from posttrain.trainers.common import (NonFiniteGuard, RunLog, batch_records, build_optimizer, build_scheduler,
+                                       global_sum, make_accelerator, rollout_iterations, seed_everything, step_items,
+                                       weights_cast_once)
+from posttrain.trainers.run_folder import check_output_dir, prepare_output_dir, resume_from_checkpoint, save_checkpoint
+from posttrain.trainers.stopping import StopRequest, checkpoint_and_exit, finish_run
 from posttrain.trainers.sharding import full_model, padded_share, prepare, refresh, prepare_frozen, whole_copy
 
 SAMPLES_PER_LOG = 8

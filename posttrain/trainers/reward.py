@@ -27,12 +27,11 @@ from posttrain.models.lora import apply_lora
 from posttrain.models.pairs import collate_pairs
 from posttrain.models.reward import RewardModel
 from posttrain.ops import aggregate
-from posttrain.trainers.common import (RunLog, StopRequest, Throughput, build_optimizer, build_scheduler,
-                                       checkpoint_and_exit, finish_run, global_sum, make_accelerator,
-                                       micro_batches, optimizer_step, prepare_output_dir, check_output_dir,
-                                       resume_from_checkpoint, save_checkpoint, seed_everything, step_items,
-                                       total_steps, weights_cast_once)
-from posttrain.trainers.common import NonFiniteGuard, batch_records
+from posttrain.trainers.common import (NonFiniteGuard, RunLog, Throughput, batch_records, build_optimizer,
+                                       build_scheduler, global_sum, make_accelerator, micro_batches, optimizer_step,
+                                       seed_everything, step_items, total_steps, weights_cast_once)
+from posttrain.trainers.run_folder import check_output_dir, prepare_output_dir, resume_from_checkpoint, save_checkpoint
+from posttrain.trainers.stopping import StopRequest, checkpoint_and_exit, finish_run
 from posttrain.trainers.sharding import eval_batches, full_model, prepare
 
 STATS = ("rewards/accuracy", "rewards/margin", "rewards/chosen", "rewards/rejected")

@@ -20,12 +20,11 @@ from posttrain.models import fit_model_to_tokenizer, load_causal_lm, load_tokeni
 from posttrain.models.lora import apply_lora, save_model
 from posttrain.models.logprobs import TokenLogprobs
 from posttrain.ops import aggregate, masked_sum
-from posttrain.trainers.common import (RunLog, StopRequest, Throughput, build_optimizer, build_scheduler,
-                                       checkpoint_and_exit, finish_run, global_sum, make_accelerator,
-                                       micro_batches, optimizer_step, prepare_output_dir, check_output_dir,
-                                       resume_from_checkpoint, save_checkpoint, seed_everything, step_items,
-                                       total_steps, weights_cast_once)
-from posttrain.trainers.common import NonFiniteGuard
+from posttrain.trainers.common import (NonFiniteGuard, RunLog, Throughput, build_optimizer, build_scheduler,
+                                       global_sum, make_accelerator, micro_batches, optimizer_step, seed_everything,
+                                       step_items, total_steps, weights_cast_once)
+from posttrain.trainers.run_folder import check_output_dir, prepare_output_dir, resume_from_checkpoint, save_checkpoint
+from posttrain.trainers.stopping import StopRequest, checkpoint_and_exit, finish_run
 from posttrain.trainers.sharding import eval_batches, full_model, prepare
 
 

@@ -85,7 +85,7 @@ def test_a_compiled_run_matches_the_eager_one(tmp_path):
 def test_a_run_may_resume_with_compile_switched():
     # compile changes how a step is computed, not what it learns: a checkpoint resumes either way,
     # and one written before the key existed too.
-    from posttrain.trainers.common import config_differences
+    from posttrain.trainers.run_folder import config_differences
 
     fingerprint = {"data": "x", "eval_data": ""}
     assert config_differences({"lr": 1.0, "compile": False}, {"lr": 1.0, "compile": True}, None, fingerprint) == []

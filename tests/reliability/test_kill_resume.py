@@ -24,7 +24,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from posttrain.trainers.common import FINISHED, checkpoints
+from posttrain.trainers.run_folder import FINISHED, checkpoints
 
 REPO = Path(__file__).resolve().parents[2]
 

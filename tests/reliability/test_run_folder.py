@@ -23,8 +23,8 @@ from posttrain.config import (DPOConfig, GRPOConfig, KTOConfig, PPOConfig, RMCon
                               to_yaml)
 from posttrain.recipes import run_recipe
 from posttrain.trainers import dpo, grpo, kto, ppo, reward, sft
-from posttrain.trainers.common import (FINAL_TMP, FINISHED, FINGERPRINT, config_differences, data_fingerprint,
-                                       run_config, trim_rows)
+from posttrain.trainers.run_folder import (FINAL_TMP, FINGERPRINT, FINISHED, config_differences, data_fingerprint,
+                                           run_config, trim_rows)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -134,7 +134,7 @@ def test_an_error_after_the_next_update_began_writes_no_checkpoint(tmp_path, cap
     from accelerate import Accelerator
 
     from posttrain.config import SFTConfig
-    from posttrain.trainers.common import StopRequest
+    from posttrain.trainers.stopping import StopRequest
 
     model = torch.nn.Linear(2, 1)
     optimizer = torch.optim.AdamW(model.parameters())

@@ -31,7 +31,8 @@ from transformers.models.llama.modeling_llama import LlamaPreTrainedModel
 from process_groups import run_group
 from posttrain.config import DPOConfig, SFTConfig, build_config
 from posttrain.trainers import dpo, sft, sharding
-from posttrain.trainers.common import check_output_dir, make_accelerator
+from posttrain.trainers.common import make_accelerator
+from posttrain.trainers.run_folder import check_output_dir
 
 HERE = Path(__file__).resolve().parent
 BASE = dict(model="tiny-random", precision="fp32", lr=1e-3, warmup_ratio=0.0, lr_scheduler="constant", max_length=64)
