@@ -335,7 +335,9 @@ def parse_command_line(parser: argparse.ArgumentParser, argv: list[str]) -> argp
         for value in given if isinstance(given, list) else [given]:
             if isinstance(value, str) and is_blank(value):
                 name = "/".join(action.option_strings) or action.metavar or action.dest
-                command.error(f"argument {name}: {value!r} is blank; it must name a file, folder or model")
+                # One line, without argparse's usage block: the flag was right, its value empty.
+                command.exit(2, f"{command.prog}: error: argument {name}: {value!r} is blank; it must name a "
+                                "file, folder or model\n")
     return args
 
 

@@ -131,6 +131,10 @@ class TrainConfig:
         _check(self, "max_grad_norm", self.max_grad_norm >= 0, "must be ≥ 0")
         _check(self, "lora_alpha", self.lora_alpha > 0, "must be > 0")
         _check(self, "lora_dropout", 0 <= self.lora_dropout < 1, "must be in [0, 1)")
+        for name, kind in field_types(type(self)).items():  # "" means none; " " or U+200B means nothing
+            value = getattr(self, name)   # (but a newline is a stop string worth stopping at)
+            _check(self, name, kind is not str or value == "" or name == "stop_strings" or not is_blank(value),
+                   "is blank (only spaces or invisible characters): leave it empty or give a value")
         # Blank counts as empty: " " or a zero-width space would be a folder named by it.
         _check(self, "model", not is_blank(self.model), "must name a model")
         _check(self, "data", not is_blank(self.data), "must name a data file (--data)")
@@ -548,6 +552,9 @@ def field_types(cls: type) -> dict[str, type]:
 # YAML 1.1 (PyYAML) reads `1e-4` and `5E3` as strings: its floats need a dot ("1.0e-4") and a
 # signed exponent. YAML 1.2 and every user mean a number, so float fields take these strings.
 YAML12_FLOAT = re.compile(r"[-+]?(\.[0-9]+|[0-9]+(\.[0-9]*)?)([eE][-+]?[0-9]+)?")
+YAML12_INT = re.compile(r"[-+]?[0-9]+")
+"""A quoted whole number ("8") as a YAML 1.2 int reads it: taken for an int field, as a quoted
+"0.7" is for a float one."""
 
 
 BOOL_WORDS = {"true": True, "yes": True, "on": True, "1": True, "false": False, "no": False, "off": False, "0": False}
@@ -555,8 +562,9 @@ BOOL_WORDS = {"true": True, "yes": True, "on": True, "1": True, "false": False, 
 
 
 def coerce(cls: type, key: str, value, where: str):
-    """Check one value from YAML against the field's type; ints are accepted for floats, and a
-    bool field takes the BOOL_WORDS a flag takes too (a quoted "false" is meant as false)."""
+    """Check one value from YAML against the field's type; ints are accepted for floats, quoted
+    numbers for int and float fields, and a bool field takes the BOOL_WORDS a flag takes too (a
+    quoted "false" is meant as false)."""
     kinds = field_types(cls)
     if key not in kinds:
         raise ConfigError(f"{where}: unknown key {key!r} for {cls.__name__}")
@@ -565,6 +573,8 @@ def coerce(cls: type, key: str, value, where: str):
         return float(value)
     if kind is float and isinstance(value, str) and YAML12_FLOAT.fullmatch(value.strip()):
         return float(value)
+    if kind is int and isinstance(value, str) and YAML12_INT.fullmatch(value.strip()):
+        return int(value)
     if kind is bool and isinstance(value, (str, int)) and str(value).strip().lower() in BOOL_WORDS:
         return BOOL_WORDS[str(value).strip().lower()]  # "false", and 0/1 as YAML reads them unquoted
     if kind is not bool and isinstance(value, bool) or not isinstance(value, kind):

@@ -52,7 +52,7 @@ from typing import Any, Callable
 
 import yaml
 
-from posttrain.config import BOOL_WORDS, CONFIGS, YAML12_FLOAT, ConfigError, coerce
+from posttrain.config import BOOL_WORDS, CONFIGS, YAML12_FLOAT, YAML12_INT, ConfigError, coerce
 
 REFERENCE = re.compile(r"\$\{([A-Za-z0-9_.-]+)\}")
 FUNCTION_SPEC = re.compile(r"\bfn:([A-Za-z0-9_.]+:[A-Za-z0-9_]+)")
@@ -325,7 +325,8 @@ def trainer_config(where: str, stage: Stage, values: dict, *, resume: bool):
 def conform(value: Any, hint: Any) -> Any:
     """`value` read from YAML as the type `hint` of a stage function's parameter says, converted
     as a trainer's config converts it (config.coerce): a bool takes BOOL_WORDS ("false" is
-    false), a float an int or a YAML 1.2 number string, X | None a None. TypeError otherwise."""
+    false), a float an int or a YAML 1.2 number string, an int a whole-number string, X | None a
+    None. TypeError otherwise."""
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin in (typing.Union, types.UnionType):
         for option in args:
@@ -344,6 +345,8 @@ def conform(value: Any, hint: Any) -> Any:
     elif hint is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
+        if isinstance(value, str) and YAML12_INT.fullmatch(value.strip()):
+            return int(value)
     elif hint is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)

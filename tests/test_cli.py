@@ -83,3 +83,28 @@ def test_sft_command_end_to_end(tmp_path, capsys):
     assert (out / "model.safetensors").is_file() and (out / "config.yaml").is_file()
     resolved = build_config(SFTConfig, str(out / "config.yaml"))
     assert resolved.max_steps == 2 and resolved.model == "tiny-random"
+
+
+@pytest.mark.parametrize("text, message", [
+    ("eval_data: ' '\n", "eval_data=' ' is blank (only spaces or invisible characters)"),
+    ("chat_template: \"\\u200b\"\n", "chat_template='\\u200b' is blank"),
+    ("max_steps: '2'\nmax_length: \"+64\"\n", None),      # quoted whole numbers read as ints
+    ("max_steps: '2.5'\n", "max_steps='2.5' should be of type int"),
+])
+def test_yaml_blank_strings_and_quoted_ints(tmp_path, text, message):
+    path = tmp_path / "c.yaml"
+    path.write_text("data: d.jsonl\n" + text)
+    if message is None:
+        cfg = build_config(SFTConfig, str(path))
+        assert (cfg.max_steps, cfg.max_length) == (2, 64)
+        return
+    with pytest.raises(ConfigError) as err:
+        build_config(SFTConfig, str(path))
+    assert message in str(err.value), str(err.value)
+
+
+def test_a_newline_stop_string_is_not_blank():
+    from posttrain.config import GRPOConfig
+
+    cfg = build_config(GRPOConfig, None, {"data": "p.jsonl", "judges": "fn:m:f", "stop_strings": "\n"})
+    assert cfg.stop_strings == "\n"

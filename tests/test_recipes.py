@@ -112,8 +112,8 @@ def test_a_changed_input_file_changes_the_hash(tmp_path):
     ({"stages": [{"name": "a", "kind": "judge", "data": "d", "judge": "fn:x:y", "pairs": "all"}]},
      "unknown key 'pairs' for kind judge (did you mean 'pairing'?)"),
     # Function stages' keys are checked against the function's parameter types, as trainers' are.
-    ({"stages": [{"name": "s", "kind": "sample", "model": "m", "data": "d", "n": "2"}]},
-     "stage 's' (sample): n='2' should be of type int"),
+    ({"stages": [{"name": "s", "kind": "sample", "model": "m", "data": "d", "n": "2.5"}]},
+     "stage 's' (sample): n='2.5' should be of type int"),
     ({"stages": [{"name": "s", "kind": "sample", "model": "m", "data": "d", "skip_invalid": "maybe"}]},
      "stage 's' (sample): skip_invalid='maybe' should be of type bool"),
     ({"stages": [{"name": "m", "kind": "mix", "specs": "sft.jsonl", "n": 2}], "defaults": {}},
@@ -146,9 +146,10 @@ def test_function_stage_values_are_converted_as_trainer_keys_are():
 
     stage = Stage(index=0, name="s", kind="sample", keys={}, needs=[])
     values = function_stage_values("r.yaml", stage, {"model": "m", "data": "d", "skip_invalid": "false",
-                                                     "temperature": "1e-1", "top_p": 1, "stop_strings": None})
+                                                     "temperature": "1e-1", "top_p": 1, "stop_strings": None,
+                                                     "n": "2"})
     assert values == {"model": "m", "data": "d", "skip_invalid": False, "temperature": 0.1, "top_p": 1.0,
-                      "stop_strings": None}
+                      "stop_strings": None, "n": 2}
     assert type(values["top_p"]) is float
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 
 import torch
 from torch._inductor.runtime.cache_dir_utils import default_cache_dir
@@ -63,6 +64,14 @@ def compile_layers(model: torch.nn.Module) -> int:
     if shutil.which(compiler) is None:
         raise ValueError(f"compile: no C++ compiler {compiler!r} on PATH; torch.compile builds C++ kernels on "
                          "CPU (apt install g++, or run without --compile)")
+    # A compiler that is there but fails (CXX=/bin/false, a broken toolchain) would stop the run at
+    # its first step with inductor's traceback; an empty program (about 0.1 s) finds it now.
+    probe = subprocess.run([compiler, "-x", "c++", "-fsyntax-only", "-"], input="int main() { return 0; }\n",
+                           capture_output=True, text=True, timeout=60)
+    if probe.returncode != 0:
+        said = " ".join((probe.stderr or probe.stdout).split())[:200] or f"exit status {probe.returncode}"
+        raise ValueError(f"compile: the C++ compiler {compiler!r} cannot compile an empty program ({said}); "
+                         "torch.compile builds C++ kernels on CPU (fix CXX or the compiler, or run without --compile)")
     # Importing transformers' trainers already set the variable to inductor's default (its
     # cache_dir() writes the default back): only a value other than that one is the user's.
     if os.path.abspath(os.environ.get("TORCHINDUCTOR_CACHE_DIR", default_cache_dir())) == \

@@ -30,6 +30,10 @@ def test_no_compiler_is_refused_before_any_layer_is_touched(tiny_model_and_token
     with pytest.raises(ValueError, match=r"compile: no C\+\+ compiler 'no-such-c\+\+-compiler' on PATH"):
         compile_layers(model)
     assert all(layer._compiled_call_impl is None for layer in model.model.layers)
+    monkeypatch.setenv("CXX", "/bin/false")   # there, but compiles nothing
+    with pytest.raises(ValueError, match=r"compile: the C\+\+ compiler '/bin/false' cannot compile an empty program"):
+        compile_layers(model)
+    assert all(layer._compiled_call_impl is None for layer in model.model.layers)
 
 
 @pytest.mark.parametrize("before, after", [
