@@ -303,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
 
 PATH_ARGUMENTS = ("data", "eval_data", "output", "output_dir", "db", "model", "baseline", "reward_model", "recipe",
                   "rubric", "config", "sources", "runs", "source", "templates", "guidelines", "seed_tasks",
-                  "blocklist")
+                  "blocklist", "evals")
 """Destinations of every command's file, folder and model arguments: a blank one (only spaces or
 invisible characters) is refused as it is parsed, before anything is read or written: `--output " "`
 would write a file named by a space."""

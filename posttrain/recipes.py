@@ -53,6 +53,7 @@ from typing import Any, Callable
 import yaml
 
 from posttrain.config import BOOL_WORDS, CONFIGS, YAML12_FLOAT, YAML12_INT, ConfigError, coerce
+from posttrain.data.errors import is_blank
 
 REFERENCE = re.compile(r"\$\{([A-Za-z0-9_.-]+)\}")
 FUNCTION_SPEC = re.compile(r"\bfn:([A-Za-z0-9_.]+:[A-Za-z0-9_]+)")
@@ -372,6 +373,11 @@ def function_stage_values(where: str, stage: Stage, values: dict) -> dict:
     hints = typing.get_type_hints(STAGE_KINDS[stage.kind].function())
     out = {}
     for key, value in values.items():
+        texts = value if isinstance(value, list) else list(value.values()) if isinstance(value, dict) else [value]
+        blank = next((t for t in texts if isinstance(t, str) and t and is_blank(t)), None)
+        if blank is not None and key != "stop_strings":   # a newline is a stop string worth stopping at
+            raise RecipeError(f"{where}: stage {stage.name!r} ({stage.kind}): {key}={value!r} holds a blank text "
+                              f"{blank!r} (only spaces or invisible characters)")
         hint = hints.get(key, Any)
         try:
             out[key] = conform(value, hint)

@@ -55,6 +55,7 @@ def parse_source(text: str) -> MixSource:
     """`"A.jsonl:0.5"` → MixSource("A.jsonl", 0.5); `"A.jsonl"`, an existing file whose name has
     a colon, or a hub id with a split (`"org/name:test"`, whose suffix is no number) → weight None.
     ValueError for a weight that is no number after a local path (`A.jsonl:abc`) or not > 0."""
+    from posttrain.data.errors import is_blank
     from posttrain.data.records import FILE_SUFFIXES
 
     path, sep, tail = text.rpartition(":")
@@ -67,8 +68,8 @@ def parse_source(text: str) -> MixSource:
             return MixSource(text, None)
         if not (math.isfinite(weight) and weight > 0):
             raise ValueError(f"{text}: weight {tail!r}: expected a finite number > 0")
-        if not path:
-            raise ValueError(f"{text}: no source before the weight")
+        if is_blank(path):
+            raise ValueError(f"{text!r}: no source before the weight")
         return MixSource(path, weight)
     return MixSource(text, None)
 

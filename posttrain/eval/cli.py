@@ -51,10 +51,19 @@ def labelled(value: str) -> tuple[str, str]:
 
 
 def labelled_all(flag: str, values: list[str]) -> dict[str, str]:
-    """{label: model} of a repeated flag's values; ValueError for a label given twice."""
+    """{label: model} of a repeated flag's values; ValueError for a label given twice, or a blank
+    label or model (" =m", "a= ", a zero-width space: a row of the table named by nothing)."""
+    from posttrain.data.errors import is_blank
+
     named: dict[str, str] = {}
     for value in values:
+        label, sep, model = value.partition("=")
+        if sep and "/" not in label and (is_blank(label) or is_blank(model)):
+            raise ValueError(f"{flag} {value!r}: {'label' if is_blank(label) else 'model'} is blank; "
+                             "give LABEL=MODEL or MODEL")
         label, model = labelled(value)
+        if is_blank(label):
+            raise ValueError(f"{flag} {value!r}: blank (only spaces or invisible characters)")
         if label in named:
             raise ValueError(f"{flag} {value}: label {label!r} is given twice; label them LABEL=MODEL")
         named[label] = model

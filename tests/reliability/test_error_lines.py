@@ -457,3 +457,39 @@ def test_a_blank_file_argument_is_refused_as_it_is_parsed(argv, flag, capsys, tm
     assert len(lines) == 1, lines   # one line: no usage block, the flag itself was right
     assert stop.value.code == 2 and f"error: argument {flag}: {blank!r} is blank; it must name" in lines[0], lines
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("value, message", [
+    ("\u200b=tiny-random", "--model '\\u200b=tiny-random': label is blank; give LABEL=MODEL or MODEL"),
+    ("a= ", "--model 'a= ': model is blank"),
+    (" =tiny-random", "--model ' =tiny-random': label is blank"),
+])
+def test_eval_labels_and_models_must_not_be_blank(value, message):
+    from posttrain.eval.cli import labelled_all
+
+    with pytest.raises(ValueError) as err:
+        labelled_all("--model", [value])
+    assert str(err.value).startswith(message)
+    assert labelled_all("--model", ["dpo=outputs/dpo", "tiny-random"]) == {"dpo": "outputs/dpo",
+                                                                           "tiny-random": "tiny-random"}
+
+
+@pytest.mark.parametrize("source", [" :1", "\u200b:0.5", "\t:0.5", ":2"])
+def test_a_mix_source_blank_before_its_weight_is_refused(source):
+    from posttrain.datagen.mix import parse_source
+
+    with pytest.raises(ValueError, match="no source before the weight"):
+        parse_source(source)
+
+
+def test_blank_texts_in_a_recipes_function_stage_are_refused_before_anything_runs(tmp_path):
+    from posttrain.recipes import RecipeError, run_recipe
+
+    stages = [{"name": "a", "kind": "sft", "model": "tiny-random", "data": "d.jsonl"},
+              {"name": "c", "kind": "concat", "files": ["${a}", " "]}]
+    with pytest.raises(RecipeError, match=r"stage 'c' \(concat\): files=\['.*', ' '\] holds a blank text ' '"):
+        run_recipe({"output_dir": str(tmp_path / "out"), "stages": stages}, echo=lambda line: None)
+    stages[1] = {"name": "s", "kind": "sample", "model": "${a}", "data": "\u200b"}
+    with pytest.raises(RecipeError, match=r"stage 's' \(sample\): data='\\u200b' holds a blank text"):
+        run_recipe({"output_dir": str(tmp_path / "out"), "stages": stages}, echo=lambda line: None)
+    assert not (tmp_path / "out").exists()
