@@ -582,13 +582,32 @@ def coerce(cls: type, key: str, value, where: str):
     return value
 
 
+class UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a key given twice in one mapping, where PyYAML keeps the last
+    one without a word (`max_steps: 1` then `max_steps: 2` ran 2 steps)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if not isinstance(key, typing.Hashable):
+                continue   # SafeConstructor refuses it below, with its own message
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} is given twice (line {key_node.start_mark.line + 1})",
+                    key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
 def load_yaml(cls: type, path: str | Path) -> dict:
     """Read a YAML mapping of field values for `cls`, checking keys and types."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: {'a folder, not a YAML file' if path.is_dir() else 'config file not found'}")
     try:
-        raw = yaml.safe_load(path.read_bytes())  # bytes: PyYAML names the offset of a non-UTF-8 byte
+        # bytes: PyYAML names the offset of a non-UTF-8 byte
+        raw = yaml.load(path.read_bytes(), Loader=UniqueKeyLoader)  # noqa: S506 - a SafeLoader
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML ({' '.join(str(err).split())})") from None
     except RecursionError:

@@ -52,7 +52,7 @@ from typing import Any, Callable
 
 import yaml
 
-from posttrain.config import BOOL_WORDS, CONFIGS, YAML12_FLOAT, YAML12_INT, ConfigError, coerce
+from posttrain.config import BOOL_WORDS, CONFIGS, YAML12_FLOAT, YAML12_INT, ConfigError, UniqueKeyLoader, coerce
 from posttrain.data.errors import is_blank
 
 REFERENCE = re.compile(r"\$\{([A-Za-z0-9_.-]+)\}")
@@ -144,7 +144,7 @@ def load_recipe(source: str | Path | dict) -> tuple[str, dict]:
     if not path.is_file():
         raise RecipeError(f"{path}: recipe file not found")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.load(path.read_text(), Loader=UniqueKeyLoader)  # noqa: S506 - a SafeLoader
     except yaml.YAMLError as err:
         raise RecipeError(f"{path}: not valid YAML ({' '.join(str(err).split())})") from None
     if not isinstance(raw, dict):

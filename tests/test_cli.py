@@ -108,3 +108,19 @@ def test_a_newline_stop_string_is_not_blank():
 
     cfg = build_config(GRPOConfig, None, {"data": "p.jsonl", "judges": "fn:m:f", "stop_strings": "\n"})
     assert cfg.stop_strings == "\n"
+
+
+def test_a_key_given_twice_in_yaml_is_refused(tmp_path):
+    from posttrain.recipes import RecipeError, run_recipe
+
+    path = tmp_path / "c.yaml"
+    path.write_text("data: d.jsonl\nmax_steps: 1\nmax_steps: 2\n")
+    with pytest.raises(ConfigError, match=r"c\.yaml: not valid YAML \(key 'max_steps' is given twice \(line 3\)"):
+        build_config(SFTConfig, str(path))
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("stages:\n  - {name: a, kind: sft, model: m, data: d, lr: 1e-5, lr: 2e-5}\n")
+    with pytest.raises(RecipeError, match=r"r\.yaml: not valid YAML \(key 'lr' is given twice"):
+        run_recipe(recipe, echo=lambda line: None)
+    path.write_text("data: d.jsonl\nmax_steps: 1\nnested: {a: 1}\n")   # the same key in two mappings is fine
+    with pytest.raises(ConfigError, match="unknown key 'nested'"):
+        build_config(SFTConfig, str(path))
