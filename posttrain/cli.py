@@ -333,7 +333,7 @@ def parse_command_line(parser: argparse.ArgumentParser, argv: list[str]) -> argp
     for action in command._actions:
         given = getattr(args, action.dest, None) if action.dest in PATH_ARGUMENTS else None
         for value in given if isinstance(given, list) else [given]:
-            if isinstance(value, str) and is_blank(value):
+            if isinstance(value, str) and is_blank(value) and (value or action.dest != "eval_data"):  # "": none
                 name = "/".join(action.option_strings) or action.metavar or action.dest
                 # One line, without argparse's usage block: the flag was right, its value empty.
                 command.exit(2, f"{command.prog}: error: argument {name}: {value!r} is blank; it must name a "

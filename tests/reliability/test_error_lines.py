@@ -444,6 +444,7 @@ def test_a_group_command_without_its_subcommand_lists_them(argv, prog, message, 
     (["data", "mix", "a.jsonl", " ", "--n", "2", "--output", "o.jsonl"], "SOURCE[:WEIGHT]"),
     (["sft", "--data", "d.jsonl", "--output-dir", "\u200b"], "--output-dir"),
     (["run", " "], "recipe"),
+    (["sample", "--data", "", "--output", "o.jsonl"], "--data"),
 ])
 def test_a_blank_file_argument_is_refused_as_it_is_parsed(argv, flag, capsys, tmp_path, monkeypatch):
     from posttrain.cli import main
@@ -493,3 +494,10 @@ def test_blank_texts_in_a_recipes_function_stage_are_refused_before_anything_run
     with pytest.raises(RecipeError, match=r"stage 's' \(sample\): data='\\u200b' holds a blank text"):
         run_recipe({"output_dir": str(tmp_path / "out"), "stages": stages}, echo=lambda line: None)
     assert not (tmp_path / "out").exists()
+
+
+def test_an_empty_eval_data_flag_still_means_none(tmp_path):
+    from posttrain.cli import build_parser, parse_command_line
+
+    args = parse_command_line(build_parser(), ["sft", "--data", "d.jsonl", "--eval-data", ""])
+    assert args.eval_data == ""
