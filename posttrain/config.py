@@ -366,7 +366,8 @@ class PPOConfig(TrainConfig):
         local = minibatch // world_size
         if local % self.batch_size:
             raise ConfigError(f"config: a per-process minibatch of {local} rollouts does not divide into "
-                              f"micro-batches of batch_size={self.batch_size}")
+                              f"micro-batches of batch_size={self.batch_size}; give a batch_size that divides "
+                              f"{local} (the largest below it: {_largest_divisor(local, self.batch_size)})")
         return self.rollout_batch_size // world_size, local, local // self.batch_size
 
     def global_batch(self, world_size: int) -> int:
@@ -487,7 +488,8 @@ class GRPOConfig(TrainConfig):
         minibatch = responses // self.num_minibatches
         if minibatch % self.batch_size:
             raise ConfigError(f"config: a minibatch of {minibatch} responses does not divide into micro-batches "
-                              f"of batch_size={self.batch_size}")
+                              f"of batch_size={self.batch_size}; give a batch_size that divides {minibatch} "
+                              f"(the largest below it: {_largest_divisor(minibatch, self.batch_size)})")
         return local_prompts, minibatch, minibatch // self.batch_size
 
     def global_batch(self, world_size: int) -> int:
@@ -511,6 +513,11 @@ class RLOOConfig(GRPOConfig):
     """Subtract β · Σ_t log π/π_ref from each response's reward (RLOO) instead of adding β · k3 to the loss."""
     loss_type: str = "dr_grpo"
     """Loss reduction: dr_grpo (token sum / (responses · max_new_tokens): every token of every response weighs the same, as RLOO's estimator), grpo or dapo."""
+
+
+def _largest_divisor(n: int, at_most: int) -> int:
+    """The largest divisor of n not above at_most (1 at worst): a batch_size to suggest."""
+    return max(d for d in range(1, min(n, at_most) + 1) if n % d == 0)
 
 
 def _check(cfg, name: str, ok: bool, why: str) -> None:

@@ -203,7 +203,9 @@ def test_bad_settings_are_one_line_config_errors(tmp_path):
                         (dict(kl_in_reward=True), "kl_in_reward=True needs beta > 0"),
                         (dict(rollout_batch_size=3, num_minibatches=5), "12 responses per process do not "
                          "divide into num_minibatches=5"),
-                        (dict(batch_size=3), "minibatch of 16 responses does not divide into micro-batches")):
+                        (dict(batch_size=3), r"minibatch of 16 responses does not divide into micro-batches of "
+                                             r"batch_size=3; give a batch_size that divides 16 \(the largest below "
+                                             r"it: 2\)")):
         with pytest.raises(ConfigError, match=message):
             config(tmp_path, "x", **kw)
     with pytest.raises(ConfigError, match="do not divide over 3 processes"):
