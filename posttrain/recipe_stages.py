@@ -140,6 +140,6 @@ def check_sample_stage(model: str, data: str, output: str = "", *, n: int = 4, m
 
     params = SamplingParams(n=n, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                             stop_strings=tuple(stop_strings or ()), seed=seed)
-    check_sample_settings(params, batch_size=batch_size, max_prompt_length=max_prompt_length)
+    check_sample_settings(params, batch_size=batch_size, max_prompt_length=max_prompt_length, as_flags=False)
     if precision not in PRECISIONS:
         raise ValueError(f"precision={precision!r} is not one of {', '.join(PRECISIONS)}")

@@ -127,7 +127,7 @@ def test_a_changed_input_file_changes_the_hash(tmp_path):
                    {"name": "s", "kind": "sample", "model": "${a}", "data": "d", **keys}]},
        f"stage 's' (sample): {why}") for keys, why in [
         ({"n": 0}, "sampling: n=0 must be ≥ 1"), ({"temperature": "-0.5"}, "sampling: temperature=-0.5 must be finite and ≥ 0"),
-        ({"batch_size": 0}, "--batch-size=0 must be ≥ 1"),
+        ({"batch_size": 0}, "batch_size=0 must be ≥ 1"), ({"max_prompt_length": 0}, "max_prompt_length=0 must"),
         ({"precision": "fp16"}, "precision='fp16' is not one of auto, bf16, fp32")]],
     ({"stages": []}, "'stages' must be a non-empty list"),
     ({"output": "x"}, "unknown top-level key 'output'"),

@@ -83,14 +83,16 @@ def stop_on_signal():
             signal.signal(s, handler)
 
 
-def check_sample_settings(params: SamplingParams, *, batch_size: int, max_prompt_length: int) -> None:
+def check_sample_settings(params: SamplingParams, *, batch_size: int, max_prompt_length: int,
+                          as_flags: bool = True) -> None:
     """ValueError for a setting of `sample_file` that no model or data could make usable (a
-    recipe checks its sample stages so, before any stage runs)."""
+    recipe checks its sample stages so, before any stage runs, with as_flags=False: the settings
+    are then named as its keys, batch_size, not as the command's flags, --batch-size)."""
     params.validate()
-    if batch_size < 1:
-        raise ValueError(f"--batch-size={batch_size} must be ≥ 1")
-    if max_prompt_length < 1:
-        raise ValueError(f"--max-prompt-length={max_prompt_length} must be ≥ 1")
+    for key, value in (("batch_size", batch_size), ("max_prompt_length", max_prompt_length)):
+        if value < 1:
+            name = "--" + key.replace("_", "-") if as_flags else key
+            raise ValueError(f"{name}={value} must be ≥ 1")
 
 
 def sample_file(model: str, data: str, output: str, params: SamplingParams, *, batch_size: int = 8,
