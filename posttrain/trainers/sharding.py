@@ -171,7 +171,7 @@ such a process by os._exit."""
 def prepare(accelerator: Accelerator, cfg, model: torch.nn.Module, optimizer, scheduler):
     """`_prepare` (below), with a multi-process run's prepared model kept in KEPT_UNTIL_EXIT, and
     with cfg.compile its decoder layers compiled first (models.compile)."""
-    if getattr(cfg, "compile", False):
+    if cfg.compile:
         # Compiled before any wrapper, as accelerate's own dynamo_backend does: DDP's hooks sit on
         # the parameters, which compiling leaves as they are.
         layers = compile_layers(model)
