@@ -61,9 +61,7 @@ def labelled_all(flag: str, values: list[str]) -> dict[str, str]:
         if sep and "/" not in label and (is_blank(label) or is_blank(model)):
             raise ValueError(f"{flag} {value!r}: {'label' if is_blank(label) else 'model'} is blank; "
                              "give LABEL=MODEL or MODEL")
-        label, model = labelled(value)
-        if is_blank(label):
-            raise ValueError(f"{flag} {value!r}: blank (only spaces or invisible characters)")
+        label, model = labelled(value)   # (a wholly blank value is refused as the line is parsed)
         if label in named:
             raise ValueError(f"{flag} {value}: label {label!r} is given twice; label them LABEL=MODEL")
         named[label] = model
