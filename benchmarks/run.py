@@ -29,6 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import fp32_runs  # benchmarks/fp32_runs.py, beside this script
 import targets  # benchmarks/targets.py, beside this script
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -129,7 +130,8 @@ def allocator_env(allocator: str) -> dict[str, str]:
     return {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": "17179869184"}
 
 
-def worker_env(workload: str, tool: str, threads: int, allocator: str = "glibc") -> dict[str, str]:
+def worker_env(workload: str, tool: str, threads: int, allocator: str = "glibc",
+               precision: str = "bf16") -> dict[str, str]:
     env = dict(os.environ)
     env.update({
         # The same allocator and thread count for both tools.
@@ -144,7 +146,7 @@ def worker_env(workload: str, tool: str, threads: int, allocator: str = "glibc")
         paths.insert(0, str(TRL_PPO_PATH))
         # TRL 1.12's PPOTrainer builds its own Accelerator, which reads the precision from
         # here (transformers 5 no longer exports bf16=True to it).
-        env["ACCELERATE_MIXED_PRECISION"] = "bf16"
+        env["ACCELERATE_MIXED_PRECISION"] = "bf16" if precision == "bf16" else "no"
     env["PYTHONPATH"] = os.pathsep.join(paths + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
     return env
 
@@ -161,7 +163,8 @@ def run_worker(tool: str, workload: str, model: str, spec: dict, threads: int, t
         start = time.time()
         try:
             proc = subprocess.run([sys.executable, str(script), str(spec_path)], cwd=ROOT, timeout=timeout,
-                                  env=worker_env(workload, tool, threads, spec["allocator"]), capture_output=True,
+                                  env=worker_env(workload, tool, threads, spec["allocator"], spec["precision"]),
+                                  capture_output=True,
                                   text=True)
             output, rc = proc.stdout + proc.stderr, proc.returncode
         except subprocess.TimeoutExpired as err:
@@ -197,9 +200,10 @@ def reward_model_folder(model: str, model_path: str, threads: int) -> str:
     return str(folder)
 
 
-def matmul_ceiling(threads: int, seconds: float) -> dict:
+def matmul_ceiling(threads: int, seconds: float, dtypes: str = "fp32,bf16") -> dict:
     env = worker_env("matmul", "posttrain", threads)
-    out = subprocess.run([sys.executable, str(BENCH / "matmul.py"), "--seconds", str(seconds)], env=env,
+    out = subprocess.run([sys.executable, str(BENCH / "matmul.py"), "--seconds", str(seconds), "--dtypes", dtypes],
+                         env=env,
                          capture_output=True, text=True, check=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
@@ -211,7 +215,9 @@ def spread(values: list[float]) -> dict:
     return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
 
 
-def summarise_tool(runs: list[dict], workload: str, ceiling_bf16: float) -> dict:
+def summarise_tool(runs: list[dict], workload: str, ceiling: float, precision: str = "bf16") -> dict:
+    """One tool's figures over repeats; the FLOP rate as a share of the matmul ceiling of the run's
+    precision (`fraction_of_bf16_ceiling` or `fraction_of_fp32_ceiling`)."""
     key = UNITS[workload][0]
     ok = [r for r in runs if "error" not in r]
     if not ok:
@@ -233,7 +239,7 @@ def summarise_tool(runs: list[dict], workload: str, ceiling_bf16: float) -> dict
         flops = [FLOP_FACTOR[workload] * r["params"] * r["counts_timed"]["tokens"] / sum(r["step_seconds"])
                  for r in ok]
         out["tflops"] = spread([f / 1e12 for f in flops])
-        out["fraction_of_bf16_ceiling"] = statistics.median(flops) / ceiling_bf16
+        out[f"fraction_of_{precision}_ceiling"] = statistics.median(flops) / ceiling
     return out
 
 
@@ -331,8 +337,9 @@ def pick_rows(reports: list[dict]) -> list[tuple[int, dict]]:
     return [(best[key][1], best[key][2]) for key in order if key in best]
 
 
-def markdown(reports: list[dict]) -> str:
-    """RESULTS.md from one or more runs (rows carried over from the runs that measured them)."""
+def markdown(reports: list[dict], fp32: list[dict] | None = None) -> str:
+    """RESULTS.md from one or more bf16 runs (rows carried over from the runs that measured them) and the
+    fp32 runs' section (default: every results/*-fp32.json)."""
     rows = pick_rows(reports)
     used = sorted({k for k, _ in rows}, key=lambda k: reports[k]["meta"]["date"])
     label = {k: f"R{i + 1}" for i, k in enumerate(used)}
@@ -407,6 +414,7 @@ def markdown(reports: list[dict]) -> str:
         lines.append(f"| {row['workload']} | {row['model']} | {label[k]} | {_cell(pt, 'peak_rss_gb', 'GB')} | "
                      f"{_cell(trl, 'peak_rss_gb', 'GB')} | {rss} | {_cell(pt, 'time_to_first_step_s', 's')} | "
                      f"{_cell(trl, 'time_to_first_step_s', 's')} | {_flops(pt)} | {_flops(trl)} |")
+    lines += fp32_runs.section(fp32_runs.reports() if fp32 is None else fp32)
     lines += profile_section(reports)
     lines += targets.targets_section([row for _, row in rows], targets.newest_profiles(reports), TARGET_SPEEDUP,
                                      TARGET_RSS)
@@ -561,6 +569,10 @@ def main() -> None:
     parser.add_argument("--trl-attention", choices=("sdpa", "eager"), default="eager",
                         help="attn_implementation TRL's models are loaded with; default eager, TRL's faster one on "
                              "every workload here (benchmarks/trl_attention.py); posttrain picks per row length")
+    parser.add_argument("--precision", choices=("bf16", "fp32"), default="bf16",
+                        help="both tools' training precision: bf16 autocast over fp32 weights (the tables' runs), "
+                             "or fp32 for a CPU without native bf16; fp32 runs go to results/<date>-fp32.json "
+                             "and a section of their own (benchmarks/fp32_runs.py)")
     parser.add_argument("--report-only", action="store_true",
                         help="run nothing: rebuild the Markdown from benchmarks/results/*.json")
     args = parser.parse_args()
@@ -586,6 +598,8 @@ def main() -> None:
     mode = "quick" if args.quick else "full"
     if args.allocator == "tcmalloc" and not Path(TCMALLOC).is_file():
         parser.error(f"--allocator tcmalloc: {TCMALLOC} is missing (apt install libtcmalloc-minimal4)")
+    if args.precision == "fp32" and args.profile:
+        parser.error("--profile: the profile tables are of bf16 runs; leave out --precision fp32")
     if args.profile and args.quick:
         parser.error("--profile measures the full runs' steps; leave out --quick")
     subprocess.run(["bash", str(BENCH / "setup.sh")], cwd=ROOT, check=True)
@@ -600,8 +614,10 @@ def main() -> None:
     available = {w: args.uncommitted or landed(POSTTRAIN_MODULES[w]) for w in workloads}
     reward_models = {m: reward_model_folder(m, paths[m], args.threads) for m in models} if "ppo" in workloads else {}
 
+    # An fp32 run's table needs the fp32 ceiling only (bf16 GEMMs crawl on a CPU without native bf16).
+    ceilings = "fp32" if args.precision == "fp32" else "fp32,bf16"
     print(f"matmul ceiling ({args.threads} threads)…", flush=True)
-    mm_start = matmul_ceiling(args.threads, 2.0 if args.quick else 4.0)
+    mm_start = matmul_ceiling(args.threads, 2.0 if args.quick else 4.0, ceilings)
     rows = [(w, m) for w in workloads for m in models]
     runs: list[dict] = []
     for repeat in range(repeats):
@@ -610,7 +626,7 @@ def main() -> None:
             warmup, timed = s[mode]
             spec = {k: v for k, v in s.items() if k not in ("full", "quick")}
             spec.update(model_path=paths[model], warmup=warmup, timed=timed, repeat=repeat, seed=0,
-                        precision="bf16", gradient_checkpointing=False, profile=args.profile,
+                        precision=args.precision, gradient_checkpointing=False, profile=args.profile,
                         allocator=args.allocator, trl_attention=args.trl_attention,
                         data=str(data[DATA[workload]]),
                         reward_model=reward_models.get(model, ""))
@@ -628,9 +644,9 @@ def main() -> None:
                     print(f"{rate:.4g} {unit}, {statistics.median(result['step_seconds']):.3g} s/step, "
                           f"peak RSS {result['peak_rss_bytes'] / 1e9:.2f} GB, counts {result['counts_total']}",
                           flush=True)
-    mm_end = matmul_ceiling(args.threads, 2.0 if args.quick else 4.0)
-    ceiling = {"fp32": max(mm_start["fp32"]["flops_per_s"], mm_end["fp32"]["flops_per_s"]),
-               "bf16": max(mm_start["bf16"]["flops_per_s"], mm_end["bf16"]["flops_per_s"])}
+    mm_end = matmul_ceiling(args.threads, 2.0 if args.quick else 4.0, ceilings)
+    ceiling = {name: max(mm_start[name]["flops_per_s"], mm_end[name]["flops_per_s"]) if name in mm_start else None
+               for name in ("fp32", "bf16")}
 
     summary = []
     for workload, model in rows:
@@ -645,7 +661,7 @@ def main() -> None:
             if tool == "posttrain" and not available[workload]:
                 side = {"error": f"{POSTTRAIN_MODULES[workload]} not there yet", "error_short": "not in posttrain yet"}
             else:
-                side = summarise_tool(mine, workload, ceiling["bf16"])
+                side = summarise_tool(mine, workload, ceiling[args.precision], args.precision)
                 if "error" in side:
                     last = side["error"].split(" | ")[-1].strip().replace("|", "/")
                     side["error_short"] = f"failed ({last[:100]})"
@@ -658,18 +674,22 @@ def main() -> None:
     command = "python benchmarks/run.py " + shlex.join(sys.argv[1:])
     report = {
         "meta": {"date": now.strftime("%Y-%m-%d %H:%M"), "command": command.strip(), "quick": args.quick,
-                 "profile": args.profile, "allocator": args.allocator,
+                 "profile": args.profile, "allocator": args.allocator, "precision": args.precision,
                  "repeats": repeats, "threads": args.threads, "machine": machine(), "versions": versions(),
                  "settings": {f"{w}/{m}": SETTINGS[(w, m)] for w, m in rows}, "note": args.note,
                  "logs": str(log_dir.relative_to(ROOT))},
         "matmul": {"start": mm_start, "end": mm_end, "ceiling_fp32": ceiling["fp32"], "ceiling_bf16": ceiling["bf16"]},
         "rows": summary, "runs": runs,
     }
-    kind = "profile" if args.profile else mode
+    kind = "profile" if args.profile else mode + ("-fp32" if args.precision == "fp32" else "")
     out = Path(args.json) if args.json else BENCH / "results" / f"{now.strftime('%Y-%m-%d-%H%M')}-{kind}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1) + "\n")
-    Path(args.markdown).write_text(markdown(earlier_reports(out) + [report]))
+    if args.precision == "fp32":
+        text = markdown(earlier_reports(), fp32_runs.reports(out) + [report])
+    else:
+        text = markdown(earlier_reports(out) + [report])
+    Path(args.markdown).write_text(text)
     print(f"wrote {out.relative_to(ROOT) if out.is_relative_to(ROOT) else out} and {args.markdown}")
     for row in summary:
         pt, trl = row["posttrain"], row["trl"]
