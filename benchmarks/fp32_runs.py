@@ -22,6 +22,25 @@ def reports(exclude: Path | None = None) -> list[dict]:
     return [json.loads(p.read_text()) for p in paths if exclude is None or p.resolve() != exclude.resolve()]
 
 
+NOTES = [
+    "F1 (results/2026-12-01-1247-full-fp32.json, posttrain 116f601; the bf16 rows' code, no lever of its own): "
+    "the ratios are lower than the bf16 runs' for the same work — DPO 1.55× (paired 1.56×, 1.51–1.79) against "
+    "R5's 1.84×, GRPO 1.82× (paired 1.86×) against R4's 1.93×, PPO 1.14× (paired 1.14×) against R5's 1.29× — "
+    "as an fp32 step is more bound by its GEMMs (the fp32 ceiling here is 130 GFLOP/s), which both tools run "
+    "with the same kernels: posttrain's DPO step ran at 93 % of that ceiling by the nominal FLOP count (its "
+    "prefix sharing does less arithmetic than the count), TRL's at 60 %. posttrain's DPO step times vary by "
+    "batch (3.8–7.8 s over the same 6 batches in every repeat; the pairs' lengths differ) and by repeat (its "
+    "first repeat's median step 6.1 s, the second's 4.7 s), which the paired ratio's range (1.51–1.79) shows.",
+    "Memory in F1: DPO 0.75 of TRL's peak (R5: 0.77), GRPO 1.01 (R4: 1.06), PPO 1.06 (R5: 1.00). Not profiled "
+    "(`--profile` is for bf16 runs). A likely share of PPO's and GRPO's excess: posttrain's sampler decodes from "
+    "its own copy of the policy's weights in the sampling dtype (`sampling/decoders.py`), which in fp32 is "
+    "134.5 M × 4 bytes ≈ 0.54 GB where it is 0.27 GB in bf16; TRL decodes from the policy itself. "
+    "PPO's `counts equal` reads NO because the two tools' sampled responses differ in length by chance "
+    "(611 against 630 generated tokens), as the bf16 PPO row's note explains; prompts and episodes are equal.",
+]
+"""What the fp32 runs showed, written after reading them (figures from the named results file)."""
+
+
 def section(runs: list[dict]) -> list[str]:
     """Markdown lines: the fp32 runs, then one table row per (workload, model), each from its best run
     (both tools ran > full > newer); nothing when there is no fp32 run."""
@@ -73,7 +92,7 @@ def section(runs: list[dict]) -> list[str]:
                      f"{harness._cell(pt, 'throughput', unit)} | {harness._cell(trl, 'throughput', unit)} | {ratio} | "
                      f"{harness._cell(pt, 'peak_rss_gb', 'GB')} | {harness._cell(trl, 'peak_rss_gb', 'GB')} | {rss} | "
                      f"{_flops(pt, harness)} | {_flops(trl, harness)} | {equal} |")
-    return lines
+    return lines + [""] + [f"- {note}" for note in NOTES]
 
 
 def _flops(side: dict, harness) -> str:

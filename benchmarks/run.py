@@ -573,6 +573,10 @@ def main() -> None:
                         help="both tools' training precision: bf16 autocast over fp32 weights (the tables' runs), "
                              "or fp32 for a CPU without native bf16; fp32 runs go to results/<date>-fp32.json "
                              "and a section of their own (benchmarks/fp32_runs.py)")
+    parser.add_argument("--compile", action="store_true",
+                        help="compile both tools' models: posttrain's --compile (each decoder layer) and TRL's "
+                             "torch_compile=True (the whole model, through accelerate); not for ppo, whose TRL 1.12 "
+                             "trainer has no such setting")
     parser.add_argument("--report-only", action="store_true",
                         help="run nothing: rebuild the Markdown from benchmarks/results/*.json")
     args = parser.parse_args()
@@ -600,6 +604,8 @@ def main() -> None:
         parser.error(f"--allocator tcmalloc: {TCMALLOC} is missing (apt install libtcmalloc-minimal4)")
     if args.precision == "fp32" and args.profile:
         parser.error("--profile: the profile tables are of bf16 runs; leave out --precision fp32")
+    if args.compile and "ppo" in workloads:
+        parser.error("--compile: TRL 1.12's PPOTrainer has no torch_compile; leave ppo out of --workloads")
     if args.profile and args.quick:
         parser.error("--profile measures the full runs' steps; leave out --quick")
     subprocess.run(["bash", str(BENCH / "setup.sh")], cwd=ROOT, check=True)
@@ -626,7 +632,8 @@ def main() -> None:
             warmup, timed = s[mode]
             spec = {k: v for k, v in s.items() if k not in ("full", "quick")}
             spec.update(model_path=paths[model], warmup=warmup, timed=timed, repeat=repeat, seed=0,
-                        precision=args.precision, gradient_checkpointing=False, profile=args.profile,
+                        precision=args.precision, compile=args.compile, gradient_checkpointing=False,
+                        profile=args.profile,
                         allocator=args.allocator, trl_attention=args.trl_attention,
                         data=str(data[DATA[workload]]),
                         reward_model=reward_models.get(model, ""))
@@ -675,6 +682,7 @@ def main() -> None:
     report = {
         "meta": {"date": now.strftime("%Y-%m-%d %H:%M"), "command": command.strip(), "quick": args.quick,
                  "profile": args.profile, "allocator": args.allocator, "precision": args.precision,
+                 "compile": args.compile,
                  "repeats": repeats, "threads": args.threads, "machine": machine(), "versions": versions(),
                  "settings": {f"{w}/{m}": SETTINGS[(w, m)] for w, m in rows}, "note": args.note,
                  "logs": str(log_dir.relative_to(ROOT))},

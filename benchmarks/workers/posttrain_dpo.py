@@ -51,6 +51,7 @@ cfg = DPOConfig(
     max_length=spec["max_length"], batch_size=spec["batch_size"], grad_accum=1,
     max_steps=clock.total_steps, lr=1e-6, warmup_ratio=0.0, lr_scheduler="constant",
     weight_decay=0.0, max_grad_norm=1.0, precision=spec["precision"], loss="sigmoid", beta=0.1,
+    compile=spec.get("compile", False),
     precompute_ref=False, gradient_checkpointing=spec["gradient_checkpointing"], logging_steps=clock.total_steps,
     seed=spec["seed"],
 )

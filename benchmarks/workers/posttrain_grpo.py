@@ -46,7 +46,7 @@ def run(config_class, **algorithm) -> None:
         max_new_tokens=spec["response_length"], rollout_batch_size=spec["prompts"],
         num_generations=spec["num_generations"], batch_size=spec["batch_size"], num_minibatches=1,
         num_iterations=1, max_steps=clock.total_steps, lr=1e-6, warmup_ratio=0.0, lr_scheduler="constant",
-        weight_decay=0.0, max_grad_norm=1.0, precision=spec["precision"],
+        weight_decay=0.0, max_grad_norm=1.0, precision=spec["precision"], compile=spec.get("compile", False),
         gradient_checkpointing=spec["gradient_checkpointing"], temperature=1.0, top_p=1.0,
         clip_eps_low=0.2, clip_eps_high=0.2, logging_steps=clock.total_steps, samples_steps=0, seed=spec["seed"],
         **algorithm,

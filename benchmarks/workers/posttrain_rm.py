@@ -63,7 +63,7 @@ cfg = RMConfig(
     model=spec["model_path"], data=spec["data"], output_dir=str(Path(spec["work_dir"]) / "out"),
     max_length=spec["max_length"], batch_size=spec["batch_size"], grad_accum=1,
     max_steps=clock.total_steps, lr=1e-5, warmup_ratio=0.0, lr_scheduler="constant",
-    weight_decay=0.0, max_grad_norm=1.0, precision=spec["precision"],
+    weight_decay=0.0, max_grad_norm=1.0, precision=spec["precision"], compile=spec.get("compile", False),
     gradient_checkpointing=spec["gradient_checkpointing"], logging_steps=clock.total_steps,
     seed=spec["seed"],
 )

@@ -57,6 +57,7 @@ def run(trainer_class, config_class, completion_ids_of, **algorithm) -> None:
         max_completion_length=spec["response_length"], temperature=1.0, top_p=1.0, top_k=0, num_iterations=1,
         epsilon=0.2, learning_rate=1e-6, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
         max_grad_norm=1.0, bf16=spec["precision"] == "bf16", use_cpu=True, report_to=[], save_strategy="no",
+        torch_compile=spec.get("compile", False),
         logging_steps=clock.total_steps, gradient_checkpointing=spec["gradient_checkpointing"], seed=spec["seed"],
         dataloader_num_workers=0, shuffle_dataset=False, disable_dropout=True, use_vllm=False, **algorithm,
     )

@@ -49,6 +49,7 @@ args = RewardConfig(
     per_device_train_batch_size=spec["batch_size"], gradient_accumulation_steps=1,
     learning_rate=1e-5, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0,
     bf16=spec["precision"] == "bf16", use_cpu=True, report_to=[], dataloader_num_workers=0,
+    torch_compile=spec.get("compile", False),
     save_strategy="no", logging_steps=clock.total_steps, max_length=spec["max_length"],
     gradient_checkpointing=spec["gradient_checkpointing"], train_sampling_strategy="sequential", seed=spec["seed"],
 )
