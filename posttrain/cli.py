@@ -305,15 +305,16 @@ PATH_ARGUMENTS = ("data", "eval_data", "output", "output_dir", "db", "model", "b
                   "rubric", "config", "sources", "runs", "source", "templates", "guidelines", "seed_tasks",
                   "blocklist", "evals")
 """Destinations of every command's file, folder and model arguments: a blank one (only spaces or
-invisible characters) is refused as it is parsed, before anything is read or written: `--output " "`
-would write a file named by a space."""
+invisible characters), or one holding an invisible or control character (data.errors.invisible_character),
+is refused as it is parsed, before anything is read or written: `--output " "` would write a file
+named by a space."""
 
 
 def parse_command_line(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
     """parser.parse_args(argv), but arguments no command takes, and blank PATH_ARGUMENTS, are
     reported by the (sub)command they were given to, with its usage: "posttrain sft: error:
     unrecognized arguments: …", where argparse names only the top-level program."""
-    from posttrain.data.errors import is_blank
+    from posttrain.data.errors import invisible_character, is_blank
 
     args, extras = parser.parse_known_args(argv)
     command = parser
@@ -338,7 +339,22 @@ def parse_command_line(parser: argparse.ArgumentParser, argv: list[str]) -> argp
                 # One line, without argparse's usage block: the flag was right, its value empty.
                 command.exit(2, f"{command.prog}: error: argument {name}: {value!r} is blank; it must name a "
                                 "file, folder or model\n")
+            hidden = invisible_character(value) if isinstance(value, str) else None
+            if hidden:
+                name = "/".join(action.option_strings) or action.metavar or action.dest
+                command.exit(2, f"{command.prog}: error: argument {name}: {value!r} holds a hidden character, "
+                                f"{hidden}; type the name again\n")
     return args
+
+
+def check_environment() -> None:
+    """Refuse, in one line, a setting of the environment that would fail every command deep inside a
+    library: torch creates TORCHINDUCTOR_CACHE_DIR as a folder when transformers is imported, and a
+    file there made that a FileExistsError naming only the path."""
+    cache = os.environ.get("TORCHINDUCTOR_CACHE_DIR", "")
+    if cache and os.path.lexists(cache) and not os.path.isdir(cache):
+        raise ValueError(f"TORCHINDUCTOR_CACHE_DIR={cache!r} is a file, not a folder: torch keeps compiled kernels "
+                         "in a folder there; name a folder or unset it")
 
 
 def _main(argv: list[str] | None) -> int:
@@ -355,6 +371,7 @@ def _main(argv: list[str] | None) -> int:
     command = " ".join(x for x in (args.command, getattr(args, "data_command", None),
                                    getattr(args, "annotate_command", None)) if x)
     try:
+        check_environment()
         if args.command == "generate":
             run_generate(args)
         elif args.command == "sample":

@@ -22,6 +22,10 @@ from pathlib import Path
 import yaml
 
 SCHEDULERS = ("linear", "cosine", "constant")
+PATH_FIELDS = ("model", "data", "eval_data", "output_dir", "chat_template", "reward_model", "value_model",
+               "reward_fn", "judges")
+"""Fields that name a file, folder, model or function (where a config has them): none may hold an
+invisible or control character."""
 
 
 class ConfigError(ValueError):
@@ -105,7 +109,7 @@ class TrainConfig:
         """Raise ConfigError for the first value no run could use."""
         # Choice lists are the keys of the modules that act on them, imported here so that
         # reading a config (and the CLI's --help) does not import torch.
-        from posttrain.data.errors import is_blank
+        from posttrain.data.errors import invisible_character, is_blank
         from posttrain.data.load import OVERLONG
         from posttrain.models.precision import PRECISIONS
         from posttrain.trainers.sharding import SHARDING
@@ -139,6 +143,10 @@ class TrainConfig:
         _check(self, "model", not is_blank(self.model), "must name a model")
         _check(self, "data", not is_blank(self.data), "must name a data file (--data)")
         _check(self, "output_dir", not is_blank(self.output_dir), "must name a folder")
+        fields = field_types(type(self))
+        for name in (n for n in PATH_FIELDS if n in fields):  # "s.jsonl\u200b": a file no one finds again
+            hidden = invisible_character(getattr(self, name))
+            _check(self, name, hidden is None, f"holds a hidden character, {hidden}; type the name again")
 
     def global_batch(self, world_size: int) -> int:
         """Records (or rows) per optimizer step across all processes and micro-batches."""

@@ -88,6 +88,8 @@ def test_sft_command_end_to_end(tmp_path, capsys):
 @pytest.mark.parametrize("text, message", [
     ("eval_data: ' '\n", "eval_data=' ' is blank (only spaces or invisible characters)"),
     ("chat_template: \"\\u200b\"\n", "chat_template='\\u200b' is blank"),
+    ("output_dir: \"out\\u200b\"\n", "output_dir='out\\u200b' holds a hidden character, U+200B (ZERO WIDTH SPACE) "
+                                         "at position 4"),
     ("max_steps: '2'\nmax_length: \"+64\"\n", None),      # quoted whole numbers read as ints
     ("max_steps: '2.5'\n", "max_steps='2.5' should be of type int"),
 ])
@@ -124,3 +126,13 @@ def test_a_key_given_twice_in_yaml_is_refused(tmp_path):
     path.write_text("data: d.jsonl\nmax_steps: 1\nnested: {a: 1}\n")   # the same key in two mappings is fine
     with pytest.raises(ConfigError, match="unknown key 'nested'"):
         build_config(SFTConfig, str(path))
+
+
+def test_an_inductor_cache_dir_that_is_a_file_is_one_line(tmp_path, monkeypatch, capsys):
+    # a fresh user's finding: every command failed inside torch with "FILE: File exists"
+    (tmp_path / "cache").write_text("x")
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "cache"))
+    assert main(["generate", "--model", "tiny-random", "--prompt", "hi", "--max-new-tokens", "2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"posttrain generate: error: TORCHINDUCTOR_CACHE_DIR='{tmp_path / 'cache'}' is a file, not a "
+                   "folder: torch keeps compiled kernels in a folder there; name a folder or unset it"], err

@@ -24,6 +24,18 @@ def is_blank(text: str) -> bool:
     return all(c.isspace() or unicodedata.category(c) == "Cf" for c in text)
 
 
+def invisible_character(text: str) -> str | None:
+    """Where `text` hides a character no one sees or types on purpose — a control character
+    (Unicode Cc, tab and newline too) or an invisible format character (Cf) — as "U+200B (ZERO
+    WIDTH SPACE) at position 8" (1-based); None when it has none. A path pasted with one names a
+    file no one can find again: "s.jsonl\u200b" is not s.jsonl."""
+    for position, char in enumerate(text, start=1):
+        if unicodedata.category(char) in ("Cc", "Cf"):
+            name = unicodedata.name(char, "control character")
+            return f"U+{ord(char):04X} ({name}) at position {position}"
+    return None
+
+
 class DataError(ValueError):
     """The data source `file` cannot be used; the message is one line starting with the file."""
 

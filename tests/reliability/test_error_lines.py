@@ -460,6 +460,29 @@ def test_a_blank_file_argument_is_refused_as_it_is_parsed(argv, flag, capsys, tm
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("argv, flag, shown, hidden", [
+    (["sft", "--data", "s.jsonl\u200b", "--output-dir", "o"], "--data", "'s.jsonl\\u200b'",
+     "U+200B (ZERO WIDTH SPACE) at position 8"),
+    (["sample", "--data", "d.jsonl", "--output", "\ufeffo.jsonl"], "--output", "'\\ufeffo.jsonl'",
+     "U+FEFF (ZERO WIDTH NO-BREAK SPACE) at position 1"),
+    (["eval", "--model", "m", "--baseline", "b", "--data", "d", "--judge", "fn:m:f", "--output-dir", "o\tut"],
+     "--output-dir",
+     "'o\\tut'", "U+0009 (control character) at position 2"),
+])
+def test_a_file_argument_with_a_hidden_character_is_refused(argv, flag, shown, hidden, capsys, tmp_path,
+                                                            monkeypatch):
+    # a fresh user's finding: "s.jsonl\u200b" was taken, and an output file would be named by it
+    from posttrain.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as stop:
+        main(argv)
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert stop.value.code == 2 and len(lines) == 1, lines
+    assert f"error: argument {flag}: {shown} holds a hidden character, {hidden}; type the name again" in lines[0], lines
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("value, message", [
     ("\u200b=tiny-random", "--model '\\u200b=tiny-random': label is blank; give LABEL=MODEL or MODEL"),
     ("a= ", "--model 'a= ': model is blank"),
