@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import os
+import warnings
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -54,7 +55,11 @@ def apply_lora(
         target_modules=parse_target_modules(target_modules),
         task_type=task_type,
     )
-    peft_model = get_peft_model(model, config)
+    with warnings.catch_warnings():
+        # peft 0.21 asks every model for `is_gradient_checkpointing`, which transformers 5 answers
+        # with a FutureWarning (deprecated alias) on every LoRA run: nothing the user can act on.
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        peft_model = get_peft_model(model, config)
     if trainable_tokens:
         train_rows(model, trainable_tokens)
     return peft_model

@@ -1,3 +1,5 @@
+import warnings
+
 import pytest
 import torch
 from peft import AutoPeftModelForCausalLM
@@ -33,6 +35,15 @@ def test_only_adapters_trainable_and_start_as_base(lora_model):
     assert len(trainable) == 2 * 7 * 2
     with torch.no_grad():
         torch.testing.assert_close(model(input_ids).logits, base_logits, rtol=0, atol=0)
+
+
+def test_wrapping_prints_no_deprecation_of_the_libraries(tiny_model_and_tokenizer):
+    # peft asks transformers' deprecated is_gradient_checkpointing on every wrap (a fresh user's finding)
+    model, _ = tiny_model_and_tokenizer
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        apply_lora(model, r=4, alpha=8, dropout=0.0, target_modules="all-linear")
+    assert not [str(w.message) for w in seen if "is_gradient_checkpointing" in str(w.message)]
 
 
 def test_disabled_adapters_give_base_outputs(lora_model):
