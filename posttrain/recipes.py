@@ -288,12 +288,27 @@ def plan(output_dir: Path, stages: list[Stage]) -> None:
             files["source"] = module_digest(str(stage.keys.get("function", "")))
         for spec in FUNCTION_SPEC.findall(json.dumps(stage.keys)):   # fn: judges' code counts too
             files[f"fn:{spec}"] = module_digest(spec)
-        identity = {"kind": stage.kind, "keys": stage.keys, "files": {k: v for k, v in files.items() if v},
+        identity = {"kind": stage.kind, "keys": typed_keys(stage), "files": {k: v for k, v in files.items() if v},
                     "needs": {n: by_name[n].hash for n in stage.needs}}
         stage.hash = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:12]
         stage.folder = output_dir / f"{stage.name}-{stage.hash}"
         name = "" if stage.kind in TRAINER_MODULES else STAGE_KINDS[stage.kind].output_name
         stage.output = stage.folder / name if name else stage.folder
+
+
+def typed_keys(stage: Stage) -> dict:
+    """The stage's keys as the stage will read them (`coerce` for a trainer, `conform` for a function
+    stage), for its hash: `temperature: "0.7"` and `temperature: 0.7` are the same stage. A value
+    that does not convert is kept as written; run_recipe refuses it before any stage runs."""
+    hints = {} if stage.kind in TRAINER_MODULES else typing.get_type_hints(STAGE_KINDS[stage.kind].function())
+    typed = {}
+    for key, value in stage.keys.items():
+        try:
+            typed[key] = (coerce(CONFIGS[stage.kind], key, value, "") if stage.kind in TRAINER_MODULES
+                          else conform(value, hints.get(key, Any)))
+        except (ConfigError, TypeError):
+            typed[key] = value
+    return typed
 
 
 def substitute(value: Any, outputs: dict[str, Path]) -> Any:

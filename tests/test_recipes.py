@@ -95,6 +95,24 @@ def test_a_changed_input_file_changes_the_hash(tmp_path):
     assert before[0] != after[0] and before[2] != after[2]   # sft and everything that used it
 
 
+def test_a_quoted_number_is_the_same_stage_as_the_number(tmp_path):
+    # a fresh user's finding: `temperature: "1.0"` for 1.0 ran a cached stage again (hash before conversion)
+    def plan(raw):
+        lines: list[str] = []
+        run_recipe(raw, dry_run=True, echo=lines.append)
+        return lines
+
+    raw = recipe(tmp_path)
+    quoted = recipe(tmp_path)
+    quoted["stages"][0]["max_steps"] = "2"
+    quoted["stages"][1].update(n="3", temperature="1.0")
+    quoted["defaults"]["batch_size"] = "2"
+    assert plan(quoted) == plan(raw)
+    hotter = recipe(tmp_path)
+    hotter["stages"][1]["temperature"] = "0.7"
+    assert plan(hotter)[0] == plan(raw)[0] and plan(hotter)[1:] != plan(raw)[1:]
+
+
 @pytest.mark.parametrize("change, message", [
     ({"stages": [{"name": "a", "kind": "sfft", "model": "m", "data": "d"}]}, "unknown kind 'sfft'; known kinds: sft"),
     ({"stages": [{"name": "a", "kind": "sft", "model": "m", "data": "d", "lr_rate": 1}]},
