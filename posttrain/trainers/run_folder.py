@@ -275,6 +275,19 @@ def clear_run(out: Path) -> None:
             path.unlink(missing_ok=True)
 
 
+RECIPE_FILES = ("stage.yaml", "log.txt")
+"""What a recipe writes into a trainer stage's folder before the trainer starts."""
+
+
+def foreign_entries(out: Path) -> list[str]:
+    """Names in `out` that are not a posttrain run's (sorted); none for a folder that already holds a
+    run's config.yaml (a run's own files, tokenizer and tracker logs included, are then expected)."""
+    if not out.is_dir() or (out / "config.yaml").exists():
+        return []
+    own = {*RUN_FILES, *MODEL_FILES, *RECIPE_FILES, "checkpoints", FINAL_TMP}
+    return sorted(entry.name for entry in out.iterdir() if entry.name not in own)
+
+
 def steps_logged(out: Path) -> int:
     """The highest "step" in the run folder's metrics.jsonl and samples.jsonl (0: none, or only
     the evaluation before the first step); lines that are not JSON objects are passed over."""
@@ -328,6 +341,10 @@ def prepare_output_dir(accelerator: Accelerator, cfg: TrainConfig, fingerprint: 
                 if removed := trim_rows(out / name, step):
                     accelerator.print(f"{out / name}: removed {removed} rows logged after step {step}")
         else:
+            if others := foreign_entries(out):
+                shown = ", ".join(others[:3]) + (f" and {len(others) - 3} more" if len(others) > 3 else "")
+                accelerator.print(f"note: {out} already holds {len(others)} file(s) or folder(s) no posttrain run "
+                                  f"wrote ({shown}); this run's files go beside them")
             clear_run(out)
         (out / FINGERPRINT).write_text(json.dumps(fingerprint, indent=1))
         (out / "config.yaml").write_text(to_yaml(run_config(cfg)))

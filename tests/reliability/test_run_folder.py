@@ -113,6 +113,20 @@ def test_a_folder_holding_any_model_or_the_start_of_another_run_is_refused(tmp_p
     assert yaml.safe_load((failed / "config.yaml").read_text())["lr"] == 1e-3
 
 
+def test_a_folder_of_other_files_is_trained_into_with_a_note_and_they_stay(tmp_path, capsys):
+    # a fresh user's finding: `--output-dir ~/notes` put a model among their files without a word
+    out = tmp_path / "notes"
+    out.mkdir()
+    for name in ("a.txt", "b.txt", "c.txt", "d.txt"):
+        (out / name).write_text(name)
+    sft.train(sft_config(tmp_path, "notes"))
+    assert (f"note: {out} already holds 4 file(s) or folder(s) no posttrain run wrote (a.txt, b.txt, c.txt and 1 "
+            "more); this run's files go beside them") in capsys.readouterr().out
+    assert (out / "a.txt").read_text() == "a.txt" and (out / FINISHED).is_file()
+    sft.train(sft_config(tmp_path, "notes", overwrite=True))      # a run folder now: no note again
+    assert "no posttrain run wrote" not in capsys.readouterr().out
+
+
 def test_an_output_dir_that_is_a_file_is_one_line(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(ValueError, match="is a file, not a folder"):
