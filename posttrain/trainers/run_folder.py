@@ -110,6 +110,9 @@ RUN_FILES = ("config.yaml", "metrics.jsonl", "samples.jsonl", FINGERPRINT, FINIS
 MODEL_FILES = ("config.json", "adapter_config.json", "model.safetensors", "adapter_model.safetensors",
                "model.safetensors.index.json", "pytorch_model.bin")
 """Files that make a folder a model folder: a run must not write its model over one unasked."""
+SAVED_BESIDE = ("generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                "chat_template.jinja", "vocab.json", "merges.txt", "added_tokens.json", "tokenizer.model", "README.md")
+"""Files a final save may write beside the model (its tokenizer, generation settings, peft's model card)."""
 SAFE_TO_CHANGE = ("max_steps", "logging_steps", "eval_steps", "save_steps", "save_total_limit", "samples_steps",
                   "report_to", "resume", "overwrite", "output_dir", "compile")
 """Keys a resumed run may change: they decide how long it runs, what it reports and how a step is
@@ -234,6 +237,13 @@ def check_output_dir(cfg: TrainConfig, world_size: int) -> dict[str, str]:
     if (out / FINISHED).exists() or model_files:
         what = "a finished run" if (out / FINISHED).exists() else f"a model ({model_files[0]})"
         raise ValueError(f"{out}: already holds {what}; pass --overwrite to replace it or choose another --output-dir")
+    if not (out / "config.yaml").exists():
+        # No posttrain run wrote here (a run writes config.yaml first): nothing of what is here is a
+        # run's to replace, and clear_run would delete a user's own checkpoints/ or samples.jsonl.
+        taken = sorted(name for name in (*RUN_FILES, "checkpoints", FINAL_TMP, *SAVED_BESIDE) if (out / name).exists())
+        if taken:
+            raise ValueError(f"{out}: holds {', '.join(taken)}, which no posttrain run wrote and this run would "
+                             "replace; pass --overwrite to replace them or choose another --output-dir")
     if (out / "config.yaml").is_file():
         saved = yaml.safe_load((out / "config.yaml").read_text())
         saved.setdefault("sharding", "none")  # written before the field existed
@@ -284,7 +294,7 @@ def foreign_entries(out: Path) -> list[str]:
     run's config.yaml (a run's own files, tokenizer and tracker logs included, are then expected)."""
     if not out.is_dir() or (out / "config.yaml").exists():
         return []
-    own = {*RUN_FILES, *MODEL_FILES, *RECIPE_FILES, "checkpoints", FINAL_TMP}
+    own = {*RUN_FILES, *MODEL_FILES, *SAVED_BESIDE, *RECIPE_FILES, "checkpoints", FINAL_TMP}
     return sorted(entry.name for entry in out.iterdir() if entry.name not in own)
 
 

@@ -125,6 +125,18 @@ def test_a_folder_of_other_files_is_trained_into_with_a_note_and_they_stay(tmp_p
     assert (out / "a.txt").read_text() == "a.txt" and (out / FINISHED).is_file()
     sft.train(sft_config(tmp_path, "notes", overwrite=True))      # a run folder now: no note again
     assert "no posttrain run wrote" not in capsys.readouterr().out
+    # Names a run writes, held by a folder no run wrote, are the user's: refused, nothing touched
+    # (a fresh user's finding: clear_run deleted their checkpoints/ and samples.jsonl).
+    theirs = tmp_path / "theirs"
+    (theirs / "checkpoints").mkdir(parents=True)
+    (theirs / "checkpoints" / "my_model.pt").write_text("precious")
+    (theirs / "samples.jsonl").write_text('{"mine": 1}\n')
+    (theirs / "tokenizer.json").write_text("{}")
+    before = snapshot(theirs)
+    with pytest.raises(ValueError, match=r"holds checkpoints, samples.jsonl, tokenizer.json, which no posttrain run "
+                                         r"wrote and this run would replace; pass --overwrite"):
+        sft.train(sft_config(tmp_path, "theirs"))
+    assert snapshot(theirs) == before
 
 
 def test_an_output_dir_that_is_a_file_is_one_line(tmp_path):
