@@ -136,6 +136,8 @@ def _load_with_adapter(folder: str, adapter: Path, dtype: torch.dtype) -> PreTra
     result is a plain model every trainer and the sampler take as they take a merged folder."""
     from peft import PeftModel
 
+    from posttrain.models.lora import without_peft_deprecation
+
     try:
         base_name = json.loads(adapter.read_text(encoding="utf-8"))["base_model_name_or_path"]
     except (ValueError, KeyError, TypeError) as err:
@@ -143,7 +145,8 @@ def _load_with_adapter(folder: str, adapter: Path, dtype: torch.dtype) -> PreTra
     if not isinstance(base_name, str) or not base_name:
         raise ValueError(f"{adapter}: base_model_name_or_path is {base_name!r}; the adapter's base model is unknown")
     base = load_causal_lm(base_name, dtype=dtype)
-    merged = PeftModel.from_pretrained(base, folder).merge_and_unload()
+    with without_peft_deprecation():
+        merged = PeftModel.from_pretrained(base, folder).merge_and_unload()
     # peft froze the base weights to load the adapter; the merged model is trainable as any loaded one.
     return merged.requires_grad_(True)
 

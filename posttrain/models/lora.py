@@ -14,6 +14,16 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 
+@contextlib.contextmanager
+def without_peft_deprecation() -> Iterator[None]:
+    """Within the block, transformers' FutureWarning for `is_gradient_checkpointing` is not shown:
+    peft 0.21 asks every model it wraps or loads an adapter into for that deprecated alias, so the
+    warning came with every LoRA run and adapter folder, and nothing the user can act on."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield
+
+
 def parse_target_modules(target_modules: str) -> str | list[str]:
     """"all-linear" as is, else a comma list "q_proj,v_proj" -> ["q_proj", "v_proj"]."""
     if target_modules == "all-linear":
@@ -55,10 +65,7 @@ def apply_lora(
         target_modules=parse_target_modules(target_modules),
         task_type=task_type,
     )
-    with warnings.catch_warnings():
-        # peft 0.21 asks every model for `is_gradient_checkpointing`, which transformers 5 answers
-        # with a FutureWarning (deprecated alias) on every LoRA run: nothing the user can act on.
-        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+    with without_peft_deprecation():
         peft_model = get_peft_model(model, config)
     if trainable_tokens:
         train_rows(model, trainable_tokens)

@@ -35,7 +35,7 @@ from transformers.utils import logging as hf_logging
 from posttrain.data import PreferencePair, tokenize_pair
 from posttrain.models.attention import ATTENTION, decoder_hidden
 from posttrain.models.load import LOAD_DTYPES, load_tokenizer, resolve_model_path
-from posttrain.models.lora import save_model
+from posttrain.models.lora import save_model, without_peft_deprecation
 
 
 def saved_pad_token(tokenizer: PreTrainedTokenizerBase) -> str:
@@ -153,8 +153,9 @@ class RewardModel(torch.nn.Module):
         folder = resolve_model_path(str(path))
         check_reward_model_folder(folder, f"reward model {str(path)!r}")
         if (Path(folder) / "adapter_config.json").is_file():
-            model = AutoPeftModelForSequenceClassification.from_pretrained(
-                folder, num_labels=1, dtype=dtype, attn_implementation=ATTENTION).merge_and_unload()
+            with without_peft_deprecation():
+                model = AutoPeftModelForSequenceClassification.from_pretrained(
+                    folder, num_labels=1, dtype=dtype, attn_implementation=ATTENTION).merge_and_unload()
         else:
             model = AutoModelForSequenceClassification.from_pretrained(folder, dtype=dtype,
                                                                        attn_implementation=ATTENTION)

@@ -97,6 +97,13 @@ def test_unmerged_save_points_at_base(tiny_path, tmp_path):
     reloaded = AutoPeftModelForCausalLM.from_pretrained(tmp_path)
     with torch.no_grad():
         torch.testing.assert_close(reloaded(input_ids).logits, adapted, rtol=1e-5, atol=1e-5)
+    # posttrain's own loader merges it, as quietly as apply_lora wraps (a fresh user's finding)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        merged = load_causal_lm(str(tmp_path))
+    assert not [str(w.message) for w in seen if "is_gradient_checkpointing" in str(w.message)]
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids).logits, adapted, rtol=1e-5, atol=1e-5)
 
 
 def test_unmerged_save_of_in_memory_base_fails(lora_model, tmp_path):
