@@ -353,7 +353,8 @@ def check_environment() -> None:
     file there made that a FileExistsError naming only the path."""
     cache = os.environ.get("TORCHINDUCTOR_CACHE_DIR", "")
     if cache and os.path.lexists(cache) and not os.path.isdir(cache):
-        raise ValueError(f"TORCHINDUCTOR_CACHE_DIR={cache!r} is a file, not a folder: torch keeps compiled kernels "
+        what = "a broken link" if os.path.islink(cache) else "a file"
+        raise ValueError(f"TORCHINDUCTOR_CACHE_DIR={cache!r} is {what}, not a folder: torch keeps compiled kernels "
                          "in a folder there; name a folder or unset it")
 
 

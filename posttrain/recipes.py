@@ -53,7 +53,7 @@ from typing import Any, Callable
 import yaml
 
 from posttrain.config import BOOL_WORDS, CONFIGS, YAML12_FLOAT, YAML12_INT, ConfigError, UniqueKeyLoader, coerce
-from posttrain.data.errors import is_blank
+from posttrain.data.errors import invisible_character, is_blank
 
 REFERENCE = re.compile(r"\$\{([A-Za-z0-9_.-]+)\}")
 FUNCTION_SPEC = re.compile(r"\bfn:([A-Za-z0-9_.]+:[A-Za-z0-9_]+)")
@@ -161,6 +161,8 @@ def parse_stages(where: str, raw: dict) -> tuple[Path, list[Stage]]:
     output_dir, defaults, entries = raw.get("output_dir"), raw.get("defaults") or {}, raw.get("stages")
     if not isinstance(output_dir, str) or not output_dir:
         raise RecipeError(f"{where}: 'output_dir' must name a folder, got {output_dir!r}")
+    if hidden := invisible_character(output_dir):
+        raise RecipeError(f"{where}: output_dir={output_dir!r} holds a hidden character, {hidden}; type the name again")
     if not isinstance(defaults, dict):
         raise RecipeError(f"{where}: 'defaults' must be a mapping of keys, got {defaults!r}")
     if not isinstance(entries, list) or not entries:
@@ -304,8 +306,8 @@ def typed_keys(stage: Stage) -> dict:
     typed = {}
     for key, value in stage.keys.items():
         try:
-            typed[key] = (coerce(CONFIGS[stage.kind], key, value, "") if stage.kind in TRAINER_MODULES
-                          else conform(value, hints.get(key, Any)))
+            trainer = stage.kind in TRAINER_MODULES
+            typed[key] = coerce(CONFIGS[stage.kind], key, value, "") if trainer else conform(value, hints.get(key, Any))
         except (ConfigError, TypeError):
             typed[key] = value
     return typed
@@ -382,6 +384,11 @@ def conform(value: Any, hint: Any) -> Any:
     raise TypeError
 
 
+PATH_KEYS = ("files", "model", "models", "data", "judge", "rubric", "source", "templates", "specs", "baseline",
+             "baselines", "run_dirs", "evals", "function")
+"""Function stages' keys that name files, folders, models or functions (config.PATH_FIELDS for trainers)."""
+
+
 def function_stage_values(where: str, stage: Stage, values: dict) -> dict:
     """A function stage's keys checked against its function's annotations and converted
     (`conform`); RecipeError naming the stage, the key and its value for one that does not fit."""
@@ -393,6 +400,11 @@ def function_stage_values(where: str, stage: Stage, values: dict) -> dict:
         if blank is not None and key != "stop_strings":   # a newline is a stop string worth stopping at
             raise RecipeError(f"{where}: stage {stage.name!r} ({stage.kind}): {key}={value!r} holds a blank text "
                               f"{blank!r} (only spaces or invisible characters)")
+        # Only keys that name files, models or functions: a template's text may hold a newline.
+        hidden = next(filter(None, (invisible_character(t) for t in texts if isinstance(t, str))), None)
+        if key in PATH_KEYS and hidden:
+            raise RecipeError(f"{where}: stage {stage.name!r} ({stage.kind}): {key}={value!r} holds a hidden "
+                              f"character, {hidden}; type the name again")
         hint = hints.get(key, Any)
         try:
             out[key] = conform(value, hint)

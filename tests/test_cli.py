@@ -136,3 +136,8 @@ def test_an_inductor_cache_dir_that_is_a_file_is_one_line(tmp_path, monkeypatch,
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"posttrain generate: error: TORCHINDUCTOR_CACHE_DIR='{tmp_path / 'cache'}' is a file, not a "
                    "folder: torch keeps compiled kernels in a folder there; name a folder or unset it"], err
+    (tmp_path / "gone").symlink_to(tmp_path / "nowhere")
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "gone"))
+    assert main(["generate", "--model", "tiny-random", "--prompt", "hi", "--max-new-tokens", "2"]) == 2
+    assert "TORCHINDUCTOR_CACHE_DIR=" + repr(str(tmp_path / "gone")) + " is a broken link, not a folder" in \
+        capsys.readouterr().err

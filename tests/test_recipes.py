@@ -95,6 +95,27 @@ def test_a_changed_input_file_changes_the_hash(tmp_path):
     assert before[0] != after[0] and before[2] != after[2]   # sft and everything that used it
 
 
+@pytest.mark.parametrize("where, value, message", [
+    ("samples", "d.jsonl\ufeff", "stage 'samples' (sample): data='d.jsonl\\ufeff' holds a hidden character, U+FEFF "
+                                  "(ZERO WIDTH NO-BREAK SPACE) at position 8; type the name again"),
+    ("output_dir", "out\u200b", "output_dir='out\\u200b' holds a hidden character, U+200B (ZERO WIDTH SPACE) at "
+                                "position 4"),
+])
+def test_a_hidden_character_in_a_recipes_path_is_refused_before_any_stage_runs(tmp_path, monkeypatch, where, value,
+                                                                               message):
+    # a fresh user's finding: the sample stage failed after sft had run, printing "d.jsonl: no such file"
+    monkeypatch.chdir(tmp_path)
+    raw = recipe(tmp_path)
+    if where == "output_dir":
+        raw["output_dir"] = value
+    else:
+        raw["stages"][1]["data"] = value
+    with pytest.raises(RecipeError) as err:
+        run_recipe(raw)
+    assert message in str(err.value), str(err.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["prompts.jsonl", "sft.jsonl"]
+
+
 def test_a_quoted_number_is_the_same_stage_as_the_number(tmp_path):
     # a fresh user's finding: `temperature: "1.0"` for 1.0 ran a cached stage again (hash before conversion)
     def plan(raw):

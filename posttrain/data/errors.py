@@ -25,15 +25,30 @@ def is_blank(text: str) -> bool:
 
 
 def invisible_character(text: str) -> str | None:
-    """Where `text` hides a character no one sees or types on purpose — a control character
-    (Unicode Cc, tab and newline too) or an invisible format character (Cf) — as "U+200B (ZERO
-    WIDTH SPACE) at position 8" (1-based); None when it has none. A path pasted with one names a
-    file no one can find again: "s.jsonl\u200b" is not s.jsonl."""
-    for position, char in enumerate(text, start=1):
-        if unicodedata.category(char) in ("Cc", "Cf"):
+    """Where `text` hides a character no one sees or types on purpose, as "U+200B (ZERO WIDTH SPACE)
+    at position 8" (1-based); None when it has none. Such are control characters (Unicode Cc, tab
+    and newline too), invisible format characters (Cf), line and paragraph separators (Zl, Zp) and
+    the surrogates Python decodes a byte that is not UTF-8 to (Cs: a path with one cannot be written
+    by every library). A joiner (ZWJ U+200D, ZWNJ U+200C) between two visible characters is part of
+    a word or an emoji, as in Persian names, and passes. A path pasted with a hidden character names
+    a file no one can find again: "s.jsonl\u200b" is not s.jsonl."""
+    def visible(i: int) -> bool:
+        return 0 <= i < len(text) and not text[i].isspace() and unicodedata.category(text[i]) not in HIDDEN
+
+    for i, char in enumerate(text):
+        category = unicodedata.category(char)
+        if category not in HIDDEN or char in JOINERS and visible(i - 1) and visible(i + 1):
+            continue
+        if category == "Cs":
+            name = f"the byte 0x{ord(char) - 0xDC00:02X}, not UTF-8" if 0xDC80 <= ord(char) <= 0xDCFF else "a surrogate"
+        else:
             name = unicodedata.name(char, "control character")
-            return f"U+{ord(char):04X} ({name}) at position {position}"
+        return f"U+{ord(char):04X} ({name}) at position {i + 1}"
     return None
+
+
+HIDDEN = ("Cc", "Cf", "Cs", "Zl", "Zp")
+JOINERS = ("\u200c", "\u200d")
 
 
 class DataError(ValueError):

@@ -483,6 +483,23 @@ def test_a_file_argument_with_a_hidden_character_is_refused(argv, flag, shown, h
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("text, found", [
+    ("données/é.jsonl", None), ("a b.jsonl", None),
+    ("👨\u200d👩\u200d👧.jsonl", None),                  # joiners inside an emoji sequence
+    ("می\u200cخواهم.jsonl", None),                       # and inside a Persian word: real names
+    ("a\u200d.jsonl", None),
+    ("a.jsonl\u200d", "U+200D (ZERO WIDTH JOINER) at position 8"),
+    ("\u200ca", "U+200C (ZERO WIDTH NON-JOINER) at position 1"),
+    ("ob\udcff", "U+DCFF (the byte 0xFF, not UTF-8) at position 3"),   # argv's undecodable byte
+    ("o\u2028", "U+2028 (LINE SEPARATOR) at position 2"),
+    ("o\n", "U+000A (control character) at position 2"),
+])
+def test_which_characters_in_a_name_are_hidden(text, found):
+    from posttrain.data.errors import invisible_character
+
+    assert invisible_character(text) == found
+
+
 @pytest.mark.parametrize("value, message", [
     ("\u200b=tiny-random", "--model '\\u200b=tiny-random': label is blank; give LABEL=MODEL or MODEL"),
     ("a= ", "--model 'a= ': model is blank"),
