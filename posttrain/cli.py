@@ -334,16 +334,17 @@ def parse_command_line(parser: argparse.ArgumentParser, argv: list[str]) -> argp
     for action in command._actions:
         given = getattr(args, action.dest, None) if action.dest in PATH_ARGUMENTS else None
         for value in given if isinstance(given, list) else [given]:
-            if isinstance(value, str) and is_blank(value) and (value or action.dest != "eval_data"):  # "": none
-                name = "/".join(action.option_strings) or action.metavar or action.dest
-                # One line, without argparse's usage block: the flag was right, its value empty.
-                command.exit(2, f"{command.prog}: error: argument {name}: {value!r} is blank; it must name a "
-                                "file, folder or model\n")
-            hidden = invisible_character(value) if isinstance(value, str) else None
-            if hidden:
-                name = "/".join(action.option_strings) or action.metavar or action.dest
-                command.exit(2, f"{command.prog}: error: argument {name}: {value!r} holds a hidden character, "
-                                f"{hidden}; type the name again\n")
+            if not isinstance(value, str):
+                continue
+            if is_blank(value) and (value or action.dest != "eval_data"):  # "": none
+                problem = "is blank; it must name a file, folder or model"
+            elif hidden := invisible_character(value):
+                problem = f"holds a hidden character, {hidden}; type the name again"
+            else:
+                continue
+            name = "/".join(action.option_strings) or action.metavar or action.dest
+            # One line, without argparse's usage block: the flag was right, its value not.
+            command.exit(2, f"{command.prog}: error: argument {name}: {value!r} {problem}\n")
     return args
 
 

@@ -302,11 +302,11 @@ def typed_keys(stage: Stage) -> dict:
     """The stage's keys as the stage will read them (`coerce` for a trainer, `conform` for a function
     stage), for its hash: `temperature: "0.7"` and `temperature: 0.7` are the same stage. A value
     that does not convert is kept as written; run_recipe refuses it before any stage runs."""
-    hints = {} if stage.kind in TRAINER_MODULES else typing.get_type_hints(STAGE_KINDS[stage.kind].function())
+    trainer = stage.kind in TRAINER_MODULES
+    hints = {} if trainer else typing.get_type_hints(STAGE_KINDS[stage.kind].function())
     typed = {}
     for key, value in stage.keys.items():
         try:
-            trainer = stage.kind in TRAINER_MODULES
             typed[key] = coerce(CONFIGS[stage.kind], key, value, "") if trainer else conform(value, hints.get(key, Any))
         except (ConfigError, TypeError):
             typed[key] = value
@@ -401,8 +401,9 @@ def function_stage_values(where: str, stage: Stage, values: dict) -> dict:
             raise RecipeError(f"{where}: stage {stage.name!r} ({stage.kind}): {key}={value!r} holds a blank text "
                               f"{blank!r} (only spaces or invisible characters)")
         # Only keys that name files, models or functions: a template's text may hold a newline.
-        hidden = next(filter(None, (invisible_character(t) for t in texts if isinstance(t, str))), None)
-        if key in PATH_KEYS and hidden:
+        hidden = key in PATH_KEYS and next(filter(None, (invisible_character(t) for t in texts if isinstance(t, str))),
+                                           None)
+        if hidden:
             raise RecipeError(f"{where}: stage {stage.name!r} ({stage.kind}): {key}={value!r} holds a hidden "
                               f"character, {hidden}; type the name again")
         hint = hints.get(key, Any)
